@@ -1,0 +1,35 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use and install the project.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export DEMO_DIR ?= runs/demo
+# No model hub anywhere: every checkpoint is local. Ray's token auth is for clusters, not a local demo.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pipeline demo-assets $(DEMO_DIR)
+	$(BIN)/pipeline precompute --shards $(DEMO_DIR)/shards --teachers manifests/teachers/demo.yaml --store $(DEMO_DIR)/store
+	DEMO_DIR=$(DEMO_DIR) $(BIN)/pipeline train --config manifests/experiments/demo.yaml
+	@echo
+	@$(BIN)/pipeline status $(DEMO_DIR)/store
+	@echo "made: $(DEMO_DIR)/shards (demo data), $(DEMO_DIR)/assets (tiny checkpoints), $(DEMO_DIR)/store (targets), $(DEMO_DIR)/checkpoint (student)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

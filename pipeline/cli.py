@@ -1,0 +1,168 @@
+"""The `pipeline` command line: parses arguments and calls the functions that do the work.
+
+Exit codes: 0 success, 1 the job failed, 2 bad usage or bad input. Errors print as one line;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.errors import PipelineError
+
+DESCRIPTION = """\
+Precompute frozen-teacher targets once into Zarr v3 target stores, then train OLA-VLM students on them.
+
+typical run:
+  pipeline demo-assets runs/demo
+  pipeline precompute --shards runs/demo/shards --teachers manifests/teachers/demo.yaml --store runs/demo/store
+  pipeline status runs/demo/store
+  pipeline train --config manifests/experiments/demo.yaml
+"""
+
+
+def _cmd_demo_assets(args) -> int:
+    from pipeline.demo_assets import build_demo_assets
+
+    assets = build_demo_assets(args.out, num_samples=args.samples, num_shards=args.shards, seed=args.seed)
+    print(f"demo assets in {args.out}: {assets}")
+    return 0
+
+
+def _cmd_index(args) -> int:
+    import pyarrow.parquet as pq
+
+    from pipeline.index import build_index
+
+    index = build_index(args.shards, progress=not args.quiet)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    pq.write_table(index.table, args.out)
+    print(f"{index.table.num_rows} samples from {len(index.urls)} shard(s) -> {args.out} "
+          f"(dataset fingerprint {index.fingerprint[:12]}..)")
+    for error in index.shard_errors:
+        print(f"warning: {error['shard']}: {error['error']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_precompute(args) -> int:
+    from pipeline.precompute import run_precompute
+
+    summary = run_precompute(
+        args.shards,
+        args.teachers,
+        args.store,
+        address=args.address,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        rows_per_block=args.rows_per_block,
+        rows_per_chunk=args.rows_per_chunk,
+        progress=not args.quiet,
+    )
+    if summary.nothing_to_do:
+        print(f"store {summary.store} is complete for these teachers: nothing to do")
+    else:
+        print(f"computed {summary.blocks_computed} block(s), {summary.rows_computed} teacher-rows, "
+              f"{summary.failures} failure(s) in {summary.seconds:.1f}s -> {summary.store}")
+    for name, info in summary.teachers.items():
+        print(f"  {name:<8} target {info['target_shape']} {info['dtype']}, "
+              f"{info['blocks_done']}/{info['blocks_total']} blocks, {info['failures']} failed, "
+              f"fingerprint {info['fingerprint'][:12]}..")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from dataclasses import asdict
+
+    from pipeline.status import format_status, store_status
+
+    store, teachers = store_status(args.store)
+    if args.json:
+        print(json.dumps({"store": store.path, "num_rows": store.num_rows, "teachers": [asdict(t) for t in teachers]},
+                         indent=1))
+    else:
+        print(format_status(store, teachers))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from student.trainer import train_from_config
+
+    result = train_from_config(args.config, overrides=args.set, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo-assets", help="write demo shards from bundled photos and tiny random-init checkpoints")
+    p.add_argument("out", help="output directory (gets shards/ and assets/)")
+    p.add_argument("--samples", type=int, default=200, help="number of demo samples (default 200)")
+    p.add_argument("--shards", type=int, default=4, help="number of tar shards (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for crops, flips and weights")
+    p.set_defaults(func=_cmd_demo_assets)
+
+    p = sub.add_parser("index", help="list the samples of a shard set into index.parquet")
+    p.add_argument("shards", help="directory, brace pattern (shard-{00000..00009}.tar) or fsspec URL")
+    p.add_argument("--out", required=True, help="where to write the index (.parquet)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("precompute", help="run the teachers of a manifest over shards into a target store (Ray)")
+    p.add_argument("--shards", required=True, help="directory, brace pattern or fsspec URL of WebDataset tars")
+    p.add_argument("--teachers", required=True, help="teacher manifest (manifests/teachers/*.yaml)")
+    p.add_argument("--store", required=True, help="target store directory or fsspec URL (created if missing)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS if set, else a local Ray on this machine)")
+    p.add_argument("--batch-size", type=int, default=None, help="override every teacher's batch size")
+    p.add_argument("--workers", type=int, default=None, help="number of worker actors (default: one per CPU)")
+    p.add_argument("--rows-per-block", type=int, default=64,
+                   help="rows per unit of work = per Zarr shard file (new stores only; default 64)")
+    p.add_argument("--rows-per-chunk", type=int, default=8,
+                   help="rows per compressed chunk inside a shard, the unit of reading (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_precompute)
+
+    p = sub.add_parser("status", help="per teacher: rows done / total, failures, bytes, fingerprints")
+    p.add_argument("store", help="target store directory or fsspec URL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("train", help="train a student on shards + a target store (no teacher in memory)")
+    p.add_argument("--config", required=True, help="experiment manifest (manifests/experiments/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one readable line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

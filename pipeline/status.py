@@ -1,0 +1,71 @@
+"""`pipeline status`: what a store holds, read from its records and attributes (no torch, no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.store import TargetStore
+
+
+@dataclass
+class TeacherStatus:
+    name: str
+    rows_done: int
+    rows_total: int
+    blocks_done: int
+    blocks_total: int
+    failures: int
+    bytes: int
+    target_shape: list[int]
+    dtype: str
+    fingerprint: str
+    complete: bool
+    rows_per_second: float | None
+
+
+def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
+    store = TargetStore(path)
+    blocks = store.blocks()
+    result = []
+    for name in store.teacher_names():
+        attrs = store.teacher_attrs(name)
+        records = store.read_records(name)
+        seconds = sum(r["seconds"] for r in records)
+        rows = sum(r["rows"] for r in records)
+        result.append(
+            TeacherStatus(
+                name=name,
+                rows_done=rows,
+                rows_total=store.num_rows,
+                blocks_done=len(records),
+                blocks_total=len(blocks),
+                failures=sum(len(r["failures"]) for r in records),
+                bytes=store.nbytes(name),
+                target_shape=list(attrs.get("target_shape", [])),
+                dtype=attrs.get("dtype", "?"),
+                fingerprint=attrs.get("teacher_fingerprint", ""),
+                complete=bool(attrs.get("complete")),
+                rows_per_second=(rows / seconds) if seconds > 0 else None,
+            )
+        )
+    return store, result
+
+
+def format_status(store: TargetStore, teachers: list[TeacherStatus]) -> str:
+    lines = [
+        f"store {store.path}: {store.num_rows} rows, blocks of {store.rows_per_block} rows, "
+        f"dataset {store.dataset_fingerprint[:12]}..",
+    ]
+    if not teachers:
+        lines.append("  no teachers yet")
+    for t in teachers:
+        state = "complete" if t.complete else "incomplete"
+        speed = f", {t.rows_per_second:.1f} rows/s per worker" if t.rows_per_second else ""
+        lines.append(
+            f"  {t.name:<8} {t.rows_done}/{t.rows_total} rows ({t.blocks_done}/{t.blocks_total} blocks, {state}), "
+            f"{t.failures} failed, target {t.target_shape} {t.dtype}, {t.bytes / 1e6:.1f} MB, "
+            f"fingerprint {t.fingerprint[:12]}..{speed}"
+        )
+    errors = store.read_errors().num_rows
+    lines.append(f"  errors.parquet: {errors} row(s)")
+    return "\n".join(lines)

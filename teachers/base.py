@@ -1,0 +1,248 @@
+"""The `Teacher` protocol: a frozen, deterministic model that turns RGB images into a target tensor per image.
+
+Life of a teacher::
+
+    t = SomeTeacher.from_spec(spec, device="cpu")   # resolve weights, load, freeze
+    batch = t.preprocess(images)                    # list[PIL.Image RGB] -> Tensor | dict[str, Tensor] (CPU)
+    out = t(batch)                                  # Tensor [B, T, C] float32 on CPU, t.target_shape == (T, C)
+
+A family subclass sets `spec_cls`, implements `load()` (build modules, set `self._target_shape`), `preprocess()`
+and `compute()`, and registers itself with `@teachers.register("<kind>")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from teachers.spec import TeacherSpecBase
+
+Batch = torch.Tensor | dict[str, torch.Tensor]
+
+FINGERPRINT_VERSION = b"teacher-fingerprint-v1\n"
+_HASH_CHUNK = 1 << 20
+
+
+def _looks_like_local_path(model: str) -> bool:
+    # A hub id is exactly "org/name"; anything else that is not an existing directory is a mistyped path.
+    return model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") != 1
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The files a teacher reads: `root` (a local directory), `files` relative to it (sorted, posix), and whether
+    `root` is the user's own directory (`local`) rather than a hub snapshot."""
+
+    root: Path
+    files: tuple[str, ...]
+    local: bool
+
+
+def locate_weights(spec: TeacherSpecBase, weight_folders: Sequence[str] = ("",),
+                   config_only: Sequence[str] = ()) -> WeightFiles:
+    """Find (downloading from the hub if `spec.model` is a repo id not in the cache) the files a teacher reads.
+
+    `weight_folders` hold a model: their `*.json` and `*.safetensors` files count, and one without any
+    `.safetensors` file is refused since pickled weights are never loaded. `config_only` folders (an image
+    processor's) contribute their `*.json` files only. `*.fp16.*` variants are never loaded, so never counted.
+    """
+    local = Path(spec.model).expanduser()
+    if local.is_dir():
+        if spec.revision is not None:
+            raise ValueError(f"spec.revision={spec.revision!r} applies to hub ids only, but model "
+                             f"{spec.model} is a local directory; remove revision")
+        root, is_local = local.resolve(), True
+    elif _looks_like_local_path(spec.model):
+        raise FileNotFoundError(f"spec.model: no such directory {spec.model} (and it is not a hub id "
+                                f"'org/name'); build it first or fix the path")
+    else:
+        root, is_local = _download(spec, weight_folders, config_only), False
+    files: list[str] = []
+    for sub, needs_weights in [(w, True) for w in weight_folders] + [(c, False) for c in config_only]:
+        folder = root / sub if sub else root
+        suffixes = (".json", ".safetensors") if needs_weights else (".json",)
+        found = sorted(p for p in folder.glob("*")
+                       if p.is_file() and p.suffix in suffixes and ".fp16." not in p.name)
+        if needs_weights and not any(p.suffix == ".safetensors" for p in found):
+            raise FileNotFoundError(f"spec.model: no .safetensors weights in {folder}; only safetensors are "
+                                    f"loaded (convert the checkpoint, or pin a hub revision that has them)")
+        if not found:
+            raise FileNotFoundError(f"spec.model: no config files in {folder}")
+        files.extend(p.relative_to(root).as_posix() for p in found)
+    return WeightFiles(root=root, files=tuple(sorted(files)), local=is_local)
+
+
+def _download(spec: TeacherSpecBase, weight_folders: Sequence[str], config_only: Sequence[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    def pattern(sub: str, ext: str) -> str:
+        return f"{sub}/*{ext}" if sub else f"*{ext}"
+
+    patterns = [pattern(sub, ext) for sub in weight_folders for ext in (".json", ".safetensors")]
+    patterns += [pattern(sub, ".json") for sub in config_only]
+    try:
+        return Path(snapshot_download(repo_id=spec.model, revision=spec.revision, allow_patterns=patterns,
+                                      ignore_patterns=["*.fp16.*"]))
+    except Exception as exc:  # the hub client raises many types; one readable line is what the caller needs
+        offline = " (HF_HUB_OFFLINE is set: the files must already be in the hub cache)" \
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+        where = f"{spec.model}@{spec.revision}" if spec.revision else spec.model
+        raise OSError(f"spec.model: cannot get {where} from the hub{offline}: "
+                      f"{' '.join(str(exc).split())}") from exc
+
+
+def fingerprint_of(spec: TeacherSpecBase, weights: WeightFiles) -> str:
+    """sha256 hex over the spec (minus scheduling fields) and the paths, sizes and bytes of `weights.files`.
+
+    A local `model` path is left out of the hashed spec: the files' contents identify the weights, so the same
+    checkpoint copied elsewhere keeps its fingerprint. A hub id (and revision) stays in.
+    """
+    payload = spec.fingerprint_payload()
+    if weights.local:
+        payload["model"] = None
+    h = hashlib.sha256(FINGERPRINT_VERSION)
+    h.update(json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+    for rel in weights.files:
+        path = weights.root / rel
+        h.update(f"\n{rel}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class Teacher(nn.Module):
+    """Base class of every teacher family. Frozen: eval mode, no gradients, `train()` is a no-op.
+
+    Attributes:
+        spec: the validated, frozen spec it was built from.
+        device: where the weights live; inputs are moved there by `__call__`.
+        compute_dtype: dtype of weights and floating inputs during the forward pass (`spec.compute_dtype`).
+    """
+
+    kind: ClassVar[str] = ""
+    spec_cls: ClassVar[type[TeacherSpecBase]] = TeacherSpecBase
+
+    def __init__(self, spec: TeacherSpecBase, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        if not isinstance(spec, self.spec_cls):
+            raise TypeError(f"{type(self).__name__} takes a {self.spec_cls.__name__}, got {type(spec).__name__}")
+        self.spec = spec
+        self.device = torch.device(device)
+        self.compute_dtype: torch.dtype = getattr(torch, spec.compute_dtype)
+        self._target_shape: tuple[int, int] | None = None
+        self._fingerprint: str | None = None
+        self._weights: WeightFiles | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_spec(cls, spec: TeacherSpecBase, device: str | torch.device = "cpu") -> Teacher:
+        """Build, load weights, then freeze and move to `device` / `spec.compute_dtype`."""
+        teacher = cls(spec, device)
+        teacher.load()
+        if teacher._target_shape is None:
+            raise RuntimeError(f"{cls.__name__}.load() did not set the target shape")
+        if teacher._weights is None:
+            raise RuntimeError(f"{cls.__name__}.load() did not call resolve_weights()")
+        teacher.requires_grad_(False)
+        teacher.to(device=teacher.device, dtype=teacher.compute_dtype)
+        teacher.eval()
+        return teacher
+
+    def load(self) -> None:
+        """Build the modules from `self.spec`, call `resolve_weights`, and set `self._target_shape`."""
+        raise NotImplementedError
+
+    @classmethod
+    def weight_layout(cls, spec: TeacherSpecBase) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(weight folders, config-only folders) of `spec.model` that this family reads; default: the root."""
+        return ("",), ()
+
+    @classmethod
+    def fingerprint_for(cls, spec: TeacherSpecBase) -> str:
+        """The fingerprint a teacher built from `spec` would have, without loading the model."""
+        return fingerprint_of(spec, locate_weights(spec, *cls.weight_layout(spec)))
+
+    def resolve_weights(self) -> Path:
+        """Locate (or download) the files of `weight_layout(spec)`, remember them, return the model root."""
+        self._weights = locate_weights(self.spec, *self.weight_layout(self.spec))
+        return self._weights.root
+
+    # ---- identity -----------------------------------------------------------------------------------------
+
+    @property
+    def target_shape(self) -> tuple[int, int]:
+        """(T, C): tokens and channels of one image's target."""
+        if self._target_shape is None:
+            raise RuntimeError(f"{type(self).__name__} is not loaded; build it with teachers.create(spec)")
+        return self._target_shape
+
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        """Paths, relative to the model root, of the files the fingerprint covers (sorted)."""
+        return self._weights.files if self._weights is not None else ()
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex of the spec (minus scheduling fields) and the weight/config files; see `fingerprint_of`."""
+        if self._fingerprint is None:
+            if self._weights is None:
+                raise RuntimeError(f"{type(self).__name__} is not loaded; build it with teachers.create(spec)")
+            self._fingerprint = fingerprint_of(self.spec, self._weights)
+        return self._fingerprint
+
+    # ---- running ------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Teacher:
+        # Teachers have no training mode: dropout etc. must never switch on, whatever a caller does.
+        return super().train(False)
+
+    @staticmethod
+    def check_images(images: Sequence[Image.Image]) -> None:
+        """Raise ValueError unless `images` is a non-empty list of RGB PIL images."""
+        if len(images) == 0:
+            raise ValueError("preprocess needs at least one image")
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"images[{i}] is a {type(image).__name__}, expected a PIL.Image")
+            if image.mode != "RGB":
+                raise ValueError(f"images[{i}] has mode {image.mode}; convert to RGB before preprocess")
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Batch:
+        """list of RGB PIL images -> batch on CPU (float32 pixels), ready for `__call__`."""
+        raise NotImplementedError
+
+    def compute(self, batch: Batch) -> torch.Tensor:
+        """The family's forward pass on a batch already on `device` / `compute_dtype`: -> [B, T, C]."""
+        raise NotImplementedError
+
+    def _move(self, batch: Batch) -> Batch:
+        def move(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                dtype = self.compute_dtype if x.is_floating_point() else x.dtype
+                return x.to(device=self.device, dtype=dtype)
+            return x
+
+        if isinstance(batch, Mapping):
+            return {k: move(v) for k, v in batch.items()}
+        return move(batch)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """batch from `preprocess` -> targets [B, T, C] float32 on CPU (no autograd history)."""
+        with torch.inference_mode():
+            out = self.compute(self._move(batch))
+            out = out.to(device="cpu", dtype=torch.float32)
+        if out.shape[1:] != self.target_shape:
+            raise RuntimeError(f"{type(self).__name__} produced {tuple(out.shape)}, expected [B, *{self.target_shape}]")
+        # A clone outside inference mode is an ordinary tensor that callers may modify in place.
+        return out.clone()

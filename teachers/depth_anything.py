@@ -1,0 +1,73 @@
+"""Depth Anything V2 teacher (kind `depth_anything_v2`): DINOv2 backbone tokens, as OLA-VLM's depth target.
+
+Target per image: mean over the blocks in `spec.layers` of the backbone's final LayerNorm applied to that block's
+output, prefix tokens (CLS, registers) dropped -> [(S/14)^2, hidden] (576 x 1024 for ViT-L at S = 336).
+Only the backbone is kept; the DPT neck and depth head are discarded after loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from teachers.base import Teacher
+from teachers.registry import register
+from teachers.spec import DepthAnythingSpec
+
+# The reference normalises with these in float64 (numpy) and casts to float32 at the very end; we do the same.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
+
+
+@register("depth_anything_v2")
+class DepthAnythingTeacher(Teacher):
+    spec_cls = DepthAnythingSpec
+    spec: DepthAnythingSpec
+
+    def load(self) -> None:
+        from transformers import DepthAnythingForDepthEstimation
+
+        root = self.resolve_weights()
+        model = DepthAnythingForDepthEstimation.from_pretrained(root, use_safetensors=True)
+        self.backbone = model.backbone
+        del model
+
+        config = self.backbone.config
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        num_blocks = len(self.backbone.encoder.layer)
+        spec = self.spec
+        if spec.image_size % patch:
+            raise ValueError(f"spec.image_size={spec.image_size} must be a multiple of the patch size {patch} "
+                             f"(e.g. {spec.image_size // patch * patch or patch})")
+        if max(spec.layers) >= num_blocks:
+            raise ValueError(f"spec.layers={list(spec.layers)}: this backbone has {num_blocks} blocks, valid "
+                             f"indices are 0..{num_blocks - 1}")
+        self.num_patches = (spec.image_size // patch) ** 2
+        self._target_shape = (self.num_patches, config.hidden_size)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB images -> pixel_values [B, 3, S, S] float32: bicubic resize to S x S, /255, ImageNet mean/std.
+
+        The aspect ratio is not kept (as in the reference). With `channel_order: bgr` the channels are swapped
+        before normalisation, reproducing the reference's colour mistake.
+        """
+        self.check_images(images)
+        size = self.spec.image_size
+        out = []
+        for image in images:
+            pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
+            if self.spec.channel_order == "bgr":
+                pixels = pixels[..., ::-1]
+            pixels = (pixels - IMAGENET_MEAN) / IMAGENET_STD
+            out.append(np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(np.float32))
+        return torch.from_numpy(np.stack(out))
+
+    def compute(self, batch: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] -> [B, (S/14)^2, hidden] in compute dtype."""
+        hidden_states = self.backbone(batch, output_hidden_states=True).hidden_states
+        # hidden_states[0] is the embedding output, so block i is hidden_states[i + 1]; patch tokens come last.
+        per_layer = [self.backbone.layernorm(hidden_states[i + 1])[:, -self.num_patches:] for i in self.spec.layers]
+        return torch.stack(per_layer, dim=0).mean(dim=0)

@@ -1,0 +1,49 @@
+"""unCLIP image-encoder teacher (kind `unclip_image_encoder`): OLA-VLM's generation target.
+
+Target per image: `CLIPVisionModelWithProjection(...).image_embeds` -> [1, projection_dim] (1 x 1024 for SD 2.1
+unCLIP). Only the pipeline's `image_encoder` and `feature_extractor` subfolders are read, with transformers
+classes: diffusers is never imported, so no UNet, VAE or scheduler is ever built or downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from teachers.base import Teacher
+from teachers.registry import register
+from teachers.spec import UnclipImageEncoderSpec
+
+
+@register("unclip_image_encoder")
+class UnclipImageEncoderTeacher(Teacher):
+    spec_cls = UnclipImageEncoderSpec
+    spec: UnclipImageEncoderSpec
+
+    @classmethod
+    def weight_layout(cls, spec: UnclipImageEncoderSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        # The rest of the pipeline repo (unet/, vae/, text encoders) is neither downloaded nor fingerprinted.
+        return (spec.image_encoder_subfolder,), (spec.feature_extractor_subfolder,)
+
+    def load(self) -> None:
+        from transformers import CLIPImageProcessor, CLIPImageProcessorPil, CLIPVisionModelWithProjection
+
+        spec = self.spec
+        root = self.resolve_weights()
+        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            root, subfolder=spec.image_encoder_subfolder, use_safetensors=True
+        )
+        processor_cls = CLIPImageProcessorPil if spec.processor_backend == "pil" else CLIPImageProcessor
+        self.feature_extractor = processor_cls.from_pretrained(root, subfolder=spec.feature_extractor_subfolder)
+        self._target_shape = (1, int(self.image_encoder.config.projection_dim))
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB images -> pixel_values [B, 3, crop, crop] float32 from the pipeline's CLIP feature extractor."""
+        self.check_images(images)
+        return self.feature_extractor(list(images), return_tensors="pt")["pixel_values"].to(torch.float32)
+
+    def compute(self, batch: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, crop, crop] -> [B, 1, projection_dim] in compute dtype."""
+        return self.image_encoder(pixel_values=batch).image_embeds.unsqueeze(1)

@@ -1,0 +1,66 @@
+"""Session fixtures shared by the suite: one demo set, one local Ray, one precomputed store.
+
+Everything is real: tiny random-initialised checkpoints saved with save_pretrained, real tar shards,
+a real local Ray cluster, real Zarr stores on disk. Ray starts once per session (it costs ~4 s and
+~1-2 GB), and every test that uses it has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TEACHERS = REPO / "manifests" / "teachers" / "demo.yaml"
+DEMO_EXPERIMENT = REPO / "manifests" / "experiments" / "demo.yaml"
+# Small enough to keep the suite fast, large enough for several blocks per teacher and one shard per rank.
+DEMO_SAMPLES = 40
+DEMO_SHARDS = 4
+ROWS_PER_BLOCK = 16
+ROWS_PER_CHUNK = 4
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A demo set (shards + tiny checkpoints) that every manifest's ${DEMO_DIR} points at."""
+    from pipeline.demo_assets import build_demo_assets
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_assets(root, num_samples=DEMO_SAMPLES, num_shards=DEMO_SHARDS, seed=0)
+    os.environ["DEMO_DIR"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_store(demo_dir, ray_local) -> Path:
+    """The demo store, precomputed once for the session; tests that change a store copy it first."""
+    from pipeline.precompute import run_precompute
+
+    store = demo_dir / "store"
+    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=ROWS_PER_BLOCK,
+                   rows_per_chunk=ROWS_PER_CHUNK, progress=False)
+    return store
+
+
+@pytest.fixture
+def store_copy(demo_store, tmp_path) -> Path:
+    copy = tmp_path / "store"
+    shutil.copytree(demo_store, copy)
+    return copy

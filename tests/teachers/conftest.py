@@ -1,0 +1,71 @@
+"""Tiny real teacher checkpoints (random weights, written by the demo builders) shared by the teacher tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MANIFEST = REPO / "manifests" / "teachers" / "demo.yaml"
+OLAVLM_MANIFEST = REPO / "manifests" / "teachers" / "olavlm.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    yield
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A DEMO_DIR holding only the three tiny teachers, in the `pipeline demo-assets` layout:
+    assets/teachers/depth, assets/teachers/seg, assets/teachers/gen/{image_encoder,feature_extractor}."""
+    from pipeline.demo_assets import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
+
+    root = tmp_path_factory.mktemp("demo_teachers")
+    assets = root / "assets" / "teachers"
+    build_tiny_depth_anything(assets / "depth")
+    build_tiny_oneformer(assets / "seg")
+    build_tiny_unclip_image_encoder(assets / "gen")
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(demo_root) -> dict[str, Path]:
+    return {name: demo_root / "assets" / "teachers" / name for name in ("depth", "seg", "gen")}
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(demo_root):
+    """manifests/teachers/demo.yaml with DEMO_DIR pointing at the session's tiny teachers."""
+    import teachers
+
+    return teachers.load_manifest(DEMO_MANIFEST, environ={"DEMO_DIR": str(demo_root)})
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Six RGB PIL images of different sizes and aspect ratios: four photographs and two noise images."""
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea()[:, :200], data.rocket()[100:260]]
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((37, 91, 3), (120, 64, 3))]
+    return [Image.fromarray(np.ascontiguousarray(a)).convert("RGB") for a in photos + noise]
+
+
+@pytest.fixture(scope="session")
+def demo_teachers(demo_manifest):
+    """name -> loaded teacher, built once (loading is cheap but the tests reuse them a lot)."""
+    import teachers
+
+    return {name: teachers.create(spec) for name, spec in demo_manifest.teachers.items()}
