@@ -28,7 +28,8 @@ def _cmd_demo_assets(args) -> int:
     from pipeline.demo_assets import build_demo_assets
 
     assets = build_demo_assets(args.out, num_samples=args.samples, num_shards=args.shards, seed=args.seed)
-    print(f"demo assets in {args.out}: {assets}")
+    print(f"{assets.num_samples} samples in {assets.num_shards} shards under {assets.shards_dir}; "
+          f"tiny teachers and student parts under {assets.root / 'assets'}")
     return 0
 
 

@@ -10,36 +10,63 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import UsageError
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_PATTERN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def expand_env(value):
-    """Expand `${VAR}` / `${VAR:-default}` in every string of a nested YAML value."""
-    if isinstance(value, str):
-        def substitute(match: re.Match) -> str:
-            name, default = match.group(1), match.group(2)
-            if name in os.environ and os.environ[name] != "":
-                return os.environ[name]
-            if default is None:
-                raise UsageError(f"environment variable {name} is not set and has no default (${{{name}:-...}})")
-            return default
+def expand_env(value: Any, environ: Mapping[str, str] | None = None, _where: str = "") -> Any:
+    """Expand `${VAR}` / `${VAR:-default}` in every string inside `value` (dicts and lists recursively).
 
-        return _VAR.sub(substitute, value)
+    The default applies when VAR is unset or empty; `$${` is a literal `${`. Keys are left alone. An
+    unset variable without a default raises UsageError naming where it was.
+    """
+    env = os.environ if environ is None else environ
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$${":
+                return "${"
+            name, default = match.group(1), match.group(2)
+            found = env.get(name)
+            if default is not None:
+                return found or default
+            if found is not None:
+                return found
+            raise UsageError(f"{_where or 'value'}: environment variable {name} is not set and has no default "
+                             f"(write ${{{name}:-default}} or export {name})")
+
+        return _ENV_PATTERN.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: expand_env(v) for k, v in value.items()}
+        return {k: expand_env(v, env, f"{_where}.{k}" if _where else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v) for v in value]
+        return [expand_env(v, env, f"{_where}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def describe_validation_error(exc: ValidationError, hidden_loc_parts: frozenset = frozenset()) -> str:
+    """One line naming each bad field (`data.batch_size: Input should be greater than 0; ...`).
+
+    `hidden_loc_parts` drops location parts users never wrote, such as the tag of a discriminated union.
+    """
+    problems = []
+    for error in exc.errors():
+        loc = [p for p in error["loc"] if p not in hidden_loc_parts]
+        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; unknown keys are errors, not ignored)"
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -74,12 +101,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def validate(model: type[Model], data: dict, source: str) -> Model:
-    """Build a pydantic model; a failure becomes one UsageError line naming each bad field."""
+    """Build a pydantic model; a failure becomes one UsageError line naming the file and each bad field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-            problems.append(f"{where}: {error['msg']}")
-        raise UsageError(f"{source}: " + "; ".join(problems)) from None
+        raise UsageError(f"{source}: {describe_validation_error(exc)}") from None

@@ -80,7 +80,7 @@ class TargetStore:
     def half_created(self) -> bool:
         """A crash inside `create`: the group is there but neither its attributes nor any teacher are."""
         group = zarr.open_group(self.path, mode="r", zarr_format=3)
-        return "format" not in group.attrs and not list(group.groups())
+        return "format" not in group.attrs and not _child_groups(group)
 
     def create(self, index: pa.Table, dataset_fingerprint: str, *, rows_per_block: int) -> None:
         """Create the group, write index.parquet, then the group's attributes (which mark the store as made)."""
@@ -159,10 +159,7 @@ class TargetStore:
     # ---- teachers ----------------------------------------------------------------------------
 
     def teacher_names(self) -> list[str]:
-        with warnings.catch_warnings():
-            # index.parquet, errors.parquet and _blocks/ live beside the Zarr nodes on purpose.
-            warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
-            return sorted(name for name, _ in self.group.groups())
+        return _child_groups(self.group)
 
     def teacher_attrs(self, name: str) -> dict:
         if name not in self.teacher_names():
@@ -295,6 +292,13 @@ class TargetStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _child_groups(group: zarr.Group) -> list[str]:
+    with warnings.catch_warnings():
+        # index.parquet, errors.parquet and _blocks/ live beside the Zarr nodes on purpose.
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+        return sorted(name for name, _ in group.groups())
 
 
 def _fsync_dir(path: str) -> None:

@@ -23,15 +23,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.config_io import describe_validation_error, expand_env
+from pipeline.errors import UsageError
 from teachers.spec import SPEC_CLASSES, TeacherSpec
 
-_ENV_PATTERN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Teacher names become Zarr group names and log keys, so keep them to path-safe characters.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _KIND_TAGS = frozenset(cls.model_fields["kind"].default for cls in SPEC_CLASSES)
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError, ValueError):
     """A manifest that cannot be read or does not validate; the message is one line naming file and field."""
 
 
@@ -52,57 +53,15 @@ class TeacherManifest(BaseModel):
         return teachers
 
 
-def expand_env(value: Any, environ: Mapping[str, str] | None = None, _where: str = "") -> Any:
-    """Expand `${VAR}` / `${VAR:-default}` in every string inside `value` (dicts and lists recursively).
-
-    Keys are left alone. An unset variable without a default raises ManifestError naming where it was.
-    """
-    env = os.environ if environ is None else environ
-    if isinstance(value, str):
-
-        def substitute(match: re.Match[str]) -> str:
-            if match.group(0) == "$${":
-                return "${"
-            name, default = match.group(1), match.group(2)
-            found = env.get(name)
-            if default is not None:
-                return found or default
-            if found is not None:
-                return found
-            raise ManifestError(f"{_where or 'value'}: environment variable {name} is not set and has no default "
-                                f"(write ${{{name}:-default}} or export {name})")
-
-        return _ENV_PATTERN.sub(substitute, value)
-    if isinstance(value, dict):
-        return {k: expand_env(v, env, f"{_where}.{k}" if _where else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, env, f"{_where}[{i}]") for i, v in enumerate(value)]
-    return value
-
-
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for i, item in enumerate(loc):
-        # pydantic puts the union tag into the location (teachers.depth.depth_anything_v2.layers); users never
-        # wrote that level, so leave it out.
-        if i == 2 and loc[0] == "teachers" and item in _KIND_TAGS:
-            continue
-        parts.append(f"[{item}]" if isinstance(item, int) else str(item))
-    return ".".join(parts).replace(".[", "[")
-
-
-def _format_error(err: Any) -> str:
-    loc = _format_loc(tuple(err["loc"]))
-    if err["type"] == "union_tag_invalid":
-        known = ", ".join(sorted(_KIND_TAGS))
-        return f"{loc}.kind: unknown kind {err['input'].get('kind')!r}; known kinds: {known}"
-    if err["type"] == "union_tag_not_found":
-        known = ", ".join(sorted(_KIND_TAGS))
-        return f"{loc}.kind: missing; set it to one of: {known}"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field (check the spelling; unknown keys are errors, not ignored)"
-    return f"{loc}: {msg}" if loc else msg
+def _format_error(exc: ValidationError) -> str:
+    # pydantic puts the union tag into the location (teachers.depth.depth_anything_v2.layers); users never wrote it.
+    known = ", ".join(sorted(_KIND_TAGS))
+    for err in exc.errors():
+        if err["type"] == "union_tag_invalid":
+            return f"teachers.{err['loc'][1]}.kind: unknown kind {err['input'].get('kind')!r}; known kinds: {known}"
+        if err["type"] == "union_tag_not_found":
+            return f"teachers.{err['loc'][1]}.kind: missing; set it to one of: {known}"
+    return describe_validation_error(exc, hidden_loc_parts=_KIND_TAGS)
 
 
 def parse_manifest(data: Any, source: str = "<manifest>", environ: Mapping[str, str] | None = None) -> TeacherManifest:
@@ -111,13 +70,12 @@ def parse_manifest(data: Any, source: str = "<manifest>", environ: Mapping[str, 
         raise ManifestError(f"{source}: expected a mapping with a 'teachers' key, got {type(data).__name__}")
     try:
         data = expand_env(data, environ)
-    except ManifestError as exc:
+    except UsageError as exc:
         raise ManifestError(f"{source}: {exc}") from None
     try:
         return TeacherManifest.model_validate(data)
     except ValidationError as exc:
-        lines = "; ".join(_format_error(e) for e in exc.errors())
-        raise ManifestError(f"{source}: {lines}") from None
+        raise ManifestError(f"{source}: {_format_error(exc)}") from None
 
 
 def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> TeacherManifest:

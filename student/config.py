@@ -1,0 +1,114 @@
+"""Experiment manifests (`manifests/experiments/*.yaml`): one strict, nested schema per component.
+
+An unknown key is an error that names it; `--set a.b=c` overrides go through the same checks. The
+resolved config is saved inside every checkpoint, so a checkpoint explains how it was made.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.config_io import apply_overrides, load_yaml, validate
+
+_STRICT = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(BaseModel):
+    model_config = _STRICT
+
+    shards: str = Field(description="WebDataset shards: directory, brace pattern or fsspec URL")
+    store: str = Field(description="target store written by `pipeline precompute` for these shards")
+    batch_size: int = Field(default=4, gt=0, description="samples per process per step")
+    num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank")
+    max_length: int = Field(default=256, gt=8, description="text tokens per sample (image tokens come on top)")
+    check_image_hash: bool = Field(default=True, description="skip samples whose image bytes differ from the index")
+    expected_fingerprints: dict[str, str] = Field(
+        default_factory=dict, description="teacher name -> teacher_fingerprint the store must have"
+    )
+    accept_fingerprint_mismatch: bool = False
+
+
+class TaskConfig(BaseModel):
+    """One distillation task: a teacher group of the store and the LLM layers that predict it."""
+
+    model_config = _STRICT
+
+    layers: list[int] = Field(min_length=1, description="1-indexed LLM hidden states, e.g. [18, 20]")
+    seq_tokens: int = Field(default=8, gt=0, description="task tokens this task puts into the sequence")
+    weight: float = Field(default=1.0, ge=0)
+    predictor_dim: int | Literal["hidden"] | None = Field(
+        default=None, description="predictor width: None = target channels (reference gen/seg), 'hidden' = LLM width"
+    )
+    out_mlp: bool = Field(default=False, description="extra Linear-GELU-Linear after the predictor (reference depth)")
+
+    @field_validator("layers")
+    @classmethod
+    def _positive(cls, layers: list[int]) -> list[int]:
+        if any(layer < 1 for layer in layers):
+            raise ValueError(f"layers are 1-indexed hidden states after the embeddings, got {layers}")
+        return layers
+
+
+class ModelConfig(BaseModel):
+    model_config = _STRICT
+
+    vision: str = Field(description="HF vision encoder (hub id or local dir), e.g. openai/clip-vit-large-patch14-336")
+    llm: str = Field(description="any AutoModelForCausalLM (hub id or local dir)")
+    tokenizer: str | None = Field(default=None, description="defaults to the llm's own tokenizer")
+    vision_feature_layer: int = -2
+    image_token: str = "<image>"
+    tasks: dict[str, TaskConfig] = Field(default_factory=dict, description="store teacher name -> task settings")
+    task_order: list[str] | None = Field(default=None, description="order of task tokens; default gen, depth, seg")
+    trainable: list[str] = Field(
+        default_factory=lambda: ["projector", "predictors", "task_tokens"],
+        description="parts to train (PT stage: projector, predictors, task_tokens)",
+    )
+
+    @model_validator(mode="after")
+    def _order_names_tasks(self):
+        if self.task_order is not None and sorted(self.task_order) != sorted(self.tasks):
+            raise ValueError(f"task_order {self.task_order} must list exactly the tasks {sorted(self.tasks)}")
+        return self
+
+
+class LossConfig(BaseModel):
+    model_config = _STRICT
+
+    lm_weight: float = Field(default=1.0, ge=0)
+    smooth_l1_beta: float = Field(default=1.0, gt=0)
+    contrastive_weight: float = Field(default=0.3, ge=0)
+    layer_weight: float = Field(default=0.5, ge=0)
+    logit_scale_max: float = Field(default=100.0, gt=0)
+
+
+class TrainConfig(BaseModel):
+    model_config = _STRICT
+
+    max_steps: int = Field(default=100, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    grad_accum: int = Field(default=1, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = Field(default=1, gt=0)
+
+
+class ExperimentConfig(BaseModel):
+    model_config = _STRICT
+
+    name: str = "experiment"
+    output_dir: str
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def load_experiment(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override (`a.b=c`) and validate an experiment manifest; errors name file and field."""
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    return validate(ExperimentConfig, data, str(path))

@@ -1,0 +1,617 @@
+"""The OLA-VLM student: CLIP vision encoder + ``mlp2x_gelu`` projector + causal LLM + task tokens + predictors.
+
+Sequence layout per sample (the image placeholder is replaced in place; nothing assumes fixed offsets):
+
+    [text before <image>] [N image tokens] [gen x8] [depth x8] [seg x8] [text after <image>] [right padding]
+
+Task tokens (``task_order``, 8 sequence tokens per task by default):
+- ``T > 1`` (depth, seg): a parameter ``[T, H]``; the sequence gets it average-pooled in consecutive groups of
+  ``T / seq_tokens``; the full ``[T, H]`` is the predictor's queries.
+- ``T == 1`` (gen): a parameter ``[seq_tokens, H]`` placed in the sequence; the queries are the tapped layer's
+  hidden states at those positions, averaged to one token.
+
+Each tapped layer ``l`` (1-indexed: ``hidden_states[l]``, the output of decoder block ``l``) has a predictor that
+reads that layer's states over everything except padding and the OTHER tasks' task tokens.
+
+This module never imports ``teachers``: a student knows target shapes, not where targets come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from student.predictor import EmbeddingPredictor
+
+__all__ = [
+    "TaskSpec",
+    "REFERENCE_TASKS",
+    "StudentConfig",
+    "OlaStudent",
+    "OlaStudentOutput",
+    "TRAINABLE_PARTS",
+]
+
+IGNORE_INDEX = -100
+
+# Parts addressable by ``OlaStudent.set_trainable``. The logit scales belong to the predictors' loss, so
+# "predictors" includes them (the reference trains them whenever its heads train).
+TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
+    "vision": ("vision",),
+    "projector": ("projector",),
+    "llm": ("llm",),
+    "task_tokens": ("task_tokens",),
+    "predictors": ("predictors", "logit_scales"),
+    "logit_scales": ("logit_scales",),
+}
+
+
+@dataclass(kw_only=True)
+class TaskSpec:
+    """One distillation task (one teacher) of the student.
+
+    Attributes:
+        name: task name, also the teacher name in the target store (``depth``, ``seg``, ``gen``, ...).
+        layers: tapped LLM layers, 1-indexed over hidden states (``hidden_states[l]``, ``l >= 1``).
+        target_tokens: ``T`` of the teacher target ``[T, C]``.
+        target_dim: ``C`` of the teacher target.
+        seq_tokens: task tokens this task puts in the sequence (8 in the paper). ``T`` must be 1 or a multiple.
+        predictor_dim: the predictor's width: ``None`` = ``target_dim`` (reference gen/seg heads), ``"hidden"`` =
+            the LLM hidden size (reference depth head), or an int.
+        out_mlp: extra ``Linear-GELU-Linear`` after the predictor's output LayerNorm (reference depth head).
+    """
+
+    name: str
+    layers: list[int]
+    target_tokens: int
+    target_dim: int
+    seq_tokens: int = 8
+    predictor_dim: int | str | None = None
+    out_mlp: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.isidentifier():
+            raise ValueError(f"task name {self.name!r} must be a non-empty identifier (it names modules and keys)")
+        self.layers = [int(x) for x in self.layers]
+        if not self.layers or any(x < 1 for x in self.layers):
+            raise ValueError(
+                f"task {self.name!r}: layers {self.layers} must be non-empty and 1-indexed (hidden_states[l], l >= 1)"
+            )
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"task {self.name!r}: layers {self.layers} contain duplicates")
+        if self.target_tokens < 1 or self.target_dim < 1 or self.seq_tokens < 1:
+            raise ValueError(
+                f"task {self.name!r}: target_tokens, target_dim and seq_tokens must be >= 1, got "
+                f"{self.target_tokens}, {self.target_dim}, {self.seq_tokens}"
+            )
+        if self.target_tokens > 1 and self.target_tokens % self.seq_tokens:
+            raise ValueError(
+                f"task {self.name!r}: target_tokens={self.target_tokens} is not a multiple of "
+                f"seq_tokens={self.seq_tokens}; the task-token parameter is pooled in equal groups"
+            )
+        if not (self.predictor_dim is None or self.predictor_dim == "hidden" or isinstance(self.predictor_dim, int)):
+            raise ValueError(f"task {self.name!r}: predictor_dim must be None, 'hidden' or an int")
+
+    @classmethod
+    def from_any(cls, spec: "TaskSpec | dict[str, Any]") -> "TaskSpec":
+        if isinstance(spec, TaskSpec):
+            return spec
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"task spec {spec.get('name', '?')!r}: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The paper's setting (SHI-Labs/OLA-VLM pretrain.sh: layer_indices d18-20_s10-18_g12-20, 8 task tokens).
+REFERENCE_TASKS: tuple[dict[str, Any], ...] = (
+    {"name": "gen", "layers": [12, 20], "target_tokens": 1, "target_dim": 1024},
+    {
+        "name": "depth",
+        "layers": [18, 20],
+        "target_tokens": 576,
+        "target_dim": 1024,
+        "predictor_dim": "hidden",
+        "out_mlp": True,
+    },
+    {"name": "seg", "layers": [10, 18], "target_tokens": 576, "target_dim": 1536},
+)
+
+
+def _as_config(cfg: PretrainedConfig | dict | None, field_name: str) -> PretrainedConfig | None:
+    if cfg is None or isinstance(cfg, PretrainedConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        cfg = dict(cfg)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"StudentConfig.{field_name} needs a 'model_type' key (e.g. 'clip_vision_model', 'llama')")
+        return AutoConfig.for_model(model_type, **cfg)
+    raise TypeError(f"StudentConfig.{field_name} must be a dict or a PretrainedConfig, got {type(cfg).__name__}")
+
+
+class StudentConfig(PretrainedConfig):
+    """Configuration of ``OlaStudent``; saved in every checkpoint's ``config.json``.
+
+    Args:
+        vision_config: the vision encoder's config (CLIP vision), a ``PretrainedConfig`` or a dict with ``model_type``.
+        text_config: the causal LLM's config, same forms.
+        tasks: ``TaskSpec``s or dicts (see ``TaskSpec``); stored as a list of dicts.
+        task_order: order of the task tokens after the image tokens (every task must appear; extra names ignored).
+        image_token_id: the id of the single image placeholder in ``input_ids`` (it is never embedded, so it may lie
+            outside the LLM vocabulary).
+        vision_feature_layer: which vision hidden state feeds the projector (-2 = second-to-last, LLaVA-1.5).
+        vision_feature_select: ``"patch"`` drops the CLS token, ``"full"`` keeps it.
+        projector_type: ``"mlp2x_gelu"`` (LLaVA-1.5) or ``"linear"``.
+        predictor_heads, predictor_head_dim, predictor_ff_mult, predictor_depth: the resampler shape (4, 32, 1, 1).
+        task_token_init_std: std of the task tokens' normal init (1.0: the reference uses ``torch.randn``).
+        logit_scale_init: InfoNCE logit scale init (used as ``exp(scale)``), 2.0.
+        logit_scale_per: ``"layer"``: one learnable scale per (task, layer); ``"task"``: one per task shared by its
+            layers, as the reference does.
+    """
+
+    model_type = "ola_student"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: PretrainedConfig | dict | None = None,
+        text_config: PretrainedConfig | dict | None = None,
+        tasks: Iterable[TaskSpec | dict] | None = None,
+        task_order: Iterable[str] = ("gen", "depth", "seg"),
+        image_token_id: int | None = None,
+        vision_feature_layer: int = -2,
+        vision_feature_select: str = "patch",
+        projector_type: str = "mlp2x_gelu",
+        predictor_heads: int = 4,
+        predictor_head_dim: int = 32,
+        predictor_ff_mult: float = 1,
+        predictor_depth: int = 1,
+        task_token_init_std: float = 1.0,
+        logit_scale_init: float = 2.0,
+        logit_scale_per: str = "layer",
+        **kwargs: Any,
+    ) -> None:
+        # Sub-configs first: the base __init__ propagates the attention implementation into them.
+        self.vision_config = _as_config(vision_config, "vision_config")
+        self.text_config = _as_config(text_config, "text_config")
+        specs = [TaskSpec.from_any(t) for t in (tasks or [])]
+        self.tasks = [s.to_dict() for s in specs]
+        self.task_order = list(task_order)
+        self.image_token_id = image_token_id
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_select = vision_feature_select
+        self.projector_type = projector_type
+        self.predictor_heads = predictor_heads
+        self.predictor_head_dim = predictor_head_dim
+        self.predictor_ff_mult = predictor_ff_mult
+        self.predictor_depth = predictor_depth
+        self.task_token_init_std = task_token_init_std
+        self.logit_scale_init = logit_scale_init
+        self.logit_scale_per = logit_scale_per
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self._validate(specs)
+
+    def _validate(self, specs: list[TaskSpec]) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"StudentConfig.tasks: duplicate task names {names}")
+        missing = [n for n in names if n not in self.task_order]
+        if missing:
+            raise ValueError(
+                f"StudentConfig.task_order {self.task_order} lacks tasks {missing}; list every task there"
+            )
+        if self.vision_feature_select not in ("patch", "full"):
+            raise ValueError(f"StudentConfig.vision_feature_select must be 'patch' or 'full', got "
+                             f"{self.vision_feature_select!r}")
+        if self.projector_type not in ("mlp2x_gelu", "linear"):
+            raise ValueError(f"StudentConfig.projector_type must be 'mlp2x_gelu' or 'linear', got "
+                             f"{self.projector_type!r}")
+        if self.logit_scale_per not in ("layer", "task"):
+            raise ValueError(f"StudentConfig.logit_scale_per must be 'layer' or 'task', got {self.logit_scale_per!r}")
+        n_layers = getattr(self.text_config, "num_hidden_layers", None)
+        for s in specs:
+            if n_layers is not None and max(s.layers) > n_layers:
+                raise ValueError(
+                    f"StudentConfig.tasks[{s.name!r}].layers {s.layers}: the LLM has {n_layers} layers "
+                    f"(valid: 1..{n_layers})"
+                )
+
+    def task_names(self) -> list[str]:
+        """Task names in sequence order (``task_order``)."""
+        return [s.name for s in self.task_specs()]
+
+    def task_specs(self) -> list[TaskSpec]:
+        """The tasks in sequence order (``task_order``)."""
+        specs = {t["name"]: TaskSpec.from_any(t) for t in self.tasks}
+        return [specs[n] for n in self.task_order if n in specs]
+
+
+# So that AutoConfig.from_pretrained(checkpoint) resolves "ola_student" (AutoModel is registered below the model).
+AutoConfig.register(StudentConfig.model_type, StudentConfig, exist_ok=True)
+
+
+@dataclass
+class OlaStudentOutput(ModelOutput):
+    """Output of ``OlaStudent.forward``.
+
+    Attributes:
+        loss: next-token cross-entropy (float32 scalar) or None without labels.
+        logits: ``[B, L', V]`` over the expanded sequence.
+        predictions: ``{task: {layer: [B, T, C]}}`` (predictor dtype).
+        attention_mask: ``[B, L']`` long, the expanded sequence's mask (right-padded).
+        labels: ``[B, L']`` long, expanded labels (-100 on image, task tokens, padding) or None.
+        task_positions: ``{task: [B, seq_tokens]}`` long, where each task's tokens sit in the expanded sequence.
+        hidden_states: all LLM hidden states when ``output_hidden_states=True``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    predictions: dict[str, dict[int, torch.Tensor]] | None = None
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    task_positions: dict[str, torch.Tensor] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def _vision_model_class(cfg: PretrainedConfig) -> type[PreTrainedModel]:
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    return MODEL_MAPPING[type(cfg)]
+
+
+class OlaStudent(PreTrainedModel):
+    """LLaVA-1.5-style student with OLA-VLM task tokens and embedding predictors (see the module docstring)."""
+
+    config_class = StudentConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: StudentConfig, vision: PreTrainedModel | None = None,
+                 llm: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if config.vision_config is None or config.text_config is None:
+            raise ValueError(
+                "StudentConfig needs vision_config and text_config; use OlaStudent.from_parts to build one"
+            )
+        # ``from_parts`` hands over already-loaded sub-models; otherwise build them from their configs (their
+        # weights then come from this checkpoint's state dict).
+        self.vision = vision if vision is not None else AutoModel.from_config(config.vision_config)
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
+        # One config object per sub-model, so e.g. resize_token_embeddings on the LLM is what save_pretrained writes.
+        self.config.vision_config = self.vision.config
+        self.config.text_config = self.llm.config
+        vision_hidden = config.vision_config.hidden_size
+        hidden = config.text_config.hidden_size
+        if config.projector_type == "mlp2x_gelu":
+            self.projector = nn.Sequential(nn.Linear(vision_hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        else:
+            self.projector = nn.Sequential(nn.Linear(vision_hidden, hidden))
+
+        self.task_tokens = nn.ParameterDict()
+        self.predictors = nn.ModuleDict()
+        self.logit_scales = nn.ParameterDict()
+        for spec in config.task_specs():
+            rows = spec.target_tokens if spec.target_tokens > 1 else spec.seq_tokens
+            self.task_tokens[spec.name] = nn.Parameter(torch.empty(rows, hidden))
+            dim = hidden if spec.predictor_dim == "hidden" else spec.predictor_dim
+            for layer in spec.layers:
+                self.predictors[f"{spec.name}_{layer}"] = EmbeddingPredictor(
+                    hidden,
+                    spec.target_dim,
+                    dim=dim,
+                    heads=config.predictor_heads,
+                    head_dim=config.predictor_head_dim,
+                    ff_mult=config.predictor_ff_mult,
+                    depth=config.predictor_depth,
+                    out_mlp=spec.out_mlp,
+                )
+                if config.logit_scale_per == "layer":
+                    self.logit_scales[f"{spec.name}_{layer}"] = nn.Parameter(torch.empty(()))
+            if config.logit_scale_per == "task":
+                self.logit_scales[spec.name] = nn.Parameter(torch.empty(()))
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- construction
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only our own parts: the vision encoder and the LLM initialise themselves (or arrive loaded). torch.nn.init
+        # calls (not in-place tensor methods) so transformers can skip parameters already loaded from a checkpoint.
+        if module is self.task_tokens:
+            for p in module.values():
+                nn.init.normal_(p, mean=0.0, std=self.config.task_token_init_std)
+        elif module is self.logit_scales:
+            for p in module.values():
+                nn.init.constant_(p, self.config.logit_scale_init)
+        elif isinstance(module, (nn.Linear, nn.LayerNorm)) and self._is_own(module):
+            module.reset_parameters()  # PyTorch defaults, as the reference's heads and projector get
+
+    def _is_own(self, module: nn.Module) -> bool:
+        own = getattr(self, "_own_module_ids", None)
+        if own is None:
+            own = {id(m) for part in (self.projector, self.predictors) for m in part.modules()}
+            self._own_module_ids = own
+        return id(module) in own
+
+    @classmethod
+    def from_parts(
+        cls,
+        vision_path: str,
+        llm_path: str,
+        *,
+        tasks: Iterable[TaskSpec | dict],
+        image_token_id: int,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        **config_kwargs: Any,
+    ) -> "OlaStudent":
+        """Build a student from a pretrained vision encoder and a pretrained causal LLM (local dirs or hub ids).
+
+        ``vision_path`` may hold a vision-only model (``CLIPVisionModel``) or a dual encoder (``CLIPModel``: its
+        vision tower is loaded). Projector, task tokens, predictors and logit scales are initialised randomly from
+        the current torch RNG (seed it first). ``config_kwargs`` go to ``StudentConfig``.
+        """
+        load_kw: dict[str, Any] = {}
+        if dtype is not None:
+            load_kw["dtype"] = dtype
+        if attn_implementation is not None:
+            load_kw["attn_implementation"] = attn_implementation
+        vcfg = AutoConfig.from_pretrained(vision_path)
+        vcfg = getattr(vcfg, "vision_config", None) or vcfg
+        vision = _vision_model_class(vcfg).from_pretrained(vision_path, **load_kw)
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, **load_kw)
+        config = StudentConfig(
+            vision_config=vision.config,
+            text_config=llm.config,
+            tasks=tasks,
+            image_token_id=image_token_id,
+            **config_kwargs,
+        )
+        model = cls(config, vision=vision, llm=llm)
+        # Wrapping the loaded parts resets their attention backend to unset (eager, with a warning): restore it.
+        model.set_attn_implementation(attn_implementation or model.config._attn_implementation)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    # ------------------------------------------------------------------------------------------------ parameters
+    def set_trainable(self, parts: Iterable[str]) -> list[str]:
+        """Train exactly ``parts`` (names from ``TRAINABLE_PARTS``); freeze the rest.
+
+        Returns the names of the trainable parameters. PT: ``["projector", "predictors", "task_tokens"]``.
+        """
+        parts = list(parts)
+        unknown = [p for p in parts if p not in TRAINABLE_PARTS]
+        if unknown:
+            raise ValueError(f"unknown trainable parts {unknown}; known: {sorted(TRAINABLE_PARTS)}")
+        self.requires_grad_(False)
+        for part in parts:
+            for attr in TRAINABLE_PARTS[part]:
+                getattr(self, attr).requires_grad_(True)
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def logit_scale_dict(self) -> dict[str, dict[int, nn.Parameter]]:
+        """``{task: {layer: scalar Parameter}}`` for ``student.loss.coupled_loss`` (shared per task if configured)."""
+        out: dict[str, dict[int, nn.Parameter]] = {}
+        for spec in self.config.task_specs():
+            out[spec.name] = {
+                layer: self.logit_scales[spec.name if self.config.logit_scale_per == "task" else f"{spec.name}_{layer}"]
+                for layer in spec.layers
+            }
+        return out
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.llm.get_output_embeddings()
+
+    # ----------------------------------------------------------------------------------------------------- forward
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values [B, 3, H, W]`` -> projected image tokens ``[B, N, hidden]`` (CLS dropped for "patch")."""
+        vision_dtype = next(self.vision.parameters()).dtype
+        out = self.vision(pixel_values=pixel_values.to(vision_dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select == "patch":
+            feats = feats[:, 1:]
+        return self.projector(feats.to(self.projector[0].weight.dtype))
+
+    def task_sequence_tokens(self) -> torch.Tensor:
+        """The task tokens as they enter the sequence: ``[sum(seq_tokens), hidden]`` in ``task_order``."""
+        pieces = []
+        for spec in self.config.task_specs():
+            p = self.task_tokens[spec.name]
+            if spec.target_tokens > 1:
+                p = p.view(spec.seq_tokens, spec.target_tokens // spec.seq_tokens, -1).mean(dim=1)
+            pieces.append(p)
+        if not pieces:
+            return self.projector[0].weight.new_zeros(0, self.config.text_config.hidden_size)
+        return torch.cat(pieces, dim=0)
+
+    def _expand(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Splice image and task tokens in place of each row's image placeholder and right-pad.
+
+        Returns ``inputs_embeds [B, L', H]``, ``attention_mask [B, L']`` long, ``labels [B, L']`` or None, and
+        ``task_positions {task: LongTensor[B, seq_tokens]}`` (absolute positions in the expanded sequence).
+        """
+        image_token_id = self.config.image_token_id
+        if image_token_id is None:
+            raise ValueError("StudentConfig.image_token_id is not set; pass image_token_id= to OlaStudent.from_parts")
+        embed = self.llm.get_input_embeddings()
+        is_image = input_ids == image_token_id
+        # The placeholder is never looked up, so its id may lie outside the vocabulary.
+        text_embeds = embed(input_ids.masked_fill(is_image, 0))
+        task_seq = self.task_sequence_tokens().to(text_embeds.dtype)
+        image_embeds = image_embeds.to(text_embeds.dtype)
+        specs = self.config.task_specs()
+        offsets, off = {}, 0
+        for spec in specs:
+            offsets[spec.name] = off
+            off += spec.seq_tokens
+
+        keep = attention_mask.bool()
+        seqs, labs, image_starts = [], [], []
+        for b in range(input_ids.shape[0]):
+            ids_b = input_ids[b][keep[b]]
+            where = (ids_b == image_token_id).nonzero().flatten()
+            if where.numel() != 1:
+                raise ValueError(
+                    f"row {b} of input_ids has {where.numel()} image tokens (id {image_token_id}); each row must "
+                    f"contain exactly one"
+                )
+            p = int(where.item())
+            emb_b = text_embeds[b][keep[b]]
+            seqs.append(torch.cat([emb_b[:p], image_embeds[b], task_seq, emb_b[p + 1:]], dim=0))
+            image_starts.append(p)
+            if labels is not None:
+                lab_b = labels[b][keep[b]]
+                fill = lab_b.new_full((image_embeds.shape[1] + task_seq.shape[0],), IGNORE_INDEX)
+                labs.append(torch.cat([lab_b[:p], fill, lab_b[p + 1:]]))
+
+        lengths = [s.shape[0] for s in seqs]
+        max_len = max(lengths)
+        bsz, hidden = len(seqs), text_embeds.shape[-1]
+        inputs_embeds = text_embeds.new_zeros(bsz, max_len, hidden)
+        new_mask = attention_mask.new_zeros(bsz, max_len, dtype=torch.long)
+        new_labels = None if labels is None else labels.new_full((bsz, max_len), IGNORE_INDEX)
+        for b, (s, n) in enumerate(zip(seqs, lengths)):
+            inputs_embeds[b, :n] = s
+            new_mask[b, :n] = 1
+            if new_labels is not None:
+                new_labels[b, :n] = labs[b]
+        starts = torch.tensor(image_starts, device=input_ids.device) + image_embeds.shape[1]
+        task_positions = {
+            spec.name: starts[:, None] + offsets[spec.name] + torch.arange(spec.seq_tokens, device=input_ids.device)
+            for spec in specs
+        }
+        return inputs_embeds, new_mask, new_labels, task_positions
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **llm_kwargs: Any,
+    ) -> OlaStudentOutput:
+        """Run the student.
+
+        Args:
+            pixel_values: ``[B, 3, H, W]`` float, preprocessed for the vision encoder.
+            input_ids: ``[B, L]`` long; each row holds exactly one ``config.image_token_id``.
+            attention_mask: ``[B, L]`` (1 = token). Padding may be on either side; the output is right-padded.
+            labels: ``[B, L]`` long with -100 where no loss applies, or None.
+            output_hidden_states: also return every LLM hidden state.
+            llm_kwargs: passed to the LLM's forward.
+
+        Returns:
+            ``OlaStudentOutput`` (``loss`` is the next-token loss only; combine with ``student.loss.coupled_loss``).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_embeds = self.encode_images(pixel_values)
+        inputs_embeds, mask, new_labels, task_positions = self._expand(
+            image_embeds, input_ids, attention_mask, labels
+        )
+        # A KV cache is only useful for generation; in training it would just hold memory.
+        llm_kwargs.setdefault("use_cache", False)
+        out = self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            output_hidden_states=True,
+            return_dict=True,
+            **llm_kwargs,
+        )
+        hidden_states = out.hidden_states
+        logits = out.logits
+
+        loss = None
+        if new_labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            shift_labels = new_labels[:, 1:].reshape(-1).to(logits.device)
+            if (shift_labels != IGNORE_INDEX).any():
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+            else:  # all-masked batch: a zero that still reaches the graph (no NaN, no DDP hang)
+                loss = shift_logits.sum() * 0.0
+
+        predictions = self.predict_from_hidden_states(hidden_states, mask, task_positions)
+        return OlaStudentOutput(
+            loss=loss,
+            logits=logits,
+            predictions=predictions,
+            attention_mask=mask,
+            labels=new_labels,
+            task_positions=task_positions,
+            hidden_states=hidden_states if output_hidden_states else None,
+        )
+
+    def predict_from_hidden_states(
+        self,
+        hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        attention_mask: torch.Tensor,
+        task_positions: dict[str, torch.Tensor],
+    ) -> dict[str, dict[int, torch.Tensor]]:
+        """Run every predictor on LLM hidden states of an expanded sequence.
+
+        Args:
+            hidden_states: ``hidden_states[l]`` is ``[B, L', H]`` (index 0 = embeddings), as the LLM returns them.
+            attention_mask: ``[B, L']`` of the expanded sequence (``OlaStudentOutput.attention_mask``).
+            task_positions: ``OlaStudentOutput.task_positions``.
+
+        Returns:
+            ``{task: {layer: [B, T, C]}}``. A task's predictor reads its layer over every real position except the
+            other tasks' task tokens.
+        """
+        specs = self.config.task_specs()
+        mask = attention_mask.bool()
+        predictions: dict[str, dict[int, torch.Tensor]] = {}
+        for spec in specs:
+            context_mask = mask.clone()
+            for other in specs:
+                if other.name != spec.name:
+                    context_mask.scatter_(1, task_positions[other.name], False)
+            pos = task_positions[spec.name]
+            predictions[spec.name] = {}
+            for layer in spec.layers:
+                if layer >= len(hidden_states):
+                    raise ValueError(
+                        f"task {spec.name!r} taps layer {layer} but the LLM returned {len(hidden_states)} hidden "
+                        f"states (valid layers: 1..{len(hidden_states) - 1})"
+                    )
+                hs = hidden_states[layer]
+                if spec.target_tokens > 1:
+                    queries = self.task_tokens[spec.name].unsqueeze(0).expand(hs.shape[0], -1, -1)
+                else:
+                    idx = pos[..., None].expand(-1, -1, hs.shape[-1])
+                    queries = hs.gather(1, idx).mean(dim=1, keepdim=True)
+                predictions[spec.name][layer] = self.predictors[f"{spec.name}_{layer}"](queries, hs, context_mask)
+        return predictions
+
+
+# So that AutoModel.from_pretrained(checkpoint) builds an OlaStudent without naming this class.
+AutoModel.register(StudentConfig, OlaStudent, exist_ok=True)
