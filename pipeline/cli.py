@@ -20,6 +20,7 @@ typical run:
   pipeline demo-assets runs/demo
   pipeline precompute --shards runs/demo/shards --teachers manifests/teachers/demo.yaml --store runs/demo/store
   pipeline status runs/demo/store
+  pipeline verify runs/demo/store --shards runs/demo/shards
   pipeline train --config manifests/experiments/demo.yaml
 """
 
@@ -81,10 +82,23 @@ def _cmd_status(args) -> int:
 
     store, teachers = store_status(args.store)
     if args.json:
-        print(json.dumps({"store": store.path, "num_rows": store.num_rows, "teachers": [asdict(t) for t in teachers]},
-                         indent=1))
+        print(json.dumps({"store": store.path, "num_rows": store.num_rows, "teachers": [asdict(t) for t in teachers],
+                          "last_run": store.last_run()}, indent=1))
     else:
         print(format_status(store, teachers))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from pipeline.verify import verify_store
+
+    problems = verify_store(args.store, shards=args.shards, manifest=args.teachers, progress=not args.quiet)
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        print(f"store {args.store}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"store {args.store}: complete, intact" + (" and aligned with the shards" if args.shards else ""))
     return 0
 
 
@@ -135,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="target store directory or fsspec URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("verify", help="check completeness, stored bytes, finite values, fingerprints, alignment")
+    p.add_argument("store", help="target store directory or fsspec URL")
+    p.add_argument("--shards", default=None, help="also check the store matches these shards (re-reads them)")
+    p.add_argument("--teachers", default=None, help="also check fingerprints against this teacher manifest")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("train", help="train a student on shards + a target store (no teacher in memory)")
     p.add_argument("--config", required=True, help="experiment manifest (manifests/experiments/*.yaml)")

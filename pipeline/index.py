@@ -81,7 +81,7 @@ def build_index(shards: str, *, threads: int = 8, progress: bool = True) -> Shar
     for listing in listings:
         name = shard_name(listing.url)
         if listing.error:
-            shard_errors.append({"shard": name, "key": "", "error": listing.error})
+            shard_errors.append({"shard": name, "key": listing.broken_key or "", "error": listing.error})
         for sample in listing.samples:
             columns["row"].append(len(columns["row"]))
             columns["shard"].append(name)

@@ -1,16 +1,19 @@
 """`pipeline precompute`: run frozen teachers over WebDataset shards into a target store, with Ray.
 
-The driver indexes the shards, creates or checks the store, and hands out blocks of rows (one Zarr
-shard each) to `BlockWorker` actors. A worker holds every teacher's weights once, decodes each
-image of its block once, feeds it to every teacher that still needs the block, writes the block's
-files and then its completion record. Re-running after any crash redoes only blocks without a record.
+The driver indexes the shards, creates or checks the store, takes the store's lock and hands out
+blocks of rows (one Zarr shard each) to `BlockWorker` actors, keeping two blocks queued per worker
+so none waits for the driver. A worker holds every pending teacher's weights once (its GPU request
+is the sum of their `num_gpus`, so small teachers share a GPU), decodes each image of its block
+once, feeds it to every teacher that still needs the block, writes the block's files and then its
+completion record. Re-running after any crash redoes exactly the blocks without a record.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,20 +22,23 @@ from pipeline.errors import JobError, UsageError
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from pipeline.index import ShardIndex, build_index, first_difference
 from pipeline.shards import read_member_bytes, shard_name
-from pipeline.store import BlockRange, TargetStore
+from pipeline.store import BlockRange, Storage, TargetStore
 
 DEFAULT_ROWS_PER_BLOCK = 64
 DEFAULT_ROWS_PER_CHUNK = 8
+BLOCKS_IN_FLIGHT_PER_WORKER = 2
+HEARTBEAT_SECONDS = 10.0
 
 
 @dataclass
 class PrecomputeSummary:
     store: str
     num_rows: int
-    teachers: dict[str, dict] = field(default_factory=dict)  # name -> target_shape, dtype, done blocks, failures
+    teachers: dict[str, dict] = field(default_factory=dict)  # name -> target_shape, dtype, blocks, failures
     blocks_computed: int = 0
     rows_computed: int = 0
     failures: int = 0
+    workers: int = 0
     seconds: float = 0.0
 
     @property
@@ -44,6 +50,7 @@ class BlockWorker:
     """Holds the teachers of one job and computes whole blocks. Wrapped with `ray.remote` by the driver."""
 
     def __init__(self, store_path: str, specs: dict, shard_urls: dict[str, str], *, max_pixels: int, threads: int):
+        import ray
         import torch
 
         import teachers
@@ -52,13 +59,15 @@ class BlockWorker:
         self.store = TargetStore(store_path)
         index = self.store.read_index()
         self.index = {name: index.column(name).to_pylist() for name in index.column_names}
+        self.duplicates = _duplicate_rows(self.index)
         self.shard_urls = shard_urls
         self.max_pixels = max_pixels
-        self.teachers = {name: teachers.create(spec, device=_default_device()) for name, spec in specs.items()}
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.teachers = {name: teachers.create(spec, device=device) for name, spec in specs.items()}
 
     def describe(self) -> dict[str, dict]:
         return {
-            name: {"target_shape": list(t.target_shape), "fingerprint": t.fingerprint}
+            name: {"target_shape": list(t.target_shape), "fingerprint": t.fingerprint, "host": socket.gethostname()}
             for name, t in self.teachers.items()
         }
 
@@ -71,7 +80,7 @@ class BlockWorker:
         for name in names:
             teacher_started = time.perf_counter()
             target, valid, teacher_failures = self._run_teacher(name, block, images)
-            self.store.write_block(name, block, target, valid)
+            digest = self.store.write_block(name, block, target, valid)
             record = {
                 "teacher": name,
                 "fingerprint": self.teachers[name].fingerprint,
@@ -81,6 +90,8 @@ class BlockWorker:
                 "rows": block.rows,
                 "written": int(valid.sum()),
                 "failures": sorted(failures + teacher_failures, key=lambda f: f["row"]),
+                "sha256": digest,
+                "stats": _channel_stats(target, valid),
                 "seconds": round(time.perf_counter() - teacher_started + decode_seconds / len(names), 4),
             }
             self.store.write_record(name, block.block, record)
@@ -92,18 +103,22 @@ class BlockWorker:
         import fsspec
 
         images, failures = {}, []
-        rows = range(block.start, block.stop)
         by_shard: dict[str, list[int]] = {}
-        for row in rows:
+        for row in range(block.start, block.stop):
+            if row in self.duplicates:
+                failures.append(self._failure(row, self.duplicates[row]))
+                continue
             by_shard.setdefault(self.index["shard"][row], []).append(row)
-        for shard, shard_rows in by_shard.items():
-            url = self.shard_urls[shard]
-            with fsspec.open(url, "rb") as f:
-                for row in shard_rows:
-                    try:
-                        images[row] = self._read_image(f, row)
-                    except (ImageDecodeError, EOFError, OSError) as exc:
-                        failures.append(self._failure(row, str(exc)))
+        for shard, rows in by_shard.items():
+            try:
+                with fsspec.open(self.shard_urls[shard], "rb") as f:
+                    for row in rows:
+                        try:
+                            images[row] = self._read_image(f, row)
+                        except (ImageDecodeError, EOFError) as exc:
+                            failures.append(self._failure(row, str(exc)))
+            except OSError as exc:
+                failures.extend(self._failure(r, f"cannot read shard: {exc}") for r in rows if r not in images)
         return images, failures
 
     def _read_image(self, f, row: int):
@@ -123,8 +138,7 @@ class BlockWorker:
 
         teacher = self.teachers[name]
         tokens, channels = teacher.target_shape
-        dtype = np.dtype(teacher.spec.storage_dtype)
-        target = np.zeros((block.rows, tokens, channels), dtype=dtype)
+        target = np.zeros((block.rows, tokens, channels), dtype=np.float32)
         valid = np.zeros((block.rows,), dtype=np.uint8)
         failures = []
         rows = sorted(images)
@@ -132,7 +146,7 @@ class BlockWorker:
         for start in range(0, len(rows), batch_size):
             batch_rows = rows[start : start + batch_size]
             try:
-                outputs = self._forward(teacher, [images[r] for r in batch_rows])
+                outputs = list(self._forward(teacher, [images[r] for r in batch_rows]))
             except Exception:
                 # One bad image must not cost its whole batch: redo the batch one image at a time.
                 outputs = []
@@ -148,7 +162,7 @@ class BlockWorker:
                 if not torch.isfinite(out).all():
                     failures.append(self._failure(row, "teacher output is not finite", name))
                     continue
-                target[row - block.start] = out.numpy().astype(dtype)
+                target[row - block.start] = out.numpy()
                 valid[row - block.start] = 1
         return target, valid, failures
 
@@ -157,10 +171,22 @@ class BlockWorker:
         return teacher(teacher.preprocess(images)).float().cpu()
 
 
-def _default_device() -> str:
-    import torch
+def _duplicate_rows(index: dict[str, list]) -> dict[int, str]:
+    """Rows whose (shard, key) appeared earlier in the shard: only the first one is used."""
+    first: dict[tuple[str, str], int] = {}
+    duplicates = {}
+    for row, location in enumerate(zip(index["shard"], index["key"])):
+        if location in first:
+            duplicates[row] = f"duplicate key {location[1]} in shard {location[0]} (first at row {first[location]})"
+        else:
+            first[location] = row
+    return duplicates
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def _channel_stats(target: np.ndarray, valid: np.ndarray) -> dict:
+    """Per-channel count/sum/sum of squares over the valid rows' tokens (float64), merged into mean/std later."""
+    rows = target[valid.astype(bool)].astype(np.float64).reshape(-1, target.shape[-1])
+    return {"count": int(rows.shape[0]), "sum": rows.sum(axis=0).tolist(), "sumsq": (rows**2).sum(axis=0).tolist()}
 
 
 def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int) -> TargetStore:
@@ -198,6 +224,22 @@ def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -
     )
 
 
+def _storage(spec) -> Storage:
+    return Storage(dtype=spec.storage_dtype, quantize=getattr(spec, "quantize", "none"),
+                   pool=int(getattr(spec, "pool", 1)))
+
+
+def _pending_blocks(store: TargetStore, specs: dict, fingerprints: dict) -> tuple[dict, dict]:
+    """({teacher: present in store}, {teacher: [blocks without a record]})."""
+    present = {name: check_teacher(store, name, spec.model_dump(mode="json"), fingerprints[name])
+               for name, spec in specs.items()}
+    todo = {}
+    for name in specs:
+        done = store.done_blocks(name) if present[name] else set()
+        todo[name] = [b for b in store.blocks() if b.block not in done]
+    return present, todo
+
+
 def run_precompute(
     shards: str,
     manifest_path: str,
@@ -222,43 +264,64 @@ def run_precompute(
     index = build_index(shards, progress=progress)
     if index.table.num_rows == 0:
         raise UsageError(f"no samples found in {shards}")
-    store = open_or_create_store(store_path, index, rows_per_block)
-
     fingerprints = {name: teachers.spec_fingerprint(spec) for name, spec in specs.items()}
-    present = {name: check_teacher(store, name, _spec_json(spec), fingerprints[name]) for name, spec in specs.items()}
-    blocks = store.blocks()
-    todo = {
-        name: [b for b in blocks if b.block not in (store.done_blocks(name) if present[name] else set())]
-        for name in specs
-    }
-    summary = PrecomputeSummary(store=store.path, num_rows=store.num_rows)
-    if any(todo.values()):
-        _compute(store, index, specs, fingerprints, present, todo, summary, address=address, workers=workers,
+    summary = PrecomputeSummary(store=store_path, num_rows=index.table.num_rows)
+
+    store = TargetStore(store_path)
+    if store.exists() and not store.half_created():
+        store = open_or_create_store(store_path, index, rows_per_block)
+        _, todo = _pending_blocks(store, specs, fingerprints)
+        if not any(todo.values()):  # a finished store: touch nothing, not even the lock
+            return _summarise(store, specs, summary, started)
+    with TargetStore(store_path).lock() as lock:
+        store = open_or_create_store(store_path, index, rows_per_block)
+        present, todo = _pending_blocks(store, specs, fingerprints)
+        _compute(store, index, specs, fingerprints, present, todo, summary, lock, address=address, workers=workers,
                  rows_per_chunk=rows_per_chunk, max_pixels=max_pixels, progress=progress)
         _finish(store, index, list(specs))
+        summary.seconds = time.perf_counter() - started
+        store.write_run({"finished": time.time(), "seconds": round(summary.seconds, 3), "workers": summary.workers,
+                         "blocks_computed": summary.blocks_computed, "rows_computed": summary.rows_computed,
+                         "failures": summary.failures, "teachers": sorted(specs),
+                         "rows_per_second": round(summary.rows_computed / max(summary.seconds, 1e-9), 3)})
+    return _summarise(store, specs, summary, started)
+
+
+def _summarise(store: TargetStore, specs: dict, summary: PrecomputeSummary, started: float) -> PrecomputeSummary:
     for name in specs:
         attrs = store.teacher_attrs(name)
         records = store.read_records(name)
         summary.teachers[name] = {
             "target_shape": attrs["target_shape"],
             "dtype": attrs["dtype"],
+            "storage": attrs.get("storage", {}),
             "fingerprint": attrs["teacher_fingerprint"],
             "blocks_done": len(records),
-            "blocks_total": len(blocks),
+            "blocks_total": len(store.blocks()),
             "failures": sum(len(r["failures"]) for r in records),
         }
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _spec_json(spec) -> dict:
-    return spec.model_dump(mode="json")
+def _worker_resources(ray, pending: dict, workers: int | None, num_blocks: int) -> tuple[int, dict, int]:
+    """(number of workers, Ray options of one worker, torch threads per worker)."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    per_worker_gpus = sum(spec.num_gpus for spec in pending.values()) if gpus else 0.0
+    if per_worker_gpus:
+        count = workers or max(1, int(gpus // per_worker_gpus))
+        options, threads = {"num_cpus": 1, "num_gpus": per_worker_gpus}, 1
+    else:
+        count = workers or cpus
+        threads = max(1, cpus // count)
+        options = {"num_cpus": threads}
+    return max(1, min(count, num_blocks)), options, threads
 
 
-def _compute(store, index, specs, fingerprints, present, todo, summary, *, address, workers, rows_per_chunk,
+def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *, address, workers, rows_per_chunk,
              max_pixels, progress):
     import ray
-    from ray.util import ActorPool
     from tqdm.auto import tqdm
 
     started_ray = not ray.is_initialized()
@@ -266,43 +329,61 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, *, addre
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         pending = {name: spec for name, spec in specs.items() if todo[name]}
-        shard_urls = {shard_name(url): url for url in index.urls}
-        cpus = int(ray.available_resources().get("CPU", 1))
-        count = max(1, min(workers or cpus, len({b.block for bs in todo.values() for b in bs})))
-        threads = max(1, cpus // count)
-        actor_cls = ray.remote(BlockWorker).options(num_cpus=threads, max_restarts=2, max_task_retries=2)
-        actors = [
-            actor_cls.remote(store.path, pending, shard_urls, max_pixels=max_pixels, threads=threads)
-            for _ in range(count)
-        ]
-        described = ray.get(actors[0].describe.remote())
-        for name, info in described.items():
-            if info["fingerprint"] != fingerprints[name]:
-                raise JobError(f"teacher {name!r} loaded with fingerprint {info['fingerprint'][:12]}.. on the worker "
-                               f"but {fingerprints[name][:12]}.. on the driver: are the weights the same on every node?")
-            if not present[name]:
-                store.add_teacher(name, spec=_spec_json(specs[name]), fingerprint=fingerprints[name],
-                                  target_shape=tuple(info["target_shape"]), dtype=specs[name].storage_dtype,
-                                  rows_per_chunk=rows_per_chunk)
         jobs: dict[int, list[str]] = {}
         for name, blocks in todo.items():
             for b in blocks:
                 jobs.setdefault(b.block, []).append(name)
-        block_ranges = {b.block: b for b in store.blocks()}
-        work = [(block_ranges[b], names) for b, names in sorted(jobs.items())]
-        total_rows = sum(block.rows * len(names) for block, names in work)
-        bar = tqdm(total=total_rows, desc="precompute", unit="row", disable=not progress, smoothing=0.1)
-        pool = ActorPool(actors)
+        count, options, threads = _worker_resources(ray, pending, workers, len(jobs))
+        summary.workers = count
+        actor_cls = ray.remote(BlockWorker).options(**options, max_restarts=3, max_task_retries=3)
+        shard_urls = {shard_name(url): url for url in index.urls}
+        actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=max_pixels, threads=threads)
+                  for _ in range(count)]
         try:
-            for records in pool.map_unordered(lambda actor, job: actor.process.remote(*job), work):
-                for record in records.values():
-                    summary.blocks_computed += 1
-                    summary.rows_computed += record["rows"]
-                    summary.failures += len(record["failures"])
-                    bar.update(record["rows"])
-                bar.set_postfix(failures=summary.failures)
+            described = ray.get(actors[0].describe.remote())
         except ray.exceptions.RayError as exc:
-            raise JobError(f"precompute workers failed: {exc}; rerun the same command to resume") from None
+            raise JobError(f"teachers failed to load on a worker: {_ray_cause(exc)}") from None
+        for name, info in described.items():
+            if info["fingerprint"] != fingerprints[name]:
+                raise JobError(
+                    f"teacher {name!r} has fingerprint {info['fingerprint'][:12]}.. on worker {info['host']} but "
+                    f"{fingerprints[name][:12]}.. on the driver: are the weights the same on every node?")
+            if not present[name]:
+                store.add_teacher(name, spec=specs[name].model_dump(mode="json"), fingerprint=fingerprints[name],
+                                  target_shape=tuple(info["target_shape"]), storage=_storage(specs[name]),
+                                  rows_per_chunk=rows_per_chunk)
+        ranges = {b.block: b for b in store.blocks()}
+        queue = deque((ranges[b], names) for b, names in sorted(jobs.items()))
+        bar = tqdm(total=sum(job[0].rows * len(job[1]) for job in queue), desc="precompute", unit="row",
+                   disable=not progress, smoothing=0.1)
+        in_flight: dict = {}
+
+        def submit(actor) -> None:
+            if queue:
+                job = queue.popleft()
+                in_flight[actor.process.remote(*job)] = actor
+
+        for actor in actors:
+            for _ in range(BLOCKS_IN_FLIGHT_PER_WORKER):
+                submit(actor)
+        last_beat = time.monotonic()
+        try:
+            while in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_SECONDS)
+                if time.monotonic() - last_beat > HEARTBEAT_SECONDS / 2:
+                    lock.heartbeat()
+                    last_beat = time.monotonic()
+                for ref in done:
+                    actor = in_flight.pop(ref)
+                    for record in ray.get(ref).values():
+                        summary.blocks_computed += 1
+                        summary.rows_computed += record["rows"]
+                        summary.failures += len(record["failures"])
+                        bar.update(record["rows"])
+                    bar.set_postfix(failures=summary.failures)
+                    submit(actor)
+        except ray.exceptions.RayError as exc:
+            raise JobError(f"precompute workers failed: {_ray_cause(exc)}; rerun the same command to resume") from None
         finally:
             bar.close()
     finally:
@@ -310,8 +391,14 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, *, addre
             ray.shutdown()
 
 
+def _ray_cause(exc: Exception) -> str:
+    """The user's exception inside a Ray error, in one line."""
+    cause = getattr(exc, "cause", None) or exc
+    return " ".join(f"{type(cause).__name__}: {cause}".split())[:500]
+
+
 def _finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:
-    """After the data: errors.parquet from every record, then each complete teacher's `complete` flag."""
+    """After the data: errors.parquet from every record, then each complete teacher's mean/std and flag."""
     errors = [{"row": -1, "teacher": "", **e} for e in index.shard_errors]
     for name in store.teacher_names():
         for record in store.read_records(name):
@@ -319,5 +406,19 @@ def _finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:
     store.write_errors(errors)
     total = len(store.blocks())
     for name in names:
-        if len(store.done_blocks(name)) == total:
-            store.mark_complete(name)
+        records = store.read_records(name)
+        if len(records) == total:
+            store.mark_complete(name, _mean_std(records))
+
+
+def _mean_std(records: list[dict]) -> dict:
+    """Merge the blocks' per-channel sums (in block order, so the result is the same on every run)."""
+    count = sum(r["stats"]["count"] for r in records)
+    if not count:
+        return {}
+    total = np.sum([r["stats"]["sum"] for r in records], axis=0)
+    squares = np.sum([r["stats"]["sumsq"] for r in records], axis=0)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return {"mean": [round(float(x), 6) for x in mean], "std": [round(float(x), 6) for x in std],
+            "stats_count": count}

@@ -88,6 +88,7 @@ class ShardListing:
     url: str
     samples: list[SampleMembers]
     error: str | None = None
+    broken_key: str | None = None  # the sample cut by the damage, if any
 
 
 def scan_shard(url: str) -> ShardListing:
@@ -99,7 +100,6 @@ def scan_shard(url: str) -> ShardListing:
     """
     samples: list[SampleMembers] = []
     current: SampleMembers | None = None
-    error = None
     try:
         with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
@@ -121,11 +121,13 @@ def scan_shard(url: str) -> ShardListing:
                 else:
                     current.extra.append(member.name)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        error = f"shard is truncated or corrupt after {len(samples)} samples: {exc}"
         # The sample being read when the tar broke may be missing parts: drop it rather than index half of it.
-        if samples:
-            samples.pop()
-    return ShardListing(url=url, samples=samples, error=error)
+        dropped = samples.pop().key if samples else None
+        error = f"shard is truncated or corrupt after {len(samples)} whole samples ({exc})"
+        if dropped:
+            error += f"; sample {dropped} and any after it are skipped"
+        return ShardListing(url=url, samples=samples, error=error, broken_key=dropped)
+    return ShardListing(url=url, samples=samples)
 
 
 def read_member_bytes(file, offset: int, size: int) -> bytes:

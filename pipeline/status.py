@@ -20,7 +20,7 @@ class TeacherStatus:
     dtype: str
     fingerprint: str
     complete: bool
-    rows_per_second: float | None
+    seconds: float
 
 
 def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
@@ -30,7 +30,6 @@ def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
     for name in store.teacher_names():
         attrs = store.teacher_attrs(name)
         records = store.read_records(name)
-        seconds = sum(r["seconds"] for r in records)
         rows = sum(r["rows"] for r in records)
         result.append(
             TeacherStatus(
@@ -45,7 +44,7 @@ def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
                 dtype=attrs.get("dtype", "?"),
                 fingerprint=attrs.get("teacher_fingerprint", ""),
                 complete=bool(attrs.get("complete")),
-                rows_per_second=(rows / seconds) if seconds > 0 else None,
+                seconds=round(sum(r["seconds"] for r in records), 3),
             )
         )
     return store, result
@@ -60,12 +59,15 @@ def format_status(store: TargetStore, teachers: list[TeacherStatus]) -> str:
         lines.append("  no teachers yet")
     for t in teachers:
         state = "complete" if t.complete else "incomplete"
-        speed = f", {t.rows_per_second:.1f} rows/s per worker" if t.rows_per_second else ""
         lines.append(
             f"  {t.name:<8} {t.rows_done}/{t.rows_total} rows ({t.blocks_done}/{t.blocks_total} blocks, {state}), "
             f"{t.failures} failed, target {t.target_shape} {t.dtype}, {t.bytes / 1e6:.1f} MB, "
-            f"fingerprint {t.fingerprint[:12]}..{speed}"
+            f"fingerprint {t.fingerprint[:12]}.."
         )
     errors = store.read_errors().num_rows
     lines.append(f"  errors.parquet: {errors} row(s)")
+    run = store.last_run()
+    if run:
+        lines.append(f"  last run: {run['rows_computed']} teacher-rows in {run['seconds']:.1f}s "
+                     f"({run['rows_per_second']:.1f} rows/s) on {run['workers']} worker(s), {run['failures']} failed")
     return "\n".join(lines)

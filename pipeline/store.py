@@ -4,25 +4,36 @@
                                 num_rows, rows_per_block, created_by
     STORE/index.parquet         one row per sample (see pipeline/index.py); row i here = row i below
     STORE/<teacher>/            Zarr group; attributes: spec, teacher_fingerprint, target_shape, dtype,
-                                rows_per_chunk, complete (set last, when every block has a record)
-    STORE/<teacher>/target      [num_rows, T, C] float16, sharded: one shard = one block of rows_per_block
-                                rows, inner chunks of rows_per_chunk rows, zstd
+                                rows_per_chunk, storage, complete and mean/std (both set last)
+    STORE/<teacher>/target      [num_rows, T, C] float16 (bfloat16 by spec), sharded: one shard = one block
+                                of rows_per_block rows, inner chunks of rows_per_chunk rows, zstd
+    STORE/<teacher>/scale       only for int8 storage: [num_rows, T] float16, target = int8 code * scale
     STORE/<teacher>/valid       [num_rows] uint8, one chunk per block: 1 = target written, 0 = not
     STORE/errors.parquet        row, shard, key, teacher, error: every sample that could not be processed
     STORE/_blocks/<teacher>/<block>.json   completion record, written after the block's files are durable
+    STORE/_runs/<time>.json     one summary per precompute run that did work (rows, seconds, workers)
+    STORE/_lock                 held by the running precompute job (host, pid, heartbeat)
 
 Any Zarr v3 reader opens the arrays without this package. A block is the unit of work and of
 writing: two workers never write the same file, and a block without a record is simply redone.
+
+Compact storage (opt-in per teacher, recorded in the `storage` attribute): `pool: p` averages
+p x p windows of a square token grid (stored T' = T / p^2; readers upsample back by repeating each
+token, so pooling loses detail), `quantize: int8` stores int8 codes with a float16 scale per row and
+token (code = round(x / scale), scale = max|x| / 127 over channels).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import posixpath
+import socket
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import fsspec
@@ -32,13 +43,19 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import ZstdCodec
 
+from pipeline import zarr_bfloat16
 from pipeline.errors import UsageError
+
+zarr_bfloat16.register()
 
 FORMAT = "teacher-targets"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.parquet"
 ERRORS_FILE = "errors.parquet"
 BLOCKS_DIR = "_blocks"
+RUNS_DIR = "_runs"
+LOCK_FILE = "_lock"
+LOCK_STALE_SECONDS = 120.0
 ZSTD_LEVEL = 3
 
 ERRORS_SCHEMA = pa.schema(
@@ -64,6 +81,54 @@ class BlockRange:
         return self.stop - self.start
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How a teacher's targets are stored: dtype and the opt-in compact options (see the module docstring)."""
+
+    dtype: str = "float16"
+    quantize: str = "none"  # "none" | "int8"
+    pool: int = 1
+
+    def stored_shape(self, tokens: int, channels: int) -> tuple[int, int]:
+        if self.pool == 1:
+            return tokens, channels
+        grid = int(round(tokens ** 0.5))
+        if grid * grid != tokens or grid % self.pool:
+            raise UsageError(f"pool {self.pool} needs a square token grid divisible by it; targets have {tokens} tokens")
+        return (grid // self.pool) ** 2, channels
+
+    def encode(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 [n, T, C] -> (stored [n, T', C] in the array dtype, scale [n, T'] float16 or None)."""
+        if self.pool > 1:
+            n, tokens, channels = target.shape
+            grid, p = int(round(tokens ** 0.5)), self.pool
+            target = target.reshape(n, grid // p, p, grid // p, p, channels).mean(axis=(2, 4))
+            target = target.reshape(n, -1, channels)
+        if self.quantize == "int8":
+            scale = (np.abs(target).max(axis=-1) / 127.0).astype(np.float16)
+            safe = np.where(scale > 0, scale.astype(np.float32), 1.0)[..., None]
+            return np.clip(np.rint(target / safe), -127, 127).astype(np.int8), scale
+        return target.astype(self.array_dtype), None
+
+    def decode(self, stored: np.ndarray, scale: np.ndarray | None, tokens: int) -> np.ndarray:
+        """Undo `encode` as far as it can be undone: [n, T', C] -> float32 [n, T, C]."""
+        out = stored.astype(np.float32)
+        if scale is not None:
+            out = out * scale.astype(np.float32)[..., None]
+        if self.pool > 1:
+            n, _, channels = out.shape
+            grid, p = int(round(tokens ** 0.5)), self.pool
+            out = out.reshape(n, grid // p, 1, grid // p, 1, channels)
+            out = np.broadcast_to(out, (n, grid // p, p, grid // p, p, channels)).reshape(n, tokens, channels)
+        return out
+
+    @property
+    def array_dtype(self) -> np.dtype:
+        if self.quantize == "int8":
+            return np.dtype(np.int8)
+        return zarr_bfloat16.BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+
 class TargetStore:
     """Read and write one target store at a local path or fsspec URL."""
 
@@ -86,7 +151,9 @@ class TargetStore:
         """Create the group, write index.parquet, then the group's attributes (which mark the store as made)."""
         if rows_per_block < 1:
             raise UsageError(f"rows_per_block must be >= 1, got {rows_per_block}")
-        group = zarr.open_group(self.path, mode="w", zarr_format=3)  # "w" empties the directory first
+        if self.exists():  # a half-created store (see `half_created`): start its group again
+            self.fs.rm(self._join("zarr.json"))
+        group = zarr.open_group(self.path, mode="a", zarr_format=3)  # unlike "w", keeps the job's lock file
         self._write_parquet(INDEX_FILE, index)
         group.attrs.update(
             {
@@ -173,11 +240,12 @@ class TargetStore:
         spec: dict,
         fingerprint: str,
         target_shape: tuple[int, int],
-        dtype: str = "float16",
+        storage: Storage = Storage(),
         rows_per_chunk: int = 8,
     ) -> None:
         """Create the teacher's group and arrays (fill value 0, valid = 0 everywhere), forgetting old records."""
         tokens, channels = (int(x) for x in target_shape)
+        stored_tokens, _ = storage.stored_shape(tokens, channels)
         rows_per_chunk = max(1, min(rows_per_chunk, self.rows_per_block))
         if self.rows_per_block % rows_per_chunk:
             raise UsageError(f"rows_per_chunk {rows_per_chunk} must divide rows_per_block {self.rows_per_block}")
@@ -185,29 +253,37 @@ class TargetStore:
         if self.fs.exists(records):
             self.fs.rm(records, recursive=True)
         group = self.group.create_group(name, overwrite=True)
+        rows, block = self.num_rows, self.rows_per_block
         group.create_array(
-            "target",
-            shape=(self.num_rows, tokens, channels),
-            shards=(self.rows_per_block, tokens, channels),
-            chunks=(rows_per_chunk, tokens, channels),
-            dtype=dtype,
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
-            fill_value=0,
+            "target", shape=(rows, stored_tokens, channels), shards=(block, stored_tokens, channels),
+            chunks=(rows_per_chunk, stored_tokens, channels), dtype=storage.array_dtype,
+            compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
         )
-        group.create_array(
-            "valid", shape=(self.num_rows,), chunks=(self.rows_per_block,), dtype="uint8", fill_value=0,
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
-        )
+        if storage.quantize == "int8":
+            group.create_array(
+                "scale", shape=(rows, stored_tokens), shards=(block, stored_tokens),
+                chunks=(rows_per_chunk, stored_tokens), dtype="float16", compressors=ZstdCodec(level=ZSTD_LEVEL),
+                fill_value=0,
+            )
+        group.create_array("valid", shape=(rows,), chunks=(block,), dtype="uint8", fill_value=0,
+                           compressors=ZstdCodec(level=ZSTD_LEVEL))
         group.attrs.update(
             {
                 "spec": spec,
                 "teacher_fingerprint": fingerprint,
                 "target_shape": [tokens, channels],
-                "dtype": dtype,
+                "dtype": storage.dtype,
+                "storage": {**asdict(storage), "stored_shape": [stored_tokens, channels]},
                 "rows_per_chunk": rows_per_chunk,
                 "complete": False,
             }
         )
+
+    def storage(self, name: str) -> Storage:
+        attrs = self.teacher_attrs(name)
+        options = attrs.get("storage", {})
+        return Storage(dtype=attrs.get("dtype", "float16"), quantize=options.get("quantize", "none"),
+                       pool=int(options.get("pool", 1)))
 
     def mark_complete(self, name: str, extra: dict | None = None) -> None:
         self.group[name].attrs.update({"complete": True, **(extra or {})})
@@ -224,12 +300,34 @@ class TargetStore:
 
     # ---- blocks ------------------------------------------------------------------------------
 
-    def write_block(self, name: str, block: BlockRange, target: np.ndarray, valid: np.ndarray) -> None:
-        """Write one block's rows of `target` [rows, T, C] and `valid` [rows], then make them durable."""
-        self.target_array(name)[block.start : block.stop] = target
-        self.valid_array(name)[block.start : block.stop] = valid
-        self._fsync_local(posixpath.join(name, "target", "c", str(block.block)))
-        self._fsync_local(posixpath.join(name, "valid", "c", str(block.block)))
+    def write_block(self, name: str, block: BlockRange, target: np.ndarray, valid: np.ndarray) -> str:
+        """Encode and write one block (`target` float32 [rows, T, C], `valid` [rows]), make it durable.
+
+        Returns the sha256 of the stored bytes (codes, scales, valid flags), which the block's record keeps
+        so `pipeline verify` can tell a tampered or damaged block from a good one.
+        """
+        stored, scale = self.storage(name).encode(target)
+        group = self.group[name]
+        group["target"][block.start : block.stop] = stored
+        if scale is not None:
+            group["scale"][block.start : block.stop] = scale
+        group["valid"][block.start : block.stop] = valid
+        for array in ("target", "scale", "valid"):
+            self._fsync_local(posixpath.join(name, array, "c", str(block.block)))
+        return block_digest(stored, scale, valid)
+
+    def read_block_digest(self, name: str, block: BlockRange) -> str:
+        """The sha256 `write_block` returned, recomputed from what is on disk now."""
+        group = self.group[name]
+        scale = group["scale"][block.start : block.stop] if "scale" in group else None
+        return block_digest(group["target"][block.start : block.stop], scale, group["valid"][block.start : block.stop])
+
+    def read_rows(self, name: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded targets float32 [n, T, C] and valid flags [n] for rows start..stop."""
+        group = self.group[name]
+        scale = group["scale"][start:stop] if "scale" in group else None
+        tokens = int(group.attrs["target_shape"][0])
+        return self.storage(name).decode(group["target"][start:stop], scale, tokens), group["valid"][start:stop]
 
     def write_record(self, name: str, block: int, record: dict) -> None:
         """The block's completion record: written only after `write_block` returned."""
@@ -248,6 +346,25 @@ class TargetStore:
             with self.fs.open(self._record_path(name, block), "rb") as f:
                 records.append(json.load(f))
         return records
+
+    # ---- runs and the job lock -----------------------------------------------------------------
+
+    def write_run(self, record: dict) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(record.get("finished", time.time())))
+        self._atomic_write(self._join(RUNS_DIR, f"{stamp}-{os.getpid()}.json"), json.dumps(record, indent=1).encode())
+
+    def last_run(self) -> dict | None:
+        folder = self._join(RUNS_DIR)
+        if not self.fs.exists(folder):
+            return None
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json"))
+        if not paths:
+            return None
+        with self.fs.open(paths[-1], "rb") as f:
+            return json.load(f)
+
+    def lock(self) -> "StoreLock":
+        return StoreLock(self)
 
     # ---- file helpers ------------------------------------------------------------------------
 
@@ -307,3 +424,64 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def block_digest(stored: np.ndarray, scale: np.ndarray | None, valid: np.ndarray) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(stored).tobytes())
+    if scale is not None:
+        digest.update(np.ascontiguousarray(scale).tobytes())
+    digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+class StoreLock:
+    """One precompute job per store at a time.
+
+    The lock file names its holder and is refreshed by `heartbeat()`. A lock is stale (and taken over)
+    when its process is gone on this host, or when its heartbeat is older than LOCK_STALE_SECONDS
+    (a crashed job on another host), so a rerun after `kill -9` never needs a manual step.
+    """
+
+    def __init__(self, store: TargetStore):
+        self.store = store
+        self.path = store._join(LOCK_FILE)
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+    def __enter__(self) -> "StoreLock":
+        fs = self.store.fs
+        if fs.exists(self.path):
+            with fs.open(self.path, "rb") as f:
+                try:
+                    holder = json.load(f)
+                except ValueError:
+                    holder = {}
+            if holder and not self._stale(holder) and holder.get("pid") != os.getpid():
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise UsageError(
+                    f"store {self.store.path} is being written by another precompute (host {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, since {since}); wait for it to finish, or remove "
+                    f"{self.store.path}/{LOCK_FILE} if that job is dead"
+                )
+        self.heartbeat()
+        return self
+
+    def heartbeat(self) -> None:
+        fs = self.store.fs
+        fs.makedirs(self.store._root, exist_ok=True)
+        fs.pipe_file(self.path, json.dumps({**self.owner, "heartbeat": time.time()}).encode())
+
+    def __exit__(self, *exc) -> None:
+        if self.store.fs.exists(self.path):
+            self.store.fs.rm(self.path)
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
+                return False
+            return False
+        return time.time() - float(holder.get("heartbeat", 0)) > LOCK_STALE_SECONDS

@@ -1,0 +1,85 @@
+"""`pipeline verify`: prove a store is complete, intact and aligned, or say what is wrong with it.
+
+Checks, per teacher: every block has a completion record made by the same teacher fingerprint; the
+bytes on disk hash to the sha256 the record kept (so a damaged or edited shard file is caught); the
+valid flags agree with the record; valid rows hold finite numbers and invalid rows hold zeros. Store
+wide: the index matches the dataset fingerprint, and, when given, the shards and a teacher manifest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.index import build_index, dataset_fingerprint, first_difference
+from pipeline.store import TargetStore
+
+
+def verify_store(path: str, *, shards: str | None = None, manifest: str | None = None,
+                 progress: bool = False) -> list[str]:
+    """Every problem found, one readable line each; an empty list means the store is good."""
+    from tqdm.auto import tqdm
+
+    store = TargetStore(path)
+    problems: list[str] = []
+    index = store.read_index()
+    if index.num_rows != store.num_rows or index.column("row").to_pylist() != list(range(index.num_rows)):
+        problems.append(f"index.parquet has {index.num_rows} rows out of order or count; the store says "
+                        f"{store.num_rows}")
+    if dataset_fingerprint(index) != store.dataset_fingerprint:
+        problems.append("index.parquet does not hash to the store's dataset_fingerprint (edited index?)")
+    if shards is not None:
+        current = build_index(shards, progress=progress)
+        if current.fingerprint != store.dataset_fingerprint:
+            problems.append(f"the shards differ from the store's: {first_difference(index, current.table)}")
+    expected = _manifest_fingerprints(manifest) if manifest else {}
+    for name in sorted(set(expected) - set(store.teacher_names())):
+        problems.append(f"{name}: in the manifest but not in the store")
+    blocks = store.blocks()
+    for name in store.teacher_names():
+        attrs = store.teacher_attrs(name)
+        fingerprint = attrs.get("teacher_fingerprint")
+        if name in expected and expected[name] != fingerprint:
+            problems.append(f"{name}: store fingerprint {str(fingerprint)[:12]}.. but the manifest's teacher has "
+                            f"{expected[name][:12]}..")
+        records = {r["block"]: r for r in store.read_records(name)}
+        missing = [b.block for b in blocks if b.block not in records]
+        if missing:
+            problems.append(f"{name}: {len(missing)} of {len(blocks)} blocks have no completion record "
+                            f"(first: block {missing[0]}); rerun `pipeline precompute` to finish it")
+        if not missing and not attrs.get("complete"):
+            problems.append(f"{name}: every block is recorded but the teacher is not marked complete")
+        for block in tqdm(blocks, desc=f"verify {name}", unit="block", disable=not progress):
+            record = records.get(block.block)
+            if record is None:
+                continue
+            problems.extend(f"{name} block {block.block}: {p}" for p in _check_block(store, name, block, record,
+                                                                                      fingerprint))
+    return problems
+
+
+def _check_block(store: TargetStore, name: str, block, record: dict, fingerprint: str) -> list[str]:
+    found = []
+    if record.get("fingerprint") != fingerprint:
+        found.append("computed by another teacher fingerprint than the group's")
+    try:
+        digest = store.read_block_digest(name, block)
+        values, valid = store.read_rows(name, block.start, block.stop)
+    except Exception as exc:  # noqa: BLE001 - a damaged shard can fail in the codec in many ways
+        return found + [f"cannot be read ({type(exc).__name__}: {exc})"]
+    if digest != record.get("sha256"):
+        found.append("bytes on disk differ from those written (damaged or edited shard)")
+    if int(valid.sum()) != record.get("written"):
+        found.append(f"{int(valid.sum())} valid rows but the record says {record.get('written')}")
+    good = valid.astype(bool)
+    if not np.isfinite(values[good]).all():
+        found.append("non-finite values in valid rows")
+    if np.any(values[~good]):
+        found.append("rows marked invalid hold non-zero values")
+    return found
+
+
+def _manifest_fingerprints(manifest: str) -> dict[str, str]:
+    import teachers
+
+    specs = teachers.load_manifest(manifest).teachers
+    return {name: teachers.spec_fingerprint(spec) for name, spec in specs.items()}

@@ -1,0 +1,288 @@
+"""Precompute under crashes, dead workers, bad samples and concurrent runs: real Ray, real tars, real zarr."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from PIL import Image
+
+from pipeline.errors import UsageError
+from pipeline.precompute import run_precompute
+from tests.conftest import DEMO_TEACHERS, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+TEACHERS = ("depth", "seg", "gen")
+SMALL_BLOCKS = 4  # many blocks, so a crash lands mid-run
+
+
+def array_files(store: Path) -> dict[str, bytes]:
+    """Every file of the arrays and the index, by path: what 'byte for byte' compares."""
+    files = {"index.parquet": (store / "index.parquet").read_bytes()}
+    for name in TEACHERS:
+        for path in sorted((store / name).rglob("*")):
+            if path.is_file():
+                files[str(path.relative_to(store))] = path.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference_store(demo_dir, ray_local, tmp_path_factory) -> Path:
+    """An uninterrupted run with small blocks, the yardstick for the crash tests."""
+    store = tmp_path_factory.mktemp("reference") / "store"
+    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=SMALL_BLOCKS,
+                   rows_per_chunk=2, batch_size=2, progress=False)
+    return store
+
+
+def wait_for_records(store: Path, at_least: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list((store / "_blocks").rglob("*.json"))) >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {at_least} block records in {store} after {timeout}s")
+
+
+def test_kill_9_of_the_whole_job_then_rerun_gives_the_same_bytes(demo_dir, reference_store, tmp_path):
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
+               "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--rows-per-block", str(SMALL_BLOCKS),
+               "--rows-per-chunk", "2", "--batch-size", "2", "--quiet"]
+    job = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_for_records(store, at_least=2)
+    finally:
+        # The whole job: the driver, its local Ray and every worker share the new session's process group.
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    total = 3 * len(list((reference_store / "_blocks" / "depth").glob("*.json")))
+    assert len(list((store / "_blocks").rglob("*.json"))) < total, "the job finished before it was killed"
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert array_files(store) == array_files(reference_store)
+    assert not (store / "_lock").exists()
+
+
+def test_a_killed_worker_actor_is_replaced_and_the_store_completes(demo_dir, reference_store, tmp_path):
+    store = tmp_path / "store"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["summary"] = run_precompute(
+                str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=SMALL_BLOCKS,
+                rows_per_chunk=2, batch_size=2, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for_records(store, at_least=1)
+    workers = [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("ray::BlockWorker")]
+    assert workers, "no worker actor process found"
+    workers[0].send_signal(signal.SIGKILL)
+    thread.join(timeout=240)
+    assert "error" not in outcome, outcome.get("error")
+    assert array_files(store) == array_files(reference_store)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_bad_shards(demo_dir: Path, out: Path) -> dict[str, str]:
+    """Two shards mixing good demo samples with every kind of bad one; returns {key: what is wrong}."""
+    out.mkdir()
+    good = []
+    with tarfile.open(sorted((demo_dir / "shards").glob("*.tar"))[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for name in sorted(members):
+        if name.endswith(".jpg"):
+            key = name[:-4]
+            good.append((key, members[name], members.get(f"{key}.txt", b"")))
+    bad = {}
+    with tarfile.open(out / "bad-00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, jpg, txt in good[:3]:
+            _add(tar, f"{key}.jpg", jpg)
+            _add(tar, f"{key}.txt", txt)
+        _add(tar, "zero.jpg", b"")
+        _add(tar, "zero.txt", b"an empty file")
+        bad["zero"] = "empty image"
+        _add(tar, "corrupt.jpg", good[0][1][: len(good[0][1]) // 3])
+        _add(tar, "corrupt.txt", b"the first third of a jpeg")
+        bad["corrupt"] = "cannot decode"
+        _add(tar, "notanimage.jpg", b"%PDF-1.4 this is not an image at all")
+        _add(tar, "notanimage.txt", b"a pdf with a jpg name")
+        bad["notanimage"] = "cannot decode"
+        _add(tar, "bomb.png", _png(Image.new("1", (12000, 12000))))
+        _add(tar, "bomb.txt", b"144 megapixels of nothing")
+        bad["bomb"] = "over the limit"
+        _add(tar, "nocaption.jpg", good[3][1])  # valid targets, caption_present = false
+        _add(tar, "cmyk.jpg", _jpeg(Image.open(io.BytesIO(good[4][1])).convert("CMYK")))
+        _add(tar, "cmyk.txt", b"a CMYK jpeg: converted, not an error")
+        _add(tar, f"{good[0][0]}.jpg", good[5][1])  # the first key again, later in the shard
+        _add(tar, f"{good[0][0]}.txt", b"a duplicate key")
+        bad[f"dup:{good[0][0]}"] = "duplicate key"
+    # A truncated shard: two whole samples, then a cut inside the third sample's image.
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, jpg, txt in good[6:9]:
+            _add(tar, f"{key}.jpg", jpg)
+            _add(tar, f"{key}.txt", txt)
+    data = whole.getvalue()
+    cut = data.index(good[8][1][:64]) + 100
+    (out / "bad-00001.tar").write_bytes(data[:cut])
+    bad[f"truncated:{good[8][0]}"] = "truncated"
+    return bad
+
+
+def test_every_kind_of_bad_sample_is_recorded_and_good_samples_match_the_clean_run(demo_dir, demo_store, tmp_path):
+    write_bad_shards(demo_dir, tmp_path / "shards")
+    store = tmp_path / "store"
+    summary = run_precompute(str(tmp_path / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=4,
+                             rows_per_chunk=2, progress=False)
+    index = pq.read_table(store / "index.parquet").to_pylist()
+    errors = pq.read_table(store / "errors.parquet").to_pylist()
+    by_key = {}
+    for error in errors:
+        by_key.setdefault((error["row"], error["key"]), []).append(error)
+
+    def errors_of(key):
+        rows = [r["row"] for r in index if r["key"] == key]
+        return [e for r in rows for e in by_key.get((r, key), [])]
+
+    assert {e["teacher"] for e in errors_of("zero")} == set(TEACHERS)
+    assert "empty image" in errors_of("zero")[0]["error"]
+    assert "cannot decode" in errors_of("corrupt")[0]["error"]
+    assert "cannot decode" in errors_of("notanimage")[0]["error"]
+    assert "over the limit" in errors_of("bomb")[0]["error"]
+    assert errors_of("cmyk") == [] and errors_of("nocaption") == []
+    duplicate_rows = [r["row"] for r in index if r["key"] == index[0]["key"]]
+    assert len(duplicate_rows) == 2
+    assert {e["teacher"] for e in by_key[(duplicate_rows[1], index[0]["key"])]} == set(TEACHERS)
+    assert "duplicate key" in by_key[(duplicate_rows[1], index[0]["key"])][0]["error"]
+    truncated = [e for e in errors if e["row"] == -1]
+    assert len(truncated) == 1 and "truncated" in truncated[0]["error"] and truncated[0]["shard"] == "bad-00001.tar"
+    assert summary.failures == 5 * len(TEACHERS)
+
+    caption = {r["key"]: r["caption_present"] for r in index}
+    assert caption["nocaption"] is False and caption["cmyk"] is True
+    clean_index = pq.read_table(demo_store / "index.parquet").to_pylist()
+    clean_rows = {(r["key"], r["image_sha1"]): r["row"] for r in clean_index}
+    for name in TEACHERS:
+        valid = zarr.open_array(str(store / name / "valid"))[:]
+        target = zarr.open_array(str(store / name / "target"))
+        clean = zarr.open_array(str(demo_store / name / "target"))
+        bad_rows = {e["row"] for e in errors if e["row"] >= 0}
+        for row in index:
+            assert valid[row["row"]] == (row["row"] not in bad_rows), (name, row["key"])
+            clean_row = clean_rows.get((row["key"], row["image_sha1"]))
+            if clean_row is not None and row["row"] not in bad_rows:
+                np.testing.assert_array_equal(target[row["row"]], clean[clean_row])
+
+
+# ---- refusals and reuse ---------------------------------------------------------------------------------
+
+
+def write_manifest(path: Path, demo_dir: Path, names=TEACHERS, overrides: dict | None = None) -> Path:
+    import yaml
+
+    manifest = yaml.safe_load(DEMO_TEACHERS.read_text())
+    manifest["teachers"] = {k: v for k, v in manifest["teachers"].items() if k in names}
+    for name, spec in (overrides or {}).items():
+        manifest["teachers"][name].update(spec)
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def test_changed_teacher_weights_are_refused_naming_the_teacher(demo_dir, store_copy, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "depth"
+    shutil.copytree(demo_dir / "assets" / "teachers" / "depth", changed)
+    weights = load_file(changed / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1.0
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, overrides={"depth": {"model": str(changed)}})
+    with pytest.raises(UsageError, match=r"teacher 'depth'.*weights differ"):
+        run_precompute(str(demo_dir / "shards"), str(manifest), str(store_copy), progress=False)
+
+
+def test_adding_a_teacher_computes_only_it_and_leaves_the_others_untouched(demo_dir, ray_local, tmp_path):
+    store = tmp_path / "store"
+    shards = str(demo_dir / "shards")
+    two = write_manifest(tmp_path / "two.yaml", demo_dir, names=("depth", "gen"))
+    run_precompute(shards, str(two), str(store), rows_per_block=16, rows_per_chunk=4, progress=False)
+    before = {p: p.read_bytes() for p in (store / "depth").rglob("*") if p.is_file()}
+    before.update({p: p.read_bytes() for p in (store / "gen").rglob("*") if p.is_file()})
+    summary = run_precompute(shards, str(DEMO_TEACHERS), str(store), rows_per_block=16, rows_per_chunk=4,
+                             progress=False)
+    assert summary.rows_computed == 40  # seg's rows only
+    assert {p: p.read_bytes() for p in before} == before
+    assert zarr.open_group(str(store))["seg"].attrs["complete"] is True
+
+
+def test_a_second_concurrent_run_is_refused(demo_dir, store_copy, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (store_copy / "_lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                      "started": time.time(), "heartbeat": time.time()}))
+        (store_copy / "_blocks" / "gen" / "000000.json").unlink()  # give the second run something to do
+        with pytest.raises(UsageError, match="being written by another precompute"):
+            run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store_copy), rows_per_block=16,
+                           rows_per_chunk=4, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder is gone now: the lock is stale and the next run takes it over.
+    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store_copy), rows_per_block=16,
+                             rows_per_chunk=4, progress=False)
+    assert summary.blocks_computed == 1
+
+
+def test_complete_teachers_carry_channel_mean_and_std(demo_store):
+    root = zarr.open_group(str(demo_store), mode="r")
+    for name in TEACHERS:
+        attrs = root[name].attrs
+        target = np.asarray(root[name]["target"][:], dtype=np.float64).reshape(-1, attrs["target_shape"][1])
+        np.testing.assert_allclose(attrs["mean"], target.mean(axis=0), atol=2e-3)
+        np.testing.assert_allclose(attrs["std"], target.std(axis=0), atol=2e-3, rtol=1e-2)
