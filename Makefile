@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test bench clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Speed and memory goals live here, as ratios measured side by side in one run (never in timed tests).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/precompute.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

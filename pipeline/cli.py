@@ -12,6 +12,7 @@ import os
 import sys
 
 from pipeline.errors import PipelineError
+from pipeline.images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """\
 Precompute frozen-teacher targets once into Zarr v3 target stores, then train OLA-VLM students on them.
@@ -61,6 +62,7 @@ def _cmd_precompute(args) -> int:
         workers=args.workers,
         rows_per_block=args.rows_per_block,
         rows_per_chunk=args.rows_per_chunk,
+        max_pixels=args.max_pixels,
         progress=not args.quiet,
     )
     if summary.nothing_to_do:
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per unit of work = per Zarr shard file (new stores only; default 64)")
     p.add_argument("--rows-per-chunk", type=int, default=8,
                    help="rows per compressed chunk inside a shard, the unit of reading (default 8)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"larger images are recorded as errors, not decoded (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_precompute)
 

@@ -39,7 +39,8 @@ class PrecomputeSummary:
     rows_computed: int = 0
     failures: int = 0
     workers: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole command: indexing, workers starting, teachers loading, computing
+    compute_seconds: float = 0.0  # from every worker holding its teachers to the last block written
 
     @property
     def nothing_to_do(self) -> bool:
@@ -225,8 +226,7 @@ def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -
 
 
 def _storage(spec) -> Storage:
-    return Storage(dtype=spec.storage_dtype, quantize=getattr(spec, "quantize", "none"),
-                   pool=int(getattr(spec, "pool", 1)))
+    return Storage(dtype=spec.storage_dtype, quantize=spec.quantize, pool=spec.pool)
 
 
 def _pending_blocks(store: TargetStore, specs: dict, fingerprints: dict) -> tuple[dict, dict]:
@@ -341,6 +341,7 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *,
                   for _ in range(count)]
         try:
             described = ray.get(actors[0].describe.remote())
+            ray.get([actor.describe.remote() for actor in actors[1:]])
         except ray.exceptions.RayError as exc:
             raise JobError(f"teachers failed to load on a worker: {_ray_cause(exc)}") from None
         for name, info in described.items():
@@ -366,7 +367,7 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *,
         for actor in actors:
             for _ in range(BLOCKS_IN_FLIGHT_PER_WORKER):
                 submit(actor)
-        last_beat = time.monotonic()
+        last_beat = compute_started = time.monotonic()
         try:
             while in_flight:
                 done, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_SECONDS)
@@ -384,6 +385,7 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *,
                     submit(actor)
         except ray.exceptions.RayError as exc:
             raise JobError(f"precompute workers failed: {_ray_cause(exc)}; rerun the same command to resume") from None
+            summary.compute_seconds = time.monotonic() - compute_started
         finally:
             bar.close()
     finally:
