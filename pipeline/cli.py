@@ -107,8 +107,16 @@ def _cmd_verify(args) -> int:
 def _cmd_train(args) -> int:
     from student.trainer import train_from_config
 
-    result = train_from_config(args.config, overrides=args.set, progress=not args.quiet)
+    overrides = list(args.set) + ([f"train.resume={args.resume}"] if args.resume else [])
+    result = train_from_config(args.config, overrides=overrides, progress=not args.quiet)
     print(result.summary())
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from student.generate import generate
+
+    print(generate(args.checkpoint, args.image, args.prompt, args.max_new_tokens))
     return 0
 
 
@@ -165,8 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiment manifest (manifests/experiments/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                   help="resume from the latest checkpoint in output_dir (auto, the default), none, or a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="answer a prompt about an image with a trained student checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a student directory written by `pipeline train`")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

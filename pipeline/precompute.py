@@ -11,6 +11,7 @@ completion record. Re-running after any crash redoes exactly the blocks without 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import time
 from collections import deque
@@ -218,7 +219,12 @@ def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -
 
     stored = attrs.get("spec", {})
     changed = sorted(k for k in (set(stored) | set(spec)) - SCHEDULING_FIELDS if stored.get(k) != spec.get(k))
+    # A local checkpoint is identified by its files' contents, not its path: a moved copy is the same teacher.
+    moved = "model" in changed and os.path.isdir(str(spec.get("model")))
+    changed = [k for k in changed if not (moved and k == "model")]
     what = f"spec field(s) {', '.join(changed)} differ" if changed else "the weights differ"
+    if moved:
+        what += f"; model {stored.get('model')} -> {spec.get('model')}"
     raise UsageError(
         f"store {store.path} holds teacher {name!r} with fingerprint {attrs.get('teacher_fingerprint', '?')[:12]}.. "
         f"but the manifest's has {fingerprint[:12]}.. ({what}); use a new --store or another teacher name"
@@ -383,9 +389,9 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *,
                         bar.update(record["rows"])
                     bar.set_postfix(failures=summary.failures)
                     submit(actor)
+            summary.compute_seconds = time.monotonic() - compute_started
         except ray.exceptions.RayError as exc:
             raise JobError(f"precompute workers failed: {_ray_cause(exc)}; rerun the same command to resume") from None
-            summary.compute_seconds = time.monotonic() - compute_started
         finally:
             bar.close()
     finally:

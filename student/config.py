@@ -19,11 +19,17 @@ class DataConfig(BaseModel):
     model_config = _STRICT
 
     shards: str = Field(description="WebDataset shards: directory, brace pattern or fsspec URL")
-    store: str = Field(description="target store written by `pipeline precompute` for these shards")
+    store: str | None = Field(
+        description="target store written by `pipeline precompute` for these shards; null = no targets "
+        "(next-token-only stages such as VPT/IFT, where model.tasks is empty)"
+    )
     batch_size: int = Field(default=4, gt=0, description="samples per process per step")
     num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank")
     max_length: int = Field(default=256, gt=8, description="text tokens per sample (image tokens come on top)")
     check_image_hash: bool = Field(default=True, description="skip samples whose image bytes differ from the index")
+    shuffle_shards: bool = Field(
+        default=True, description="visit each worker's shards in a seeded order that changes every epoch"
+    )
     expected_fingerprints: dict[str, str] = Field(
         default_factory=dict, description="teacher name -> teacher_fingerprint the store must have"
     )
@@ -54,22 +60,46 @@ class TaskConfig(BaseModel):
 class ModelConfig(BaseModel):
     model_config = _STRICT
 
-    vision: str = Field(description="HF vision encoder (hub id or local dir), e.g. openai/clip-vit-large-patch14-336")
-    llm: str = Field(description="any AutoModelForCausalLM (hub id or local dir)")
+    vision: str | None = Field(
+        default=None, description="HF vision encoder (hub id or local dir), e.g. openai/clip-vit-large-patch14-336"
+    )
+    llm: str | None = Field(default=None, description="any AutoModelForCausalLM (hub id or local dir)")
     tokenizer: str | None = Field(default=None, description="defaults to the llm's own tokenizer")
+    init_from: str | None = Field(
+        default=None,
+        description="a student saved by an earlier stage (its output_dir): weights, tokenizer and image processor "
+        "come from there and vision/llm/tokenizer must be unset; its task tokens stay in the sequence",
+    )
     vision_feature_layer: int = -2
     image_token: str = "<image>"
-    tasks: dict[str, TaskConfig] = Field(default_factory=dict, description="store teacher name -> task settings")
+    tasks: dict[str, TaskConfig] = Field(
+        default_factory=dict,
+        description="store teacher name -> task settings: the tasks trained with the embedding losses; {} = "
+        "next-token loss only (VPT/IFT)",
+    )
     task_order: list[str] | None = Field(default=None, description="order of task tokens; default gen, depth, seg")
     trainable: list[str] = Field(
         default_factory=lambda: ["projector", "predictors", "task_tokens"],
-        description="parts to train (PT stage: projector, predictors, task_tokens)",
+        description="parts to train (PT: projector, predictors, task_tokens; VPT/IFT: llm, projector)",
     )
 
     @model_validator(mode="after")
     def _order_names_tasks(self):
         if self.task_order is not None and sorted(self.task_order) != sorted(self.tasks):
             raise ValueError(f"task_order {self.task_order} must list exactly the tasks {sorted(self.tasks)}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self):
+        if self.init_from is not None:
+            given = [k for k in ("vision", "llm", "tokenizer") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"init_from loads the whole student; unset {given} (they would be ignored)")
+        elif self.vision is None or self.llm is None:
+            raise ValueError("set both vision and llm (a new student) or init_from (a student from an earlier stage)")
+        if not self.tasks and ("predictors" in self.trainable or "logit_scales" in self.trainable):
+            raise ValueError(f"trainable {self.trainable} includes predictors/logit_scales but tasks is empty, so "
+                             "no loss reaches them; drop them from trainable or add tasks")
         return self
 
 
@@ -93,7 +123,21 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(default=1, gt=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = Field(default=False, description="recompute LLM activations (trains the LLM in "
+                                         "less memory)")
     log_every: int = Field(default=1, gt=0)
+    trackers: list[Literal["tensorboard"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="accelerate trackers, logging to output_dir/tensorboard"
+    )
+    save_every: int = Field(default=0, ge=0, description="resumable checkpoint every N steps and at the end; 0 = none")
+    keep_checkpoints: int = Field(default=2, ge=0, description="keep the newest N resumable checkpoints; 0 = all")
+    resume: str = Field(
+        default="auto",
+        description="'auto': the newest complete checkpoint under output_dir/checkpoints (else start fresh); "
+        "'none': start fresh; or a checkpoint directory",
+    )
+    record_rows: bool = Field(default=False, description="write the store rows each rank trained on to "
+                              "output_dir/rows-rank{R}.json")
 
 
 class ExperimentConfig(BaseModel):
@@ -106,6 +150,13 @@ class ExperimentConfig(BaseModel):
     model: ModelConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _targets_need_a_store(self):
+        if self.model.tasks and self.data.store is None:
+            raise ValueError(f"model.tasks {sorted(self.model.tasks)} need targets: set data.store, or set "
+                             "model.tasks to {} for next-token-only training")
+        return self
 
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> ExperimentConfig:

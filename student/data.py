@@ -27,11 +27,15 @@ class SampleEncoder:
             "labels": torch.tensor(labels, dtype=torch.long),
             "targets": sample["targets"],
             "valid": sample["valid"],
+            "stream": sample.get("stream"),
         }
 
 
 class BatchCollator:
-    """Right-pads token sequences and stacks pixels and targets into one batch."""
+    """Right-pads token sequences and stacks pixels and targets into one batch.
+
+    A batch comes from one loader worker, so its last sample's stream position is the batch's position.
+    """
 
     def __init__(self, pad_token_id: int, teachers: list[str]):
         self.pad_token_id = pad_token_id
@@ -56,4 +60,5 @@ class BatchCollator:
             "labels": labels,
             "targets": targets,
             "valid": valid,
+            "stream": samples[-1].get("stream"),
         }

@@ -517,6 +517,7 @@ class OlaStudent(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        compute_predictions: bool = True,
         **llm_kwargs: Any,
     ) -> OlaStudentOutput:
         """Run the student.
@@ -527,6 +528,8 @@ class OlaStudent(PreTrainedModel):
             attention_mask: ``[B, L]`` (1 = token). Padding may be on either side; the output is right-padded.
             labels: ``[B, L]`` long with -100 where no loss applies, or None.
             output_hidden_states: also return every LLM hidden state.
+            compute_predictions: False skips the predictors (next-token-only stages): ``predictions`` is ``{}``
+                and the LLM keeps no hidden states unless asked to.
             llm_kwargs: passed to the LLM's forward.
 
         Returns:
@@ -543,7 +546,7 @@ class OlaStudent(PreTrainedModel):
         out = self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
-            output_hidden_states=True,
+            output_hidden_states=compute_predictions or output_hidden_states,
             return_dict=True,
             **llm_kwargs,
         )
@@ -559,7 +562,8 @@ class OlaStudent(PreTrainedModel):
             else:  # all-masked batch: a zero that still reaches the graph (no NaN, no DDP hang)
                 loss = shift_logits.sum() * 0.0
 
-        predictions = self.predict_from_hidden_states(hidden_states, mask, task_positions)
+        predictions = (self.predict_from_hidden_states(hidden_states, mask, task_positions)
+                       if compute_predictions else {})
         return OlaStudentOutput(
             loss=loss,
             logits=logits,
@@ -569,6 +573,36 @@ class OlaStudent(PreTrainedModel):
             task_positions=task_positions,
             hidden_states=hidden_states if output_hidden_states else None,
         )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Answer a prompt about an image: image and task tokens spliced in, then the LLM's ``generate``.
+
+        Args:
+            pixel_values: ``[B, 3, H, W]``; input_ids: ``[B, L]`` long with one image token per row (the prompt,
+                ending in the chat template's generation prompt); attention_mask: ``[B, L]`` or None.
+            generate_kwargs: for ``llm.generate`` (``max_new_tokens``, ``do_sample``, ...).
+
+        Returns:
+            ``[B, N]`` long: the new tokens only (``inputs_embeds`` generation returns no prompt ids).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, mask, _, _ = self._expand(self.encode_images(pixel_values), input_ids, attention_mask, None)
+        # The expansion right-pads, but generation appends after the last position of every row: move the
+        # padding to the left.
+        lengths = mask.sum(dim=1)
+        left_embeds, left_mask = torch.zeros_like(embeds), torch.zeros_like(mask)
+        for b, n in enumerate(lengths.tolist()):
+            left_embeds[b, embeds.shape[1] - n:] = embeds[b, :n]
+            left_mask[b, embeds.shape[1] - n:] = 1
+        return self.llm.generate(inputs_embeds=left_embeds, attention_mask=left_mask, **generate_kwargs)
 
     def predict_from_hidden_states(
         self,

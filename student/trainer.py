@@ -5,6 +5,14 @@ targets come from the store written by `pipeline precompute`.
 
     pipeline train --config manifests/experiments/demo.yaml                     # one CPU / GPU
     accelerate launch -m pipeline train --config manifests/experiments/X.yaml   # every local GPU
+    accelerate launch --multi_gpu --num_processes 2 -m pipeline train ...       # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 2 -m pipeline train ...                           # the same, without accelerate
+
+(`accelerate launch --cpu` runs ONE process whatever --num_processes says; `--multi_gpu` picks the torchrun
+launcher, and the trainer falls back to CPU by itself on a machine without GPUs.)
+
+Rerunning the same command resumes from the newest checkpoint under output_dir (`train.resume: auto`) when
+`train.save_every` > 0.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import UsageError
 from pipeline.loader import TrainingSamples
 from pipeline.store import TargetStore
+from student.checkpoint import TrainState, load_training_state, resolve_resume, save_training_state
 from student.config import ExperimentConfig, load_experiment
 from student.data import BatchCollator, SampleEncoder
 from student.loss import CoupledLossConfig, coupled_loss
@@ -30,6 +39,7 @@ from student.model import OlaStudent
 DEFAULT_TASK_ORDER = ("gen", "depth", "seg")
 PROVENANCE_FILE = "training_provenance.json"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -41,11 +51,13 @@ class TrainResult:
     samples_seen: int
     seconds: float
     skipped: dict[str, int] = field(default_factory=dict)
+    resumed_from: str | None = None
 
     def summary(self) -> str:
         terms = ", ".join(f"{k} {v:.4f}" for k, v in self.final_loss.items() if "/" not in k)
-        return (f"trained {self.steps} steps on {self.samples_seen} samples in {self.seconds:.1f}s -> "
-                f"{self.output_dir}\n  final losses: {terms}")
+        resumed = f" (resumed from {self.resumed_from})" if self.resumed_from else ""
+        return (f"trained {self.steps} steps{resumed}, {self.samples_seen} samples in all, in {self.seconds:.1f}s "
+                f"-> {self.output_dir}\n  final losses: {terms}")
 
 
 @dataclass
@@ -87,18 +99,26 @@ def check_store(cfg: ExperimentConfig) -> dict:
     return info
 
 
-def build_training(cfg: ExperimentConfig) -> TrainingParts:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoImageProcessor, AutoTokenizer, get_cosine_schedule_with_warmup
-    from transformers.utils import logging as hf_logging
+def _has_accelerator_device() -> bool:
+    probe = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every device type
+    return probe.is_available() if probe is not None else torch.cuda.is_available()
 
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would bury the training bar
 
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum)
-    set_seed(cfg.seed)
-    store_info = check_store(cfg)
+def _load_student(cfg: ExperimentConfig, store_info: dict):
+    """(model, tokenizer, image_processor): a new student from vision + LLM, or an earlier stage's student."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if cfg.model.init_from is not None:
+        source = cfg.model.init_from
+        model = OlaStudent.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        have = {spec.name: spec.layers for spec in model.config.task_specs()}
+        for name, task in cfg.model.tasks.items():
+            if have.get(name) != task.layers:
+                raise UsageError(f"model.tasks.{name}.layers {task.layers} do not match the student in {source} "
+                                 f"(its tasks: {have}); the embedding losses can only train the student's own heads")
+        return model, tokenizer, image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.llm)
     if cfg.model.image_token not in tokenizer.get_vocab():
@@ -106,7 +126,6 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     image_processor = AutoImageProcessor.from_pretrained(cfg.model.vision)
-
     names = list(cfg.model.tasks)
     order = cfg.model.task_order or [t for t in DEFAULT_TASK_ORDER if t in names] + [
         t for t in names if t not in DEFAULT_TASK_ORDER]
@@ -123,23 +142,58 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
     )
     if len(tokenizer) > model.llm.get_input_embeddings().num_embeddings:
         model.llm.resize_token_embeddings(len(tokenizer))
-    model.set_trainable(cfg.model.trainable)
+    return model, tokenizer, image_processor
 
+
+def build_training(cfg: ExperimentConfig) -> TrainingParts:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from transformers import get_cosine_schedule_with_warmup
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would bury the training bar
+
+    # cpu=True on a machine without GPUs is what lets `accelerate launch --num_processes N` / torchrun form a
+    # gloo process group instead of N independent single-process runs.
+    accelerator = Accelerator(
+        cpu=not _has_accelerator_device(), mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum, log_with=list(cfg.train.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=os.path.join(cfg.output_dir, TENSORBOARD_DIR)),
+    )
+    set_seed(cfg.seed)
+    store_info = check_store(cfg) if cfg.data.store is not None else {"store": None, "teachers": {}}
+    model, tokenizer, image_processor = _load_student(cfg, store_info)
+    model.set_trainable(cfg.model.trainable)
+    if cfg.train.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    names = list(cfg.model.tasks)
     dataset = TrainingSamples(
         cfg.data.shards, cfg.data.store, names, SampleEncoder(image_processor, tokenizer, cfg.data.max_length),
         rank=accelerator.process_index, world_size=accelerator.num_processes,
-        check_image_hash=cfg.data.check_image_hash,
+        check_image_hash=cfg.data.check_image_hash, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.seed,
     )
+    if len(dataset.rank_urls()) < max(cfg.data.num_workers, 1):
+        raise UsageError(f"data.num_workers={cfg.data.num_workers} but rank {accelerator.process_index} streams "
+                         f"{len(dataset.rank_urls())} shard(s); every worker needs one: lower num_workers or use "
+                         "more shards")
+    # Its own generator: creating the loader's iterator must not draw from the global RNG, which a resumed run
+    # restores from the checkpoint.
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         collate_fn=BatchCollator(tokenizer.pad_token_id, names),
-                        persistent_workers=cfg.data.num_workers > 0)
+                        persistent_workers=cfg.data.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError(f"model.trainable {cfg.model.trainable} selects no parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # accelerate's prepared scheduler advances once per process at every optimizer step (it assumes a schedule
+    # written in per-process batches); stretch the schedule so it spans max_steps on any number of processes.
+    n = accelerator.num_processes
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps),
-        num_training_steps=cfg.train.max_steps,
+        optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps) * n,
+        num_training_steps=cfg.train.max_steps * n,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_cfg = CoupledLossConfig(
@@ -155,13 +209,17 @@ def compute_loss(parts: TrainingParts, batch: dict) -> tuple[torch.Tensor, dict[
     """Forward the student on a batch and return (total loss, every term)."""
     device = parts.accelerator.device
     model = parts.model
+    tasks = parts.cfg.model.tasks
     out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device), labels=batch["labels"].to(device))
+                attention_mask=batch["attention_mask"].to(device), labels=batch["labels"].to(device),
+                compute_predictions=bool(tasks))
+    # A student from an earlier stage may carry heads whose loss this stage leaves off.
+    predictions = {k: v for k, v in out.predictions.items() if k in tasks}
     targets = {k: v.to(device) for k, v in batch["targets"].items()}
     valid = {k: v.to(device) for k, v in batch["valid"].items()}
     unwrapped = parts.accelerator.unwrap_model(model)
     gather = parts.accelerator.gather if parts.accelerator.num_processes > 1 else None
-    return coupled_loss(out.loss, out.predictions, targets, valid, unwrapped.logit_scales, parts.loss_cfg,
+    return coupled_loss(out.loss, predictions, targets, valid, unwrapped.logit_scales, parts.loss_cfg,
                         gather=gather)
 
 
@@ -180,45 +238,118 @@ def train_step(parts: TrainingParts, batch: dict) -> dict[str, float]:
     return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
 
+def _data_layout(parts: TrainingParts) -> dict:
+    """The settings a saved data position is only valid under."""
+    cfg = parts.cfg
+    return {"world_size": parts.accelerator.num_processes, "num_workers": cfg.data.num_workers,
+            "batch_size": cfg.data.batch_size, "grad_accum": cfg.train.grad_accum, "shards": cfg.data.shards,
+            "shuffle_shards": cfg.data.shuffle_shards, "seed": cfg.seed}
+
+
+def _hparams(cfg: ExperimentConfig) -> dict:
+    """The config flattened to scalars (`train.lr`: ...), as TensorBoard's hparams accept."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat
+
+
+def _open_metrics(path: str, resumed_step: int):
+    """metrics.jsonl for appending: records after `resumed_step` (from a run that died later) are dropped."""
+    kept = []
+    if resumed_step and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
+    f = open(path, "w")
+    f.writelines(kept)
+    return f
+
+
+def _mean_terms(parts: TrainingParts, sums: dict[str, float], count: int) -> dict[str, float]:
+    """Average the loss terms over micro-batches and (with several processes) over ranks."""
+    names = sorted(sums)
+    values = torch.tensor([sums[k] / count for k in names], dtype=torch.float64)
+    if parts.accelerator.num_processes > 1:
+        values = parts.accelerator.reduce(values.to(parts.accelerator.device), reduction="mean").cpu()
+    return dict(zip(names, values.tolist()))
+
+
 def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
     started = time.perf_counter()
     parts = build_training(cfg)
     acc = parts.accelerator
     os.makedirs(cfg.output_dir, exist_ok=True)
+    layout = _data_layout(parts)
+    resume_dir = resolve_resume(cfg.train.resume, cfg.output_dir)
+    state = TrainState()
+    if resume_dir is not None:
+        state = load_training_state(acc, resume_dir, layout)
+        parts.dataset.resume(state.positions, state.next_worker(cfg.data.num_workers))
+        if acc.is_main_process:
+            print(f"resuming from {resume_dir} (step {state.step})", flush=True)
+    if cfg.train.trackers:
+        acc.init_trackers(cfg.name, config=_hparams(cfg))
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
-    rows_seen: set[int] = set()
+    rows_seen: list[int] = []
     first, last = {}, {}
-    samples = 0
-    bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not progress or not acc.is_main_process)
-    with open(metrics_path, "w") if acc.is_main_process else open(os.devnull, "w") as metrics:
+    per_step = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
+    start_step = state.step
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", unit="step",
+               disable=not progress or not acc.is_main_process)
+    with _open_metrics(metrics_path, state.step) if acc.is_main_process else open(os.devnull, "w") as metrics:
         data = iter(parts.loader)
-        step = 0
-        while step < cfg.train.max_steps:
+        while state.step < cfg.train.max_steps:
             step_started = time.perf_counter()
+            waited = 0.0
+            sums: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
+                fetch_started = time.perf_counter()
                 batch = next(data)
-                rows_seen.update(batch["rows"].tolist())
-                samples += len(batch["rows"]) * acc.num_processes
-                terms = train_step(parts, batch)
-            step += 1
+                waited += time.perf_counter() - fetch_started
+                if cfg.train.record_rows:
+                    rows_seen.extend(batch["rows"].tolist())
+                for k, v in train_step(parts, batch).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                state.consumed(batch)
+            state.step += 1
+            state.samples += per_step
+            terms = _mean_terms(parts, sums, cfg.train.grad_accum)
+            seconds = max(time.perf_counter() - step_started, 1e-9)
             first = first or terms
             last = terms
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                record = {"step": step, **terms, "lr": parts.scheduler.get_last_lr()[0],
-                          "samples_per_s": cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
-                          / max(time.perf_counter() - step_started, 1e-9)}
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                record = {"step": state.step, **terms, "lr": parts.scheduler.get_last_lr()[0],
+                          "samples_per_s": per_step / seconds, "data_wait_fraction": waited / seconds}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if cfg.train.trackers:
+                    acc.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+            if cfg.train.save_every and (state.step % cfg.train.save_every == 0
+                                         or state.step == cfg.train.max_steps):
+                save_training_state(acc, cfg.output_dir, state, layout, keep=cfg.train.keep_checkpoints)
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
     bar.close()
-    save_checkpoint(parts, rows_seen, last)
-    return TrainResult(output_dir=cfg.output_dir, steps=cfg.train.max_steps, first_loss=first, final_loss=last,
-                       samples_seen=samples, seconds=time.perf_counter() - started,
-                       skipped=dict(parts.dataset.skipped))
+    if cfg.train.record_rows:
+        with open(os.path.join(cfg.output_dir, f"rows-rank{acc.process_index}.json"), "w") as f:
+            json.dump(rows_seen, f)
+    save_checkpoint(parts, state, last, resumed_from=resume_dir)
+    if cfg.train.trackers:
+        acc.end_training()
+    return TrainResult(output_dir=cfg.output_dir, steps=state.step - start_step, first_loss=first, final_loss=last,
+                       samples_seen=state.samples, seconds=time.perf_counter() - started,
+                       skipped=dict(parts.dataset.skipped), resumed_from=resume_dir)
 
 
-def save_checkpoint(parts: TrainingParts, rows_seen: set[int], final_loss: dict[str, float]) -> None:
+def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[str, float],
+                    resumed_from: str | None = None) -> None:
     """`save_pretrained` student + tokenizer + image processor, and the provenance of the run beside them."""
     acc = parts.accelerator
     acc.wait_for_everyone()
@@ -231,7 +362,10 @@ def save_checkpoint(parts: TrainingParts, rows_seen: set[int], final_loss: dict[
     provenance = {
         "config": parts.cfg.model_dump(mode="json"),
         "store": parts.store_info,
-        "rows_seen_on_rank0": len(rows_seen),
+        "steps": state.step,
+        "samples": state.samples,
+        "world_size": acc.num_processes,
+        "resumed_from": resumed_from,
         "final_loss": final_loss,
         "created_by": "teacher-targets-pipeline",
     }

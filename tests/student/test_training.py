@@ -66,6 +66,16 @@ def test_training_runs_without_any_teacher_and_writes_a_loadable_checkpoint(demo
     metrics = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_dir,) = {p.parent for p in (checkpoint / "tensorboard").rglob("events.out.tfevents.*")
+                     if "lr" in EventAccumulator(str(p.parent)).Reload().Tags()["scalars"]}
+    scalars = EventAccumulator(str(events_dir)).Reload()
+    tags = set(scalars.Tags()["scalars"])
+    assert {"loss", "lm", "depth", "seg", "gen", "depth_3/smooth_l1", "depth_3/infonce", "lr", "samples_per_s",
+            "data_wait_fraction"} <= tags, tags
+    assert [e.step for e in scalars.Scalars("loss")] == [1, 2, 3]
+
 
 def test_loss_is_finite_and_decreases_on_a_fixed_batch(demo_store, demo_dir, tmp_path):
     from student.config import load_experiment

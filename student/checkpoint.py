@@ -1,0 +1,125 @@
+"""Resumable training checkpoints: `output_dir/checkpoints/step-N/`.
+
+One checkpoint holds, written in this order:
+- accelerate `save_state`: `model.safetensors` (the whole student, logit scales included), `optimizer.bin`,
+  `scheduler.bin`, `random_states_<rank>.pkl` (python, numpy and torch RNG of every process);
+- `data-rank<R>.json`: where each rank's loader workers stand in their streams (`pipeline.loader.StreamPosition`);
+- `trainer_state.json`, last: the step, the sample count and the settings the data position depends on. A
+  directory without it is an interrupted save: `resume: auto` ignores it and the next save at that step redoes it.
+
+Resuming = `accelerate.load_state` + each rank's loader skipping what it had delivered, so on CPU the losses after a
+resume are the losses the uninterrupted run would have logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+from pipeline.errors import UsageError
+from pipeline.loader import StreamPosition
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """The loop's position: optimizer steps done, global samples trained on, and this rank's data position."""
+
+    step: int = 0
+    samples: int = 0
+    batches: int = 0
+    positions: dict[int, StreamPosition] = field(default_factory=dict)
+
+    def consumed(self, batch: dict) -> None:
+        """Record that `batch` (from `student.data.BatchCollator`) was trained on."""
+        position = batch.get("stream")
+        if position is not None:
+            self.positions[position.worker] = position
+        self.batches += 1
+
+    def next_worker(self, num_workers: int) -> int:
+        # The DataLoader takes batches from its workers in strict rotation.
+        return self.batches % max(num_workers, 1)
+
+
+def checkpoint_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, CHECKPOINTS_DIR, f"step-{step}")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `output_dir` as (step, path), oldest first."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    """The checkpoint directory `train.resume` names: 'auto' (newest complete, or None), 'none', or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        raise UsageError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE}); pass a "
+                         f"{CHECKPOINTS_DIR}/step-N directory, 'auto' or 'none'")
+    return resume
+
+
+def save_training_state(accelerator, output_dir: str, state: TrainState, layout: dict, keep: int = 0) -> str:
+    """Write a resumable checkpoint of the current step on every rank (collective); returns its directory.
+
+    `layout`: the settings a data position is only valid under (world size, workers, batch size, ...).
+    `keep`: keep the newest `keep` complete checkpoints (0 = all).
+    """
+    path = checkpoint_dir(output_dir, state.step)
+    if accelerator.is_main_process and os.path.exists(os.path.join(path, STATE_FILE)):
+        os.remove(os.path.join(path, STATE_FILE))  # overwriting in place: it is incomplete until rewritten
+    accelerator.wait_for_everyone()
+    accelerator.save_state(path)
+    with open(os.path.join(path, f"data-rank{accelerator.process_index}.json"), "w") as f:
+        json.dump({"batches": state.batches, "positions": [vars(p) for p in state.positions.values()]}, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record = {"step": state.step, "samples": state.samples, "layout": layout}
+        tmp = os.path.join(path, STATE_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, STATE_FILE))
+        if keep > 0:
+            for _, old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_training_state(accelerator, path: str, layout: dict) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG from `path` and return the loop's position (collective)."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        record = json.load(f)
+    changed = {k: (record["layout"].get(k), v) for k, v in layout.items() if record["layout"].get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
+        raise UsageError(f"checkpoint {path} cannot resume this run: {what}; restore those settings, or set "
+                         "train.resume=none to start over")
+    data_file = os.path.join(path, f"data-rank{accelerator.process_index}.json")
+    with open(data_file) as f:
+        data = json.load(f)
+    accelerator.load_state(path)
+    positions = {p["worker"]: StreamPosition(**p) for p in data["positions"]}
+    return TrainState(step=record["step"], samples=record["samples"], batches=data["batches"], positions=positions)

@@ -1,0 +1,83 @@
+"""Resumable checkpoints: `kill -9` mid-training, rerun, and the losses continue exactly as if never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.errors import UsageError
+from student.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
+from tests.conftest import DEMO_EXPERIMENT, REPO
+
+# Wall-clock figures of a run, not part of its arithmetic.
+TIMING_KEYS = {"samples_per_s", "data_wait_fraction"}
+
+
+def run_args(output_dir, steps: int, workers: int) -> list[str]:
+    settings = [f"output_dir={output_dir}", f"train.max_steps={steps}", "train.save_every=2",
+                "train.keep_checkpoints=0", f"data.num_workers={workers}", "data.batch_size=2", "train.trackers=[]"]
+    return ["--config", str(DEMO_EXPERIMENT), "--quiet", *(f"--set={s}" for s in settings)]
+
+
+def read_metrics(output_dir) -> dict[int, dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_then_resume_continues_with_the_uninterrupted_losses(demo_store, demo_dir, tmp_path, workers):
+    env = {**os.environ, "DEMO_DIR": str(demo_dir)}
+    steps = 9  # odd: the last checkpoint is the final step's, not one of the every-2 ones
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *run_args(killed, steps, workers)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(str(killed)):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_at = list_checkpoints(str(killed))[-1][0]
+    assert resumed_at < steps, "the run finished before it could be killed"
+
+    from student.trainer import train_from_config
+
+    resumed = train_from_config(str(DEMO_EXPERIMENT), [a.removeprefix("--set=") for a in
+                                                       run_args(killed, steps, workers)[3:]], progress=False)
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith(f"step-{resumed_at}")
+    assert resumed.steps == steps - resumed_at
+
+    reference = tmp_path / "reference"
+    train_from_config(str(DEMO_EXPERIMENT), [a.removeprefix("--set=") for a in
+                                             run_args(reference, steps, workers)[3:]], progress=False)
+    got, want = read_metrics(killed), read_metrics(reference)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(resumed_at + 1, steps + 1):
+        assert got[step] == want[step], f"step {step} after resuming at {resumed_at}"
+    provenance = json.loads((killed / "training_provenance.json").read_text())
+    assert provenance["steps"] == steps and provenance["resumed_from"] == resumed.resumed_from
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        path = tmp_path / "checkpoints" / f"step-{step}"
+        path.mkdir(parents=True)
+        if complete:
+            (path / STATE_FILE).write_text("{}")
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 4]
+    assert resolve_resume("auto", str(tmp_path)).endswith("step-4")
+    assert resolve_resume("none", str(tmp_path)) is None
+    assert resolve_resume("auto", str(tmp_path / "elsewhere")) is None
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoints" / "step-6"), str(tmp_path))
