@@ -113,6 +113,25 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_teachers_list(args) -> int:
+    from teachers.describe import list_kinds
+
+    print(list_kinds())
+    return 0
+
+
+def _cmd_teachers_show(args) -> int:
+    from teachers.describe import describe_manifest, format_manifest
+
+    description, reports = describe_manifest(args.manifest, download=args.download, load=not args.no_load)
+    if args.json:
+        print(json.dumps({"manifest": args.manifest, "description": description,
+                          "teachers": [r.as_dict() for r in reports]}, indent=1))
+    else:
+        print(format_manifest(args.manifest, description, reports))
+    return 1 if any(r.problems for r in reports) else 0
+
+
 def _cmd_generate(args) -> int:
     from student.generate import generate
 
@@ -133,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=4, help="number of tar shards (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed for crops, flips and weights")
     p.set_defaults(func=_cmd_demo_assets)
+
+    p = sub.add_parser("teachers", help="the teacher kinds this version knows, and what a manifest's teachers are")
+    teachers_sub = p.add_subparsers(dest="teachers_command", required=True, metavar="SUBCOMMAND")
+    q = teachers_sub.add_parser("list", help="every registered teacher kind with its spec fields and defaults")
+    q.set_defaults(func=_cmd_teachers_list)
+    q = teachers_sub.add_parser("show", help="per teacher: spec, target shape, fingerprint, parameters, bytes/row")
+    q.add_argument("manifest", help="teacher manifest (manifests/teachers/*.yaml)")
+    q.add_argument("--download", action="store_true", help="fetch missing hub weights (default: never download)")
+    q.add_argument("--no-load", action="store_true", help="do not load weights; show declared shapes only")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=_cmd_teachers_show)
 
     p = sub.add_parser("index", help="list the samples of a shard set into index.parquet")
     p.add_argument("shards", help="directory, brace pattern (shard-{00000..00009}.tar) or fsspec URL")

@@ -27,13 +27,16 @@ class ImageDecodeError(ValueError):
 def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode encoded image bytes into an RGB `PIL.Image` (mode "RGB", uint8).
 
-    Raises `ImageDecodeError` with a readable reason for empty, corrupt, truncated or oversized images.
+    Raises `ImageDecodeError` with a readable reason for empty, corrupt, truncated or oversized images: over
+    `max_pixels` (width x height), or over Pillow's own hard limit (twice `PIL.Image.MAX_IMAGE_PIXELS`, about
+    179 Mpx by default), which a larger `max_pixels` does not lift.
     """
     if not data:
         raise ImageDecodeError("empty image file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # `max_pixels` is the limit: Pillow's warning at its own default must not veto a higher one.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
@@ -41,7 +44,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             image.load()
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError) for bad files
         raise ImageDecodeError(f"cannot decode image: {exc}") from None

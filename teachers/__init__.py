@@ -6,7 +6,7 @@
     out = t(t.preprocess(images))          # [B, *t.target_shape] float32 on CPU
 """
 
-from teachers.base import Teacher, WeightFiles, fingerprint_of, locate_weights
+from teachers.base import TargetShapeMismatch, Teacher, WeightFiles, fingerprint_of, locate_weights
 from teachers.manifest import ManifestError, TeacherManifest, expand_env, load_manifest, parse_manifest
 from teachers.registry import (
     UnknownTeacherKind,
@@ -18,26 +18,33 @@ from teachers.registry import (
     to_spec,
 )
 from teachers.spec import (
+    NON_OUTPUT_FIELDS,
     SCHEDULING_FIELDS,
     DepthAnythingSpec,
+    HfVisionSpec,
     OneFormerSpec,
     TeacherSpec,
     TeacherSpecBase,
+    TimmSpec,
     UnclipImageEncoderSpec,
 )
 
 # Importing the family modules registers them.
-from teachers import depth_anything, oneformer, unclip  # noqa: E402,F401  isort: skip
+from teachers import depth_anything, hf_vision, oneformer, timm_features, unclip  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "NON_OUTPUT_FIELDS",
     "SCHEDULING_FIELDS",
     "DepthAnythingSpec",
+    "HfVisionSpec",
     "ManifestError",
     "OneFormerSpec",
+    "TargetShapeMismatch",
     "Teacher",
     "TeacherManifest",
     "TeacherSpec",
     "TeacherSpecBase",
+    "TimmSpec",
     "UnclipImageEncoderSpec",
     "UnknownTeacherKind",
     "WeightFiles",

@@ -48,12 +48,13 @@ class WeightFiles:
 
 
 def locate_weights(spec: TeacherSpecBase, weight_folders: Sequence[str] = ("",),
-                   config_only: Sequence[str] = ()) -> WeightFiles:
+                   config_only: Sequence[str] = (), *, download: bool = True) -> WeightFiles:
     """Find (downloading from the hub if `spec.model` is a repo id not in the cache) the files a teacher reads.
 
     `weight_folders` hold a model: their `*.json` and `*.safetensors` files count, and one without any
     `.safetensors` file is refused since pickled weights are never loaded. `config_only` folders (an image
     processor's) contribute their `*.json` files only. `*.fp16.*` variants are never loaded, so never counted.
+    With `download=False` a hub id must already be in the local cache (OSError otherwise); nothing is fetched.
     """
     local = Path(spec.model).expanduser()
     if local.is_dir():
@@ -65,7 +66,7 @@ def locate_weights(spec: TeacherSpecBase, weight_folders: Sequence[str] = ("",),
         raise FileNotFoundError(f"spec.model: no such directory {spec.model} (and it is not a hub id "
                                 f"'org/name'); build it first or fix the path")
     else:
-        root, is_local = _download(spec, weight_folders, config_only), False
+        root, is_local = _download(spec, weight_folders, config_only, download), False
     files: list[str] = []
     for sub, needs_weights in [(w, True) for w in weight_folders] + [(c, False) for c in config_only]:
         folder = root / sub if sub else root
@@ -81,7 +82,8 @@ def locate_weights(spec: TeacherSpecBase, weight_folders: Sequence[str] = ("",),
     return WeightFiles(root=root, files=tuple(sorted(files)), local=is_local)
 
 
-def _download(spec: TeacherSpecBase, weight_folders: Sequence[str], config_only: Sequence[str]) -> Path:
+def _download(spec: TeacherSpecBase, weight_folders: Sequence[str], config_only: Sequence[str],
+              download: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     def pattern(sub: str, ext: str) -> str:
@@ -91,17 +93,19 @@ def _download(spec: TeacherSpecBase, weight_folders: Sequence[str], config_only:
     patterns += [pattern(sub, ".json") for sub in config_only]
     try:
         return Path(snapshot_download(repo_id=spec.model, revision=spec.revision, allow_patterns=patterns,
-                                      ignore_patterns=["*.fp16.*"]))
+                                      ignore_patterns=["*.fp16.*"], local_files_only=not download))
     except Exception as exc:  # the hub client raises many types; one readable line is what the caller needs
         offline = " (HF_HUB_OFFLINE is set: the files must already be in the hub cache)" \
             if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+        if not download:
+            offline = " (not downloading: the files must already be in the hub cache)"
         where = f"{spec.model}@{spec.revision}" if spec.revision else spec.model
         raise OSError(f"spec.model: cannot get {where} from the hub{offline}: "
                       f"{' '.join(str(exc).split())}") from exc
 
 
 def fingerprint_of(spec: TeacherSpecBase, weights: WeightFiles) -> str:
-    """sha256 hex over the spec (minus scheduling fields) and the paths, sizes and bytes of `weights.files`.
+    """sha256 hex over the spec (minus non-output fields) and the paths, sizes and bytes of `weights.files`.
 
     A local `model` path is left out of the hashed spec: the files' contents identify the weights, so the same
     checkpoint copied elsewhere keeps its fingerprint. A hub id (and revision) stays in.
@@ -118,6 +122,16 @@ def fingerprint_of(spec: TeacherSpecBase, weights: WeightFiles) -> str:
             while chunk := f.read(_HASH_CHUNK):
                 h.update(chunk)
     return h.hexdigest()
+
+
+class TargetShapeMismatch(ValueError):
+    """The model gives another per-image target shape than the spec's `target_shape` declares."""
+
+    def __init__(self, spec: TeacherSpecBase, actual: tuple[int, int]) -> None:
+        self.declared = tuple(spec.target_shape or ())
+        self.actual = tuple(actual)
+        super().__init__(f"spec.target_shape={list(self.declared)} but {spec.model} gives [T, C] = "
+                         f"{list(self.actual)}; fix the declaration (or remove it) or the other spec fields")
 
 
 class Teacher(nn.Module):
@@ -147,11 +161,16 @@ class Teacher(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: TeacherSpecBase, device: str | torch.device = "cpu") -> Teacher:
-        """Build, load weights, then freeze and move to `device` / `spec.compute_dtype`."""
+        """Build, load weights, then freeze and move to `device` / `spec.compute_dtype`.
+
+        Raises TargetShapeMismatch when `spec.target_shape` is declared and the model gives another shape.
+        """
         teacher = cls(spec, device)
         teacher.load()
         if teacher._target_shape is None:
             raise RuntimeError(f"{cls.__name__}.load() did not set the target shape")
+        if spec.target_shape is not None and tuple(spec.target_shape) != tuple(teacher._target_shape):
+            raise TargetShapeMismatch(spec, teacher._target_shape)
         if teacher._weights is None:
             raise RuntimeError(f"{cls.__name__}.load() did not call resolve_weights()")
         teacher.requires_grad_(False)
@@ -169,13 +188,21 @@ class Teacher(nn.Module):
         return ("",), ()
 
     @classmethod
-    def fingerprint_for(cls, spec: TeacherSpecBase) -> str:
+    def locate(cls, spec: TeacherSpecBase, *, download: bool = True) -> WeightFiles:
+        """The files a teacher built from `spec` reads (see `locate_weights`); default: `weight_layout(spec)`.
+
+        A family whose `model` field is not a plain hub id or directory (timm's `local-dir:`) overrides this.
+        """
+        return locate_weights(spec, *cls.weight_layout(spec), download=download)
+
+    @classmethod
+    def fingerprint_for(cls, spec: TeacherSpecBase, *, download: bool = True) -> str:
         """The fingerprint a teacher built from `spec` would have, without loading the model."""
-        return fingerprint_of(spec, locate_weights(spec, *cls.weight_layout(spec)))
+        return fingerprint_of(spec, cls.locate(spec, download=download))
 
     def resolve_weights(self) -> Path:
         """Locate (or download) the files of `weight_layout(spec)`, remember them, return the model root."""
-        self._weights = locate_weights(self.spec, *self.weight_layout(self.spec))
+        self._weights = self.locate(self.spec)
         return self._weights.root
 
     # ---- identity -----------------------------------------------------------------------------------------
@@ -194,7 +221,7 @@ class Teacher(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 hex of the spec (minus scheduling fields) and the weight/config files; see `fingerprint_of`."""
+        """sha256 hex of the spec (minus non-output fields) and the weight/config files; see `fingerprint_of`."""
         if self._fingerprint is None:
             if self._weights is None:
                 raise RuntimeError(f"{type(self).__name__} is not loaded; build it with teachers.create(spec)")

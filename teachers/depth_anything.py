@@ -31,7 +31,8 @@ class DepthAnythingTeacher(Teacher):
         from transformers import DepthAnythingForDepthEstimation
 
         root = self.resolve_weights()
-        model = DepthAnythingForDepthEstimation.from_pretrained(root, use_safetensors=True)
+        # Loaded straight into the compute dtype: no second, converted copy of a large checkpoint in memory.
+        model = DepthAnythingForDepthEstimation.from_pretrained(root, use_safetensors=True, dtype=self.compute_dtype)
         self.backbone = model.backbone
         del model
 

@@ -43,7 +43,8 @@ class OneFormerTeacher(Teacher):
         from transformers import OneFormerForUniversalSegmentation
 
         root = self.resolve_weights()
-        model = OneFormerForUniversalSegmentation.from_pretrained(root, use_safetensors=True)
+        # Loaded straight into the compute dtype: no second, converted copy of a large checkpoint in memory.
+        model = OneFormerForUniversalSegmentation.from_pretrained(root, use_safetensors=True, dtype=self.compute_dtype)
         self.encoder = model.model.pixel_level_module.encoder
         del model
         self.image_processor = load_oneformer_image_processor(str(root), self.spec.processor_backend)

@@ -83,10 +83,11 @@ def create(spec: TeacherSpecBase | Mapping[str, Any] | str, device: str | torch.
     return cls.from_spec(spec, device=device)
 
 
-def spec_fingerprint(spec: TeacherSpecBase | Mapping[str, Any] | str) -> str:
+def spec_fingerprint(spec: TeacherSpecBase | Mapping[str, Any] | str, *, download: bool = True) -> str:
     """`create(spec).fingerprint` without loading the model: hashes the spec and the files it would read.
 
-    A hub model not yet in the cache is downloaded (its json and safetensors files only).
+    A hub model not yet in the cache is downloaded (its json and safetensors files only), unless `download=False`,
+    which raises OSError instead.
     """
     spec = to_spec(spec)
-    return get_teacher_class(spec.kind).fingerprint_for(spec)
+    return get_teacher_class(spec.kind).fingerprint_for(spec, download=download)

@@ -1,9 +1,9 @@
 """Teacher specs: everything that decides a teacher's output, validated strictly.
 
-A spec is a frozen pydantic model. Every field except the scheduling ones (`batch_size`, `num_gpus`) goes into the
-teacher fingerprint, so two specs that could produce different targets never share one. Adding a teacher family
-means adding its spec class here, listing it in `TeacherSpec`, and registering its `Teacher` class with
-`@teachers.register("<kind>")`.
+A spec is a frozen pydantic model. Every field except the non-output ones (`batch_size`, `num_gpus`,
+`target_shape`) goes into the teacher fingerprint, so two specs that could produce different targets never share
+one. Adding a teacher family means adding its spec class here, listing it in `TeacherSpec`, and registering its
+`Teacher` class with `@teachers.register("<kind>")`.
 """
 
 from __future__ import annotations
@@ -11,21 +11,28 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Fields that only decide how the work is scheduled; the targets do not depend on them.
-SCHEDULING_FIELDS: frozenset[str] = frozenset({"batch_size", "num_gpus"})
+# Fields the targets do not depend on: how the work is scheduled, and `target_shape`, which only declares what the
+# model must produce (a check, so that adding or removing it never changes a fingerprint or strands a store).
+NON_OUTPUT_FIELDS: frozenset[str] = frozenset({"batch_size", "num_gpus", "target_shape"})
+# The older name, kept because pipeline/precompute.py uses it to list the spec fields two stored teachers differ in.
+SCHEDULING_FIELDS = NON_OUTPUT_FIELDS
 
 StorageDType = Literal["float16", "bfloat16"]
 ComputeDType = Literal["float32", "float16", "bfloat16"]
 ProcessorBackend = Literal["pil", "torchvision"]
+# What to do with the tokens a ViT puts before its patch tokens ([CLS], registers, distillation token).
+PrefixTokens = Literal["drop", "keep", "cls"]
 
 
 class TeacherSpecBase(BaseModel):
     """Fields shared by every teacher family.
 
     `model` is a hub repo id (`org/name`) or a local directory written by `save_pretrained`; `revision` pins a hub
-    commit, branch or tag and must stay unset for local directories.
+    commit, branch or tag and must stay unset for local directories. `target_shape: [T, C]` optionally declares
+    the per-image target shape: `teachers.create` refuses a model that gives another one, and `pipeline teachers
+    show` can print it without the weights. It is not part of the fingerprint.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
@@ -34,13 +41,25 @@ class TeacherSpecBase(BaseModel):
     model: str = Field(min_length=1)
     revision: str | None = None
     storage_dtype: StorageDType = "float16"
+    # Opt-in compact storage (see pipeline/store.py): int8 codes with per-token scales, and/or p x p pooling of a
+    # square token grid. Like storage_dtype they change the stored targets, so they are part of the fingerprint.
+    quantize: Literal["none", "int8"] = "none"
+    pool: int = Field(default=1, ge=1)
     compute_dtype: ComputeDType = "float32"
     batch_size: int = Field(default=8, gt=0)
     num_gpus: float = Field(default=0.0, ge=0.0)
+    target_shape: tuple[int, int] | None = None
+
+    @field_validator("target_shape")
+    @classmethod
+    def _check_target_shape(cls, shape: tuple[int, int] | None) -> tuple[int, int] | None:
+        if shape is not None and min(shape) <= 0:
+            raise ValueError(f"must be two positive sizes [tokens, channels], got {list(shape)}")
+        return shape
 
     def fingerprint_payload(self) -> dict[str, Any]:
-        """The spec as JSON-able data, without the scheduling fields."""
-        return self.model_dump(mode="json", exclude=set(SCHEDULING_FIELDS))
+        """The spec as JSON-able data, without the non-output fields."""
+        return self.model_dump(mode="json", exclude=set(NON_OUTPUT_FIELDS))
 
     def canonical_json(self) -> str:
         """Key-sorted, whitespace-free JSON of `fingerprint_payload()`, stable across runs and machines."""
@@ -100,10 +119,90 @@ class UnclipImageEncoderSpec(TeacherSpecBase):
     processor_backend: ProcessorBackend = "pil"
 
 
+class TimmSpec(TeacherSpecBase):
+    """Any timm model: `forward_features` tokens, preprocessed by the model's own timm data config.
+
+    `model` is `local-dir:PATH` (a folder in timm's hub layout: config.json + model.safetensors), `hf-hub:org/name`
+    (pin it with `revision`), or a timm model name whose pretrained weights are on the hub
+    (`vit_base_patch14_dinov2.lvd142m`).
+    Token outputs [N, C] keep the patch tokens (`prefix_tokens: drop`), prefix ([CLS], registers) and patch tokens
+    (`keep`), or the [CLS] token alone (`cls` -> [1, C]); feature maps [C, H, W] become [H*W, C], row-major.
+    `grid: G` bilinearly resizes the patch-token grid or feature map to G x G first (align_corners=False).
+    """
+
+    kind: Literal["timm"] = "timm"
+    model: str = Field(min_length=1)
+    prefix_tokens: PrefixTokens = "drop"
+    grid: int | None = Field(default=None, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, model: str) -> str:
+        source, sep, ident = model.partition(":")
+        if sep and source in ("local-dir", "hf-hub"):
+            if not ident:
+                raise ValueError(f"{model!r} names no folder or repo after '{source}:'")
+            if source == "hf-hub" and "@" in ident:
+                raise ValueError(f"{model!r}: put the revision in the `revision` field, not after '@'")
+            return model
+        if sep or "/" in model or "\\" in model:
+            raise ValueError(f"{model!r} is not a timm model name; write 'hf-hub:{ident or model}' for a hub repo "
+                             f"or 'local-dir:{ident or model}' for a folder")
+        return model
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> TimmSpec:
+        if self.prefix_tokens == "cls" and self.grid is not None:
+            raise ValueError("grid resizes patch tokens, but prefix_tokens: cls keeps none; drop one of them")
+        return self
+
+
+class HfVisionSpec(TeacherSpecBase):
+    """Any transformers vision model (`AutoModel` + `AutoImageProcessor`): chosen hidden states, mean or concat.
+
+    `layers` index `hidden_states` as the model returns them with `output_hidden_states=True`: 0 is the embedding
+    output, i the output of block i, negative counts from the end (-1 = last block, before any final norm).
+    `combine: mean` averages them, `concat` joins them along channels in the order given. `final_norm` applies the
+    model's own final LayerNorm (`layernorm`, `post_layernorm`, ...) to each chosen layer first. Prefix tokens and
+    `grid` work as in the `timm` kind; `num_prefix_tokens` overrides the count inferred from the patch size.
+    A CLIP- or SigLIP-style model with a text tower contributes its `vision_model` only. No remote code is run.
+    """
+
+    kind: Literal["hf_vision"] = "hf_vision"
+    model: str = Field(min_length=1)
+    layers: tuple[int, ...] = (-1,)
+    combine: Literal["mean", "concat"] = "mean"
+    final_norm: bool = False
+    prefix_tokens: PrefixTokens = "drop"
+    num_prefix_tokens: int | None = Field(default=None, ge=0)
+    grid: int | None = Field(default=None, gt=0)
+    processor_backend: ProcessorBackend = "pil"
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if not layers:
+            raise ValueError("needs at least one hidden_states index, e.g. [-1] or [4, 11, 17, 23]")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"hidden_states indices must be unique, got {list(layers)}")
+        return layers
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> HfVisionSpec:
+        if self.prefix_tokens == "cls" and self.grid is not None:
+            raise ValueError("grid resizes patch tokens, but prefix_tokens: cls keeps none; drop one of them")
+        if self.combine == "mean" and list(self.layers) != sorted(self.layers):
+            # The mean does not depend on the order, so equal targets get one spelling (and one fingerprint).
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+        return self
+
+
 TeacherSpec = Annotated[
-    Union[DepthAnythingSpec, OneFormerSpec, UnclipImageEncoderSpec],
+    Union[DepthAnythingSpec, OneFormerSpec, UnclipImageEncoderSpec, TimmSpec, HfVisionSpec],
     Field(discriminator="kind"),
 ]
 """Any teacher spec; pydantic picks the class from `kind`."""
 
-SPEC_CLASSES: tuple[type[TeacherSpecBase], ...] = (DepthAnythingSpec, OneFormerSpec, UnclipImageEncoderSpec)
+SPEC_CLASSES: tuple[type[TeacherSpecBase], ...] = (
+    DepthAnythingSpec, OneFormerSpec, UnclipImageEncoderSpec, TimmSpec, HfVisionSpec,
+)

@@ -32,8 +32,9 @@ class UnclipImageEncoderTeacher(Teacher):
 
         spec = self.spec
         root = self.resolve_weights()
+        # Loaded straight into the compute dtype: no second, converted copy of a large checkpoint in memory.
         self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            root, subfolder=spec.image_encoder_subfolder, use_safetensors=True
+            root, subfolder=spec.image_encoder_subfolder, use_safetensors=True, dtype=self.compute_dtype
         )
         processor_cls = CLIPImageProcessorPil if spec.processor_backend == "pil" else CLIPImageProcessor
         self.feature_extractor = processor_cls.from_pretrained(root, subfolder=spec.feature_extractor_subfolder)

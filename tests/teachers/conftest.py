@@ -69,3 +69,28 @@ def demo_teachers(demo_manifest):
     import teachers
 
     return {name: teachers.create(spec) for name, spec in demo_manifest.teachers.items()}
+
+
+@pytest.fixture(scope="session")
+def generic_models(tmp_path_factory):
+    """name -> (folder, in-memory model) for the generic kinds: timm ViT with registers, timm ConvNeXt, timm
+    MambaOut (channels-last map), and transformers CLIP vision, DINOv2 with registers and ResNet."""
+    from tests.teachers import tiny_generic as tg
+
+    root = tmp_path_factory.mktemp("generic_teachers")
+    return {
+        "timm_vit": tg.build_timm(root / "timm_vit", "test_vit", reg_tokens=2),
+        "timm_convnext": tg.build_timm(root / "timm_convnext", "test_convnext"),
+        "timm_mambaout": tg.build_timm(root / "timm_mambaout", "test_mambaout"),
+        "hf_clip": tg.build_hf_clip_vision(root / "hf_clip"),
+        "hf_dinov2_reg": tg.build_hf_dinov2_registers(root / "hf_dinov2_reg"),
+        "hf_resnet": tg.build_hf_resnet(root / "hf_resnet"),
+    }
+
+
+@pytest.fixture(scope="session")
+def images8(images):
+    """Eight RGB images of different sizes: the six shared ones and two mirrored photographs."""
+    from PIL import ImageOps
+
+    return list(images) + [ImageOps.mirror(images[0]), ImageOps.mirror(images[2])]

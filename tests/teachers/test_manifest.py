@@ -62,8 +62,8 @@ def _write(tmp_path, body: str):
         ("teachers:\n  gen:\n    kind: unclip_image_encoder\n    num_gpus: -0.5\n",
          "x.yaml: teachers.gen.num_gpus: "),
         ("teachers:\n  depth:\n    kind: dino_v3\n",
-         "x.yaml: teachers.depth.kind: unknown kind 'dino_v3'; known kinds: depth_anything_v2, oneformer, "
-         "unclip_image_encoder"),
+         "x.yaml: teachers.depth.kind: unknown kind 'dino_v3'; known kinds: depth_anything_v2, hf_vision, oneformer, "
+         "timm, unclip_image_encoder"),
         ("teachers:\n  depth:\n    model: a/b\n", "x.yaml: teachers.depth.kind: missing"),
         ("teachers:\n  depth:\n    kind: depth_anything_v2\n    model: ${NOT_SET_ANYWHERE}/depth\n",
          "x.yaml: teachers.depth.model: environment variable NOT_SET_ANYWHERE is not set"),

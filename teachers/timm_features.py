@@ -1,0 +1,133 @@
+"""Generic timm teacher (kind `timm`): any timm model's `forward_features`, from a manifest entry alone.
+
+Target per image: `model.forward_features(pixels)` turned into tokens by `teachers.tokens`: a ViT's [N, C] keeps
+its patch tokens (prefix tokens dropped or kept, or [CLS] alone), a convnet's [C, H, W] map (or a Swin's [H, W, C])
+becomes [H*W, C] row-major; `grid: G` resizes either to G x G first. For a ViT, `forward_features` already ends
+with the model's final norm. Pixels come from timm's own eval transform for the checkpoint's data config
+(`resolve_data_config` + `create_transform(is_training=False)`: resize, centre crop, mean/std).
+
+Weights are read from safetensors only, by this module, never through timm's loader, which would fall back to a
+pickled `pytorch_model.bin` if one sat beside them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from teachers.base import Teacher, WeightFiles, locate_weights
+from teachers.registry import register
+from teachers.spec import TimmSpec
+from teachers.tokens import feature_map_to_tokens, patch_grid, sequence_to_tokens
+
+
+def _hub_id_of_timm_name(name: str) -> str:
+    """The hub repo holding the pretrained weights of a timm model name (`arch` or `arch.tag`)."""
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    architecture, _ = split_model_name_tag(name)
+    if not timm.is_model(architecture):
+        raise ValueError(f"spec.model: {name!r} is not a timm model name (see timm.list_models()); use "
+                         f"'hf-hub:org/name' or 'local-dir:PATH' for other checkpoints")
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(f"spec.model: timm has no hub weights for {name!r}; save the checkpoint with "
+                         f"timm.models.save_for_hf(..., safe_serialization=True) and use 'local-dir:PATH'")
+    if cfg.hf_hub_filename:
+        # e.g. open_clip checkpoints: another file layout than timm's config.json + model.safetensors.
+        raise ValueError(f"spec.model: timm loads {name!r} from {cfg.hf_hub_id}/{cfg.hf_hub_filename}, not a timm "
+                         f"model folder; export it with timm.models.save_for_hf and use 'local-dir:PATH'")
+    return cfg.hf_hub_id
+
+
+def weights_spec(spec: TimmSpec) -> TimmSpec:
+    """`spec` with `model` replaced by what `locate_weights` understands: a directory or a hub repo id."""
+    source, _, ident = spec.model.partition(":")
+    if source == "local-dir":
+        if not Path(ident).expanduser().is_dir():
+            raise FileNotFoundError(f"spec.model: no such directory {ident} (from {spec.model!r}); build it first "
+                                    f"or fix the path")
+        return spec.model_copy(update={"model": ident})
+    if source == "hf-hub":
+        return spec.model_copy(update={"model": ident})
+    return spec.model_copy(update={"model": _hub_id_of_timm_name(spec.model)})
+
+
+def _weights_file(root: Path) -> Path:
+    preferred = root / "model.safetensors"
+    if preferred.is_file():
+        return preferred
+    found = sorted(root.glob("*.safetensors"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"spec.model: expected model.safetensors (or a single .safetensors file) in "
+                                f"{root}, found {[p.name for p in found]}")
+    return found[0]
+
+
+@register("timm")
+class TimmTeacher(Teacher):
+    spec_cls = TimmSpec
+    spec: TimmSpec
+
+    @classmethod
+    def locate(cls, spec: TimmSpec, *, download: bool = True) -> WeightFiles:
+        return locate_weights(weights_spec(spec), download=download)
+
+    def load(self) -> None:
+        import timm
+        from safetensors.torch import load_file
+
+        root = self.resolve_weights()
+        # The random initialisation is overwritten at once; it must not move the caller's RNG either.
+        with torch.random.fork_rng(devices=[]):
+            model = timm.create_model(f"local-dir:{root}", pretrained=False)
+        model.load_state_dict(load_file(_weights_file(root)), strict=True)
+        self.backbone = model.eval()
+        self.data_config = timm.data.resolve_data_config(model=model)
+        self.transform = timm.data.create_transform(**self.data_config, is_training=False)
+        # The layout of the output (NCHW or NHWC map, prefix count, patch grid) is read off one real forward pass.
+        self.channels_last = getattr(model, "output_fmt", None) == "NHWC"
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.grid_hw: tuple[int, int] | None = None
+        _, height, width = self.data_config["input_size"]
+        probe = self.preprocess([Image.new("RGB", (width, height), (127, 127, 127))])
+        with torch.inference_mode():
+            raw = self.backbone.forward_features(probe)
+        self._check_layout(raw, tuple(probe.shape[-2:]))
+        self._target_shape = tuple(self._to_tokens(raw).shape[1:])
+
+    def _check_layout(self, raw: object, image_hw: tuple[int, int]) -> None:
+        spec = self.spec
+        if not isinstance(raw, torch.Tensor) or raw.ndim not in (3, 4):
+            what = f"a {raw.ndim}-d tensor" if isinstance(raw, torch.Tensor) else type(raw).__name__
+            raise ValueError(f"spec.model: {type(self.backbone).__name__}.forward_features returns {what}; the timm "
+                             f"teacher needs tokens [B, N, C] or a feature map [B, C, H, W]")
+        if spec.prefix_tokens == "cls" and (raw.ndim == 4 or self.num_prefix == 0):
+            raise ValueError(f"spec.prefix_tokens: cls, but {type(self.backbone).__name__} has no [CLS] token")
+        if raw.ndim == 3 and spec.grid is not None:
+            patch = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
+            patch_hw = (patch, patch) if isinstance(patch, int) else (tuple(patch) if patch else None)
+            try:
+                self.grid_hw = patch_grid(raw.shape[1] - self.num_prefix, image_hw, patch_hw)
+            except ValueError as exc:
+                raise ValueError(f"spec.grid: {exc}") from None
+
+    def _to_tokens(self, raw: torch.Tensor) -> torch.Tensor:
+        if raw.ndim == 4:
+            if self.channels_last:
+                raw = raw.permute(0, 3, 1, 2)
+            return feature_map_to_tokens(raw, self.spec.grid)
+        return sequence_to_tokens(raw, self.num_prefix, self.spec.prefix_tokens, self.spec.grid, self.grid_hw)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB images -> pixel_values [B, 3, H, W] float32 from timm's eval transform for this checkpoint."""
+        self.check_images(images)
+        return torch.stack([self.transform(image) for image in images]).to(torch.float32)
+
+    def compute(self, batch: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, H, W] -> [B, T, C] in compute dtype."""
+        return self._to_tokens(self.backbone.forward_features(batch))
