@@ -34,6 +34,11 @@ class DataConfig(BaseModel):
         default_factory=dict, description="teacher name -> teacher_fingerprint the store must have"
     )
     accept_fingerprint_mismatch: bool = False
+    online_teachers: bool = Field(
+        default=False,
+        description="A/B mode: compute the targets with the teachers whose specs the store recorded, in the training "
+        "process, instead of reading them (same storage rounding and valid flags); for parity checks and timing",
+    )
 
 
 class TaskConfig(BaseModel):
@@ -78,6 +83,9 @@ class ModelConfig(BaseModel):
         "next-token loss only (VPT/IFT)",
     )
     task_order: list[str] | None = Field(default=None, description="order of task tokens; default gen, depth, seg")
+    logit_scale_per: Literal["layer", "task"] = Field(
+        default="layer", description="InfoNCE logit scale per tapped layer, or shared per task as the reference does"
+    )
     trainable: list[str] = Field(
         default_factory=lambda: ["projector", "predictors", "task_tokens"],
         description="parts to train (PT: projector, predictors, task_tokens; VPT/IFT: llm, projector)",
@@ -156,6 +164,9 @@ class ExperimentConfig(BaseModel):
         if self.model.tasks and self.data.store is None:
             raise ValueError(f"model.tasks {sorted(self.model.tasks)} need targets: set data.store, or set "
                              "model.tasks to {} for next-token-only training")
+        if self.data.online_teachers and not self.model.tasks:
+            raise ValueError("data.online_teachers=true computes the targets of model.tasks, which is empty; "
+                             "add tasks or set data.online_teachers=false")
         return self
 
 

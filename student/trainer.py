@@ -138,7 +138,7 @@ def _load_student(cfg: ExperimentConfig, store_info: dict):
     model = OlaStudent.from_parts(
         cfg.model.vision, cfg.model.llm, tasks=tasks, task_order=order,
         image_token_id=tokenizer.convert_tokens_to_ids(cfg.model.image_token),
-        vision_feature_layer=cfg.model.vision_feature_layer,
+        vision_feature_layer=cfg.model.vision_feature_layer, logit_scale_per=cfg.model.logit_scale_per,
     )
     if len(tokenizer) > model.llm.get_input_embeddings().num_embeddings:
         model.llm.resize_token_embeddings(len(tokenizer))
