@@ -23,10 +23,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pipeline demo-assets $(DEMO_DIR)
 	$(BIN)/pipeline precompute --shards $(DEMO_DIR)/shards --teachers manifests/teachers/demo.yaml --store $(DEMO_DIR)/store
-	DEMO_DIR=$(DEMO_DIR) $(BIN)/pipeline train --config manifests/experiments/demo.yaml
+	$(BIN)/pipeline train --config manifests/experiments/demo.yaml
+	$(BIN)/pipeline preview $(DEMO_DIR)/store --rows 0,5,9,14 --shards $(DEMO_DIR)/shards --out $(DEMO_DIR)/preview.png
+	$(BIN)/pipeline probe --checkpoint $(DEMO_DIR)/checkpoint --store $(DEMO_DIR)/store --shards $(DEMO_DIR)/shards --out $(DEMO_DIR) --quiet
 	@echo
 	@$(BIN)/pipeline status $(DEMO_DIR)/store
-	@echo "made: $(DEMO_DIR)/shards (demo data), $(DEMO_DIR)/assets (tiny checkpoints), $(DEMO_DIR)/store (targets), $(DEMO_DIR)/checkpoint (student)"
+	@echo "made: $(DEMO_DIR)/shards (demo data), $(DEMO_DIR)/assets (tiny checkpoints), $(DEMO_DIR)/store (targets),"
+	@echo "      $(DEMO_DIR)/checkpoint (student), $(DEMO_DIR)/preview.png (targets), $(DEMO_DIR)/probe.png (layer-wise probes)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """\
@@ -139,6 +139,45 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _int_list(text):
+    return tuple(int(x) for x in text.split(",")) if text else None
+
+
+def _cmd_probe(args) -> int:
+    from student.probe import ProbeConfig, format_table, run_probe
+
+    given = {"layers": _int_list(args.layers), "teachers": tuple(args.teachers.split(",")) if args.teachers else None,
+             "test_shards": args.test_shards, "max_images": args.max_images, "steps": args.steps,
+             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    config = ProbeConfig(**{k: v for k, v in given.items() if v is not None})
+    results = run_probe(args.checkpoint, args.store, args.out, shards=args.shards, compare=args.compare,
+                        config=config, progress=not args.quiet)
+    print(format_table(results))
+    print(f"wrote {args.out}/probe.json, probe.csv, probe.png")
+    return 0
+
+
+def _cmd_preview(args) -> int:
+    from pipeline.preview import run_preview
+
+    store = args.store_option or args.store
+    if not store:
+        raise UsageError("preview needs a store: `pipeline preview STORE --rows ...` or `--store STORE`")
+    width, height = run_preview(store, args.rows, args.out, checkpoint=args.checkpoint, shards=args.shards)
+    print(f"wrote {args.out} ({width}x{height} pixels)")
+    return 0
+
+
+def _cmd_estimate(args) -> int:
+    from pipeline.estimate import estimate, format_estimate
+
+    result = estimate(args.teachers, args.rows, rows_per_block=args.rows_per_block,
+                      rows_per_chunk=args.rows_per_chunk, shards=args.shards, sample_count=args.sample_images,
+                      load=not args.no_load)
+    print(json.dumps(result.as_dict(), indent=1) if args.json else format_estimate(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -214,6 +253,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question or instruction")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("probe", help="layer-wise probes of a frozen student on cached targets: table and plot")
+    p.add_argument("--checkpoint", required=True, help="a student directory written by `pipeline train`")
+    p.add_argument("--store", required=True, help="target store holding the teachers to probe")
+    p.add_argument("--shards", default=None, help="the store's shards (default: the ones the checkpoint trained on)")
+    p.add_argument("--compare", default=None, metavar="DIR2",
+                   help="a second checkpoint, probed on the same split and drawn dashed in the same plot")
+    p.add_argument("--out", required=True, help="directory for probe.json, probe.csv and probe.png")
+    p.add_argument("--layers", default=None, help="comma-separated LLM layers, 1-indexed (default: all)")
+    p.add_argument("--teachers", default=None, help="comma-separated teachers (default: every teacher in the store)")
+    p.add_argument("--test-shards", type=int, default=None, help="how many last shards are held out (default 1)")
+    p.add_argument("--max-images", type=int, default=None, help="at most this many train and held-out images each")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per probe (default 30)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per probe step (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="probe learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the probes' initialisation and order (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no per-probe lines")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("preview", help="PNG of a few rows: image and targets (PCA pictures), or predicted vs target")
+    p.add_argument("store", nargs="?", default=None, help="target store directory or fsspec URL")
+    p.add_argument("--store", dest="store_option", default=None, help="the store, as an option (for --checkpoint)")
+    p.add_argument("--rows", required=True, help="rows to show, e.g. 0,5,9 or 0-3")
+    p.add_argument("--shards", default=None,
+                   help="the store's shards, to show the images (with --checkpoint: default the training shards)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a student directory: show its predictions (last tapped layer) next to the targets")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=_cmd_preview)
+
+    p = sub.add_parser("estimate", help="bytes on disk per teacher and storage option, and teacher FLOPs per image")
+    p.add_argument("--teachers", required=True, help="teacher manifest (manifests/teachers/*.yaml)")
+    p.add_argument("--rows", type=int, required=True, help="number of samples, e.g. 558128 for LLaVA-558K")
+    p.add_argument("--rows-per-block", type=int, default=64, help="as for precompute (default 64)")
+    p.add_argument("--rows-per-chunk", type=int, default=8, help="as for precompute (default 8)")
+    p.add_argument("--shards", default=None,
+                   help="measure compression on the first images of these shards (default: bundled sample photos)")
+    p.add_argument("--sample-images", type=int, default=16, help="images to measure compression on (default 16)")
+    p.add_argument("--no-load", action="store_true", help="never load a model: declared shapes only, nothing measured")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_estimate)
     return parser
 
 

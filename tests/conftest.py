@@ -64,3 +64,14 @@ def store_copy(demo_store, tmp_path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(demo_store, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(demo_store, demo_dir, tmp_path_factory) -> Path:
+    """A student trained 2 steps on the demo store (for probe and preview); tests must not write into it."""
+    from student.trainer import train_from_config
+
+    out = tmp_path_factory.mktemp("checkpoint") / "demo"
+    train_from_config(str(DEMO_EXPERIMENT), [f"output_dir={out}", "train.max_steps=2", "data.num_workers=0",
+                                             "data.batch_size=2", "train.trackers=[]"], progress=False)
+    return out
