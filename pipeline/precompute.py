@@ -10,7 +10,6 @@ completion record. Re-running after any crash redoes exactly the blocks without 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from pipeline.errors import JobError, UsageError
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from pipeline.index import ShardIndex, build_index, first_difference
-from pipeline.shards import read_member_bytes, shard_name
+from pipeline.shards import read_indexed_image, shard_name
 from pipeline.store import BlockRange, Storage, TargetStore
 
 DEFAULT_ROWS_PER_BLOCK = 64
@@ -126,9 +125,8 @@ class BlockWorker:
     def _read_image(self, f, row: int):
         if not self.index["image_member"][row]:
             raise ImageDecodeError("sample has no image file")
-        data = read_member_bytes(f, self.index["image_offset"][row], self.index["image_size"][row])
-        if hashlib.sha1(data).hexdigest() != self.index["image_sha1"][row]:
-            raise ImageDecodeError("image bytes changed since the shards were indexed")
+        data = read_indexed_image(f, self.index["image_offset"][row], self.index["image_size"][row],
+                                  self.index["image_sha1"][row])
         return decode_rgb(data, max_pixels=self.max_pixels)
 
     def _failure(self, row: int, error: str, teacher: str = "") -> dict:

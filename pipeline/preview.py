@@ -18,7 +18,6 @@ its training input (image and caption).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,7 +126,7 @@ def read_images(store, shards: str, rows: list[int]) -> dict[int, object]:
     import fsspec
 
     from pipeline.images import ImageDecodeError, decode_rgb
-    from pipeline.shards import list_shards, read_member_bytes, shard_name
+    from pipeline.shards import list_shards, read_indexed_image, shard_name
 
     index = store.read_index()
     columns = {c: index.column(c).to_pylist() for c in ("shard", "key", "image_sha1", "image_offset", "image_size")}
@@ -142,9 +141,8 @@ def read_images(store, shards: str, rows: list[int]) -> dict[int, object]:
             continue
         try:
             with fsspec.open(urls[shard], "rb") as f:
-                data = read_member_bytes(f, columns["image_offset"][row], columns["image_size"][row])
-            if hashlib.sha1(data).hexdigest() != columns["image_sha1"][row]:
-                raise ImageDecodeError(f"image bytes differ from the ones indexed (sha1) in {shard}/{key}")
+                data = read_indexed_image(f, columns["image_offset"][row], columns["image_size"][row],
+                                          columns["image_sha1"][row])
             images[row] = decode_rgb(data)
         except (ImageDecodeError, EOFError) as exc:
             raise UsageError(f"row {row} ({shard}/{key}): {exc}; are these the shards the store was built from?") \

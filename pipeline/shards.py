@@ -20,6 +20,7 @@ import fsspec
 from braceexpand import braceexpand
 
 from pipeline.errors import UsageError
+from pipeline.images import ImageDecodeError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_EXTENSION = "txt"
@@ -128,6 +129,14 @@ def scan_shard(url: str) -> ShardListing:
             error += f"; sample {dropped} and any after it are skipped"
         return ShardListing(url=url, samples=samples, error=error, broken_key=dropped)
     return ShardListing(url=url, samples=samples)
+
+
+def read_indexed_image(file, offset: int, size: int, sha1: str) -> bytes:
+    """An indexed sample's image bytes (see pipeline/index.py), checked against the sha1 the index recorded."""
+    data = read_member_bytes(file, offset, size)
+    if hashlib.sha1(data).hexdigest() != sha1:
+        raise ImageDecodeError("image bytes changed since the shards were indexed (sha1 differs)")
+    return data
 
 
 def read_member_bytes(file, offset: int, size: int) -> bytes:
