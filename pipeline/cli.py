@@ -107,7 +107,8 @@ def _cmd_verify(args) -> int:
 def _cmd_train(args) -> int:
     from student.trainer import train_from_config
 
-    overrides = list(args.set) + ([f"train.resume={args.resume}"] if args.resume else [])
+    overrides = list(args.set) + (["data.online_teachers=true"] if args.online_teachers else []) \
+        + ([f"train.resume={args.resume}"] if args.resume else [])
     result = train_from_config(args.config, overrides=overrides, progress=not args.quiet)
     print(result.summary())
     return 0
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiment manifest (manifests/experiments/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+    p.add_argument("--online-teachers", action="store_true",
+                   help="compute the targets with the teachers the store recorded instead of reading them (A/B "
+                        "parity and timing; needs their weights); same as --set data.online_teachers=true")
     p.add_argument("--resume", default=None, metavar="auto|none|PATH",
                    help="resume from the latest checkpoint in output_dir (auto, the default), none, or a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -75,8 +75,12 @@ class TrainingSamples(IterableDataset):
     """Yields `transform(sample)` for every usable sample of this rank's share of the shards, forever.
 
     `sample` is a dict: row (int; -1 without a store), key, image (RGB PIL), caption (str | None), conversations
-    (list | None), targets {teacher: np.ndarray [T, C]}, valid {teacher: bool}, and stream: the `StreamPosition`
-    just after this sample.
+    (list | None), targets {teacher: np.ndarray [T, C]}, valid {teacher: bool}, stream: the `StreamPosition`
+    just after this sample, and skipped: {reason: count} of the samples this worker has left out so far (a
+    DataLoader worker's counters live in its own process; this is how they reach the trainer).
+
+    `teachers` are the groups whose targets are read; with `store_path` set and `teachers=[]`, samples are still
+    aligned with (and hash-checked against) the store's index, but no target is read (online teachers).
 
     The order is a pure function of (seed, rank, worker, epoch), so a position is enough to resume exactly:
     `resume(positions, next_worker)` makes each worker skip the records it had already delivered, without decoding
@@ -160,17 +164,28 @@ class TrainingSamples(IterableDataset):
         start = self._positions.get(worker, StreamPosition(worker, 0, 0))
         epoch, skip = start.epoch, start.index
         while self.epochs is None or epoch < self.epochs:
+            urls = self.epoch_urls(worker, num_workers, epoch)
             stream = wds.WebDataset(
-                self.epoch_urls(worker, num_workers, epoch), shardshuffle=False, nodesplitter=_keep_all,
+                urls, shardshuffle=False, nodesplitter=_keep_all,
                 workersplitter=_keep_all, empty_check=False, handler=wds.warn_and_continue,
             )
+            delivered = seen = 0
             for index, raw in enumerate(stream):
                 if index < skip:
                     continue
+                seen += 1
                 sample = self._prepare(raw)
                 if sample is not None:
+                    delivered += 1
                     sample["stream"] = StreamPosition(worker, epoch, index + 1)
+                    sample["skipped"] = dict(self.skipped)
                     yield self.transform(sample)
+            if seen and not delivered and not skip:
+                # Otherwise an endless stream would look for a usable sample forever (e.g. shards rewritten under
+                # the same names, so that every image hash differs from the store's index).
+                reasons = ", ".join(f"{n} x {r}" for r, n in self.skipped.most_common())
+                raise UsageError(f"none of the {seen} samples of shard(s) {', '.join(map(shard_name, urls))} can be "
+                                 f"trained on ({reasons}); were these shards rewritten after the store was built?")
             epoch, skip = epoch + 1, 0
 
     def _skip(self, reason: str, raw: dict) -> None:

@@ -1,7 +1,9 @@
 """`pipeline train`: the OLA-VLM coupled objective on precomputed targets, with accelerate.
 
 One process per device (`accelerate launch` for many); no teacher is ever imported or loaded: the
-targets come from the store written by `pipeline precompute`.
+targets come from the store written by `pipeline precompute`. The one exception is the explicit A/B mode
+`data.online_teachers: true` (`--online-teachers`), which rebuilds the store's teachers in this process
+(`pipeline/online_targets.py`) and computes the same targets at every step instead of reading them.
 
     pipeline train --config manifests/experiments/demo.yaml                     # one CPU / GPU
     accelerate launch -m pipeline train --config manifests/experiments/X.yaml   # every local GPU
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.errors import UsageError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.loader import TrainingSamples
 from pipeline.store import TargetStore
 from student.checkpoint import TrainState, load_training_state, resolve_resume, save_training_state
@@ -50,14 +52,17 @@ class TrainResult:
     final_loss: dict[str, float]
     samples_seen: int
     seconds: float
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> samples left out (this rank)
     resumed_from: str | None = None
 
     def summary(self) -> str:
         terms = ", ".join(f"{k} {v:.4f}" for k, v in self.final_loss.items() if "/" not in k)
         resumed = f" (resumed from {self.resumed_from})" if self.resumed_from else ""
-        return (f"trained {self.steps} steps{resumed}, {self.samples_seen} samples in all, in {self.seconds:.1f}s "
+        text = (f"trained {self.steps} steps{resumed}, {self.samples_seen} samples in all, in {self.seconds:.1f}s "
                 f"-> {self.output_dir}\n  final losses: {terms}")
+        if self.skipped:
+            text += "\n  skipped samples: " + ", ".join(f"{n} x {reason}" for reason, n in self.skipped.items())
+        return text
 
 
 @dataclass
@@ -75,6 +80,7 @@ class TrainingParts:
     image_processor: object
     loss_cfg: CoupledLossConfig
     store_info: dict
+    online: object | None = None  # pipeline.online_targets.OnlineTargets with data.online_teachers, else None
 
 
 def check_store(cfg: ExperimentConfig) -> dict:
@@ -169,8 +175,13 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     names = list(cfg.model.tasks)
+    online = cfg.data.online_teachers
+    # Online, the loader still aligns samples with the store's index but reads no target; it hands over the
+    # decoded images instead, and the teachers turn them into targets in this process (see compute_loss).
+    read = [] if online else names
     dataset = TrainingSamples(
-        cfg.data.shards, cfg.data.store, names, SampleEncoder(image_processor, tokenizer, cfg.data.max_length),
+        cfg.data.shards, cfg.data.store, read,
+        SampleEncoder(image_processor, tokenizer, cfg.data.max_length, keep_image=online),
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         check_image_hash=cfg.data.check_image_hash, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.seed,
     )
@@ -181,7 +192,7 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
     # Its own generator: creating the loader's iterator must not draw from the global RNG, which a resumed run
     # restores from the checkpoint.
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                        collate_fn=BatchCollator(tokenizer.pad_token_id, names),
+                        collate_fn=BatchCollator(tokenizer.pad_token_id, read),
                         persistent_workers=cfg.data.num_workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -201,8 +212,31 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
         contrastive_weight=cfg.loss.contrastive_weight, layer_weight=cfg.loss.layer_weight,
         logit_scale_max=cfg.loss.logit_scale_max, task_weights={n: t.weight for n, t in cfg.model.tasks.items()},
     )
+    teachers = _online_teachers(cfg, accelerator, store_info) if online else None
     return TrainingParts(cfg, accelerator, model, optimizer, scheduler, loader, dataset, tokenizer, image_processor,
-                         loss_cfg, store_info)
+                         loss_cfg, store_info, teachers)
+
+
+def _online_teachers(cfg: ExperimentConfig, accelerator, store_info: dict):
+    from pipeline.online_targets import OnlineTargets  # imports `teachers`: only ever in this mode
+
+    # Loading teachers must not move the RNG the student's training draws from: an A/B pair of runs has to be the
+    # same run but for where the targets come from.
+    with torch.random.fork_rng(devices=[]):
+        online = OnlineTargets(cfg.data.store, list(cfg.model.tasks), device=accelerator.device,
+                               accept_fingerprint_mismatch=cfg.data.accept_fingerprint_mismatch)
+    store_info["online_teachers"] = True
+    for name, fingerprint in online.fingerprints.items():
+        store_info["teachers"][name]["online_fingerprint"] = fingerprint
+    return online
+
+
+def batch_targets(parts: TrainingParts, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The batch's targets {task: [B, T, C] float32} and valid flags {task: [B] bool}: read from the store by the
+    loader, or computed now by the online teachers."""
+    if parts.online is None:
+        return batch["targets"], batch["valid"]
+    return parts.online(batch["images"])
 
 
 def compute_loss(parts: TrainingParts, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -215,8 +249,9 @@ def compute_loss(parts: TrainingParts, batch: dict) -> tuple[torch.Tensor, dict[
                 compute_predictions=bool(tasks))
     # A student from an earlier stage may carry heads whose loss this stage leaves off.
     predictions = {k: v for k, v in out.predictions.items() if k in tasks}
-    targets = {k: v.to(device) for k, v in batch["targets"].items()}
-    valid = {k: v.to(device) for k, v in batch["valid"].items()}
+    targets, valid = batch_targets(parts, batch)
+    targets = {k: v.to(device) for k, v in targets.items()}
+    valid = {k: v.to(device) for k, v in valid.items()}
     unwrapped = parts.accelerator.unwrap_model(model)
     gather = parts.accelerator.gather if parts.accelerator.num_processes > 1 else None
     return coupled_loss(out.loss, predictions, targets, valid, unwrapped.logit_scales, parts.loss_cfg,
@@ -272,6 +307,17 @@ def _open_metrics(path: str, resumed_step: int):
     return f
 
 
+def _next_batch(data) -> dict:
+    try:
+        return next(data)
+    except PipelineError as exc:
+        # A DataLoader re-raises a worker's error with the worker's traceback as its message; the CLI prints one line.
+        message = str(exc)
+        if "Original Traceback" in message:
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        raise type(exc)(message) from None
+
+
 def _mean_terms(parts: TrainingParts, sums: dict[str, float], count: int) -> dict[str, float]:
     """Average the loss terms over micro-batches and (with several processes) over ranks."""
     names = sorted(sums)
@@ -298,6 +344,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
         acc.init_trackers(cfg.name, config=_hparams(cfg))
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     rows_seen: list[int] = []
+    skipped_by_worker: dict[int, dict[str, int]] = {}
     first, last = {}, {}
     per_step = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
     start_step = state.step
@@ -311,8 +358,10 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
             sums: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 fetch_started = time.perf_counter()
-                batch = next(data)
+                batch = _next_batch(data)
                 waited += time.perf_counter() - fetch_started
+                if batch["stream"] is not None:
+                    skipped_by_worker[batch["stream"].worker] = batch["skipped"]
                 if cfg.train.record_rows:
                     rows_seen.extend(batch["rows"].tolist())
                 for k, v in train_step(parts, batch).items():
@@ -345,7 +394,15 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
         acc.end_training()
     return TrainResult(output_dir=cfg.output_dir, steps=state.step - start_step, first_loss=first, final_loss=last,
                        samples_seen=state.samples, seconds=time.perf_counter() - started,
-                       skipped=dict(parts.dataset.skipped), resumed_from=resume_dir)
+                       skipped=_total_skipped(skipped_by_worker), resumed_from=resume_dir)
+
+
+def _total_skipped(by_worker: dict[int, dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in by_worker.values():
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[str, float],

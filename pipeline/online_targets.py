@@ -1,0 +1,103 @@
+"""Online targets: compute, while training, the targets `pipeline precompute` stored, with the same teachers.
+
+`data.online_teachers: true` (`pipeline train --online-teachers`) is the A/B twin of training on a store: every
+teacher is rebuilt from the spec the store recorded for it (`STORE/<teacher>/` attribute `spec`), must have the
+store's `teacher_fingerprint`, and its outputs go through the teacher's own storage encoding (float16, bfloat16,
+int8, pooling) and back, so a cached and an online run see the same numbers up to that rounding. Samples are still
+aligned with the store's `index.parquet` (rows, image hashes); only the target arrays are never read.
+
+Where the teachers run: here, in the training process, on the whole batch, on the training device. Not in the
+DataLoader workers, because there every worker would hold its own copy of every teacher (peak memory x
+num_workers, and the paper's three teachers hold ~1.2 B parameters), CUDA cannot be used from forked workers, and
+a worker would run each teacher on a handful of images on the CPU. One copy per rank, batched on the accelerator,
+is what the reference does at every step, so this mode also measures what precomputing saves.
+
+This module imports `teachers`; the trainer imports it only in this mode, so cached training never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import UsageError
+from pipeline.store import Storage, TargetStore
+
+
+class OnlineTargets:
+    """The store's teachers, rebuilt from their recorded specs: `images -> (targets, valid)` like a cached batch."""
+
+    def __init__(self, store_path: str, names: Sequence[str], *, device: str | torch.device = "cpu",
+                 accept_fingerprint_mismatch: bool = False):
+        import teachers
+
+        store = TargetStore(store_path)
+        self.names = list(names)
+        self.teachers = {}
+        self.storage: dict[str, Storage] = {}
+        self.target_shapes: dict[str, tuple[int, int]] = {}
+        self.fingerprints: dict[str, str] = {}
+        for name in self.names:
+            attrs = store.teacher_attrs(name)
+            try:
+                teacher = teachers.create(attrs["spec"], device=device)
+            except (OSError, ValueError, LookupError) as exc:
+                raise UsageError(
+                    f"cannot build teacher {name!r} from the spec store {store.path} recorded "
+                    f"(model {attrs['spec'].get('model')}): {' '.join(str(exc).split())}; online teachers need the "
+                    "same weights at the same place as the precompute that wrote the store"
+                ) from None
+            if teacher.fingerprint != attrs["teacher_fingerprint"] and not accept_fingerprint_mismatch:
+                raise UsageError(
+                    f"teacher {name!r} rebuilt from store {store.path}'s spec has fingerprint "
+                    f"{teacher.fingerprint[:12]}.. but the store's targets were made by "
+                    f"{attrs['teacher_fingerprint'][:12]}..: the weights at {attrs['spec'].get('model')} or the "
+                    "teacher code changed since the precompute; restore them, precompute a new store, or set "
+                    "data.accept_fingerprint_mismatch=true"
+                )
+            if tuple(teacher.target_shape) != tuple(attrs["target_shape"]):
+                raise UsageError(f"teacher {name!r} gives targets {list(teacher.target_shape)} but store "
+                                 f"{store.path} holds {attrs['target_shape']}")
+            self.teachers[name] = teacher
+            self.storage[name] = store.storage(name)
+            self.target_shapes[name] = tuple(teacher.target_shape)
+            self.fingerprints[name] = teacher.fingerprint
+
+    def __call__(self, images: Sequence) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """RGB PIL images (decoded by `pipeline.images.decode_rgb`) -> ({teacher: [B, T, C] float32},
+        {teacher: [B] bool}), rounded as the store rounds them; a failed or non-finite row is 0 and invalid, as in
+        the store."""
+        targets, valid = {}, {}
+        for name in self.names:
+            raw, ok = self._run(name, list(images))
+            stored, scale = self.storage[name].encode(raw)
+            decoded = self.storage[name].decode(stored, scale, self.target_shapes[name][0])
+            targets[name] = torch.from_numpy(np.ascontiguousarray(decoded))
+            valid[name] = torch.from_numpy(ok)
+        return targets, valid
+
+    def _run(self, name: str, images: list) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [B, T, C] and bool [B], batched by the teacher's `batch_size`, with precompute's failure rules."""
+        teacher = self.teachers[name]
+        out = np.zeros((len(images), *self.target_shapes[name]), dtype=np.float32)
+        ok = np.zeros((len(images),), dtype=bool)
+        step = max(1, teacher.spec.batch_size)
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
+            try:
+                results = list(teacher(teacher.preprocess(chunk)))
+            except Exception:
+                # As in precompute: one image a teacher cannot take must not cost the others their targets.
+                results = []
+                for image in chunk:
+                    try:
+                        results.append(teacher(teacher.preprocess([image]))[0])
+                    except Exception:  # noqa: BLE001 - the row becomes invalid, training goes on
+                        results.append(None)
+            for i, result in enumerate(results, start):
+                if result is not None and bool(torch.isfinite(result).all()):
+                    out[i] = result.float().cpu().numpy()
+                    ok[i] = True
+        return out, ok
