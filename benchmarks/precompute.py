@@ -131,7 +131,7 @@ def measure(label: str, shards: str, manifest: Path, work: Path, rows: int) -> d
 
     images = decoded_images(shards)
     bare_s, reference = bare_forward(manifest, images)
-    block = max(4, rows // 4)
+    block = 8 * max(1, rows // 32)  # a few blocks per job, each a multiple of the 4-row chunks
     _, one_worker = run_job(shards, manifest, work / "p1", workers=1, rows_per_block=block, rows_per_chunk=4)
     three_s, _ = run_job(shards, manifest, work / "p2-all", rows_per_block=block, rows_per_chunk=4)
     singles = []
