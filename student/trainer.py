@@ -362,8 +362,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
                 waited += time.perf_counter() - fetch_started
                 if batch["stream"] is not None:
                     skipped_by_worker[batch["stream"].worker] = batch["skipped"]
-                if cfg.train.record_rows:
-                    rows_seen.extend(batch["rows"].tolist())
+                rows_seen.extend(batch["rows"].tolist())
                 for k, v in train_step(parts, batch).items():
                     sums[k] = sums.get(k, 0.0) + v
                 state.consumed(batch)
@@ -389,7 +388,9 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
     if cfg.train.record_rows:
         with open(os.path.join(cfg.output_dir, f"rows-rank{acc.process_index}.json"), "w") as f:
             json.dump(rows_seen, f)
-    save_checkpoint(parts, state, last, resumed_from=resume_dir)
+    from accelerate.utils import gather_object
+
+    save_checkpoint(parts, state, last, resumed_from=resume_dir, rows=gather_object(rows_seen))
     if cfg.train.trackers:
         acc.end_training()
     return TrainResult(output_dir=cfg.output_dir, steps=state.step - start_step, first_loss=first, final_loss=last,
@@ -406,7 +407,7 @@ def _total_skipped(by_worker: dict[int, dict[str, int]]) -> dict[str, int]:
 
 
 def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[str, float],
-                    resumed_from: str | None = None) -> None:
+                    resumed_from: str | None = None, rows: list[int] = ()) -> None:
     """`save_pretrained` student + tokenizer + image processor, and the provenance of the run beside them."""
     acc = parts.accelerator
     acc.wait_for_everyone()
@@ -423,11 +424,23 @@ def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[st
         "samples": state.samples,
         "world_size": acc.num_processes,
         "resumed_from": resumed_from,
+        # The store rows this invocation trained on (every rank), as [start, stop) ranges: a checkpoint names its data.
+        "rows": {"count": len(set(rows)), "ranges": _row_ranges(rows)},
         "final_loss": final_loss,
         "created_by": "teacher-targets-pipeline",
     }
     with open(os.path.join(out, PROVENANCE_FILE), "w") as f:
         json.dump(provenance, f, indent=1, sort_keys=True)
+
+
+def _row_ranges(rows: list[int]) -> list[list[int]]:
+    ranges: list[list[int]] = []
+    for row in sorted(set(rows)):
+        if ranges and ranges[-1][1] == row:
+            ranges[-1][1] = row + 1
+        else:
+            ranges.append([row, row + 1])
+    return ranges
 
 
 def train_from_config(path: str, overrides: list[str] | None = None, *, progress: bool = True) -> TrainResult:

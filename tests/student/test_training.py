@@ -63,6 +63,8 @@ def test_training_runs_without_any_teacher_and_writes_a_loadable_checkpoint(demo
     for name in ("depth", "seg", "gen"):
         group = json.loads((demo_store / name / "zarr.json").read_text())["attributes"]
         assert provenance["store"]["teachers"][name]["teacher_fingerprint"] == group["teacher_fingerprint"]
+    assert provenance["rows"]["count"] == 3 * 2  # 3 steps of batch 2, distinct rows
+    assert all(0 <= start < stop <= 40 for start, stop in provenance["rows"]["ranges"])
     metrics = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
 
