@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UsageError
+from pipeline.precompute import run_teacher
 from pipeline.store import Storage, TargetStore
 
 
@@ -79,25 +80,6 @@ class OnlineTargets:
         return targets, valid
 
     def _run(self, name: str, images: list) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [B, T, C] and bool [B], batched by the teacher's `batch_size`, with precompute's failure rules."""
-        teacher = self.teachers[name]
-        out = np.zeros((len(images), *self.target_shapes[name]), dtype=np.float32)
-        ok = np.zeros((len(images),), dtype=bool)
-        step = max(1, teacher.spec.batch_size)
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            try:
-                results = list(teacher(teacher.preprocess(chunk)))
-            except Exception:
-                # As in precompute: one image a teacher cannot take must not cost the others their targets.
-                results = []
-                for image in chunk:
-                    try:
-                        results.append(teacher(teacher.preprocess([image]))[0])
-                    except Exception:  # noqa: BLE001 - the row becomes invalid, training goes on
-                        results.append(None)
-            for i, result in enumerate(results, start):
-                if result is not None and bool(torch.isfinite(result).all()):
-                    out[i] = result.float().cpu().numpy()
-                    ok[i] = True
-        return out, ok
+        """float32 [B, T, C] and bool [B], with precompute's batching and failure rules."""
+        out, ok, _ = run_teacher(self.teachers[name], images)
+        return out, ok.astype(bool)

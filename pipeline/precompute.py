@@ -134,41 +134,54 @@ class BlockWorker:
                 "error": error}
 
     def _run_teacher(self, name: str, block: BlockRange, images: dict):
-        import torch
-
         teacher = self.teachers[name]
-        tokens, channels = teacher.target_shape
-        target = np.zeros((block.rows, tokens, channels), dtype=np.float32)
-        valid = np.zeros((block.rows,), dtype=np.uint8)
-        failures = []
         rows = sorted(images)
-        batch_size = max(1, teacher.spec.batch_size)
-        for start in range(0, len(rows), batch_size):
-            batch_rows = rows[start : start + batch_size]
-            try:
-                outputs = list(self._forward(teacher, [images[r] for r in batch_rows]))
-            except Exception:
-                # One bad image must not cost its whole batch: redo the batch one image at a time.
-                outputs = []
-                for row in batch_rows:
-                    try:
-                        outputs.append(self._forward(teacher, [images[row]])[0])
-                    except Exception as exc:  # noqa: BLE001 - recorded per sample, the job goes on
-                        failures.append(self._failure(row, f"{type(exc).__name__}: {exc}", name))
-                        outputs.append(None)
-            for row, out in zip(batch_rows, outputs):
-                if out is None:
-                    continue
-                if not torch.isfinite(out).all():
-                    failures.append(self._failure(row, "teacher output is not finite", name))
-                    continue
-                target[row - block.start] = out.numpy()
-                valid[row - block.start] = 1
-        return target, valid, failures
+        outputs, ok, errors = run_teacher(teacher, [images[r] for r in rows])
+        target = np.zeros((block.rows, *teacher.target_shape), dtype=np.float32)
+        valid = np.zeros((block.rows,), dtype=np.uint8)
+        offsets = [r - block.start for r in rows]
+        target[offsets] = outputs
+        valid[offsets] = ok
+        return target, valid, [self._failure(rows[i], reason, name) for i, reason in errors]
 
-    @staticmethod
-    def _forward(teacher, images):
-        return teacher(teacher.preprocess(images)).float().cpu()
+
+def run_teacher(teacher, images: list) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Targets float32 [n, T, C], valid uint8 [n] and (index, reason) per failed image, batched by `batch_size`.
+
+    A batch that raises is redone one image at a time, so one image a teacher cannot take does not cost the
+    others their targets; a non-finite output is a failure. Failed rows stay zero.
+    """
+    import torch
+
+    target = np.zeros((len(images), *teacher.target_shape), dtype=np.float32)
+    valid = np.zeros((len(images),), dtype=np.uint8)
+    errors = []
+
+    def forward(batch):
+        return teacher(teacher.preprocess(batch)).float().cpu()
+
+    step = max(1, teacher.spec.batch_size)
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step]
+        try:
+            outputs = list(forward(chunk))
+        except Exception:
+            outputs = []
+            for i, image in enumerate(chunk, start):
+                try:
+                    outputs.append(forward([image])[0])
+                except Exception as exc:  # noqa: BLE001 - recorded per sample, the job goes on
+                    errors.append((i, f"{type(exc).__name__}: {exc}"))
+                    outputs.append(None)
+        for i, out in enumerate(outputs, start):
+            if out is None:
+                continue
+            if not torch.isfinite(out).all():
+                errors.append((i, "teacher output is not finite"))
+                continue
+            target[i] = out.numpy()
+            valid[i] = 1
+    return target, valid, sorted(errors)
 
 
 def _duplicate_rows(index: dict[str, list]) -> dict[int, str]:
