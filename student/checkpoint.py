@@ -9,6 +9,9 @@ One checkpoint holds, written in this order:
 
 Resuming = `accelerate.load_state` + each rank's loader skipping what it had delivered, so on CPU the losses after a
 resume are the losses the uninterrupted run would have logged.
+
+`load_student` opens the other kind of checkpoint: a finished student (`output_dir`, `save_pretrained`), for the
+next stage's `model.init_from`, `pipeline probe` and `pipeline generate`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UsageError
 from pipeline.loader import StreamPosition
+from student.loading import from_pretrained_safetensors
+from student.model import OlaStudent
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -123,3 +128,20 @@ def load_training_state(accelerator, path: str, layout: dict) -> TrainState:
     accelerator.load_state(path)
     positions = {p["worker"]: StreamPosition(**p) for p in data["positions"]}
     return TrainState(step=record["step"], samples=record["samples"], batches=data["batches"], positions=positions)
+
+
+def load_student(path: str, *, field: str = "checkpoint"):
+    """(OlaStudent, tokenizer, image processor) from a `pipeline train` output directory, weights from safetensors.
+
+    The model comes back as `from_pretrained` leaves it (eval mode, gradients on); callers that need it frozen say
+    so themselves. `field` names `path` in errors (`model.init_from`, `checkpoint`).
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"{field}={path} holds no trained student (no config.json); pass the output_dir of "
+                         "`pipeline train`")
+    hf_logging.disable_progress_bar()
+    model = from_pretrained_safetensors(OlaStudent, path, field=field)
+    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)

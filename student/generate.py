@@ -12,22 +12,14 @@ from pathlib import Path
 
 from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError, decode_rgb
+from student.checkpoint import load_student
 from student.conversation import messages_from_sample
 
 
 def load_for_inference(checkpoint: str):
     """(model in eval mode, tokenizer, image processor) from a training output directory."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from student.model import OlaStudent
-
-    if not (Path(checkpoint) / "config.json").is_file():
-        raise UsageError(f"{checkpoint} holds no trained student (no config.json); pass the output_dir of "
-                         "`pipeline train`")
-    hf_logging.disable_progress_bar()
-    model = OlaStudent.from_pretrained(checkpoint).eval()
-    return model, AutoTokenizer.from_pretrained(checkpoint), AutoImageProcessor.from_pretrained(checkpoint)
+    model, tokenizer, image_processor = load_student(checkpoint)
+    return model.eval(), tokenizer, image_processor
 
 
 def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int = 64) -> str:

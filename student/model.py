@@ -28,12 +28,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from student.loading import from_pretrained_safetensors
 from student.predictor import EmbeddingPredictor
 
 __all__ = [
     "TaskSpec",
     "REFERENCE_TASKS",
     "StudentConfig",
+    "TaskLayersError",
     "OlaStudent",
     "OlaStudentOutput",
     "TRAINABLE_PARTS",
@@ -126,6 +128,17 @@ REFERENCE_TASKS: tuple[dict[str, Any], ...] = (
     },
     {"name": "seg", "layers": [10, 18], "target_tokens": 576, "target_dim": 1536},
 )
+
+
+class TaskLayersError(ValueError):
+    """A task taps an LLM layer the LLM does not have. Raised by ``StudentConfig`` validation, so from the configs
+    alone (``OlaStudent.from_parts`` builds the config before loading any weights); the trainer turns it into a
+    ``UsageError`` naming ``model.tasks.<task>.layers``."""
+
+    def __init__(self, task: str, layers: list[int], num_layers: int) -> None:
+        self.task, self.layers, self.num_layers = task, list(layers), num_layers
+        super().__init__(f"StudentConfig.tasks[{task!r}].layers {self.layers}: the LLM has {num_layers} layers "
+                         f"(valid: 1..{num_layers})")
 
 
 def _as_config(cfg: PretrainedConfig | dict | None, field_name: str) -> PretrainedConfig | None:
@@ -223,10 +236,7 @@ class StudentConfig(PretrainedConfig):
         n_layers = getattr(self.text_config, "num_hidden_layers", None)
         for s in specs:
             if n_layers is not None and max(s.layers) > n_layers:
-                raise ValueError(
-                    f"StudentConfig.tasks[{s.name!r}].layers {s.layers}: the LLM has {n_layers} layers "
-                    f"(valid: 1..{n_layers})"
-                )
+                raise TaskLayersError(s.name, s.layers, n_layers)
 
     def task_names(self) -> list[str]:
         """Task names in sequence order (``task_order``)."""
@@ -358,6 +368,8 @@ class OlaStudent(PreTrainedModel):
         image_token_id: int,
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
+        vision_field: str = "vision_path",
+        llm_field: str = "llm_path",
         **config_kwargs: Any,
     ) -> "OlaStudent":
         """Build a student from a pretrained vision encoder and a pretrained causal LLM (local dirs or hub ids).
@@ -365,6 +377,10 @@ class OlaStudent(PreTrainedModel):
         ``vision_path`` may hold a vision-only model (``CLIPVisionModel``) or a dual encoder (``CLIPModel``: its
         vision tower is loaded). Projector, task tokens, predictors and logit scales are initialised randomly from
         the current torch RNG (seed it first). ``config_kwargs`` go to ``StudentConfig``.
+
+        The ``StudentConfig`` is built and validated from the two ``config.json`` files before any weights load (a
+        bad task layer fails in a second, not after an 8B load). Weights are read from safetensors only; a path
+        without them is a ``UsageError`` naming ``vision_field`` / ``llm_field`` (the trainer passes its config keys).
         """
         load_kw: dict[str, Any] = {}
         if dtype is not None:
@@ -373,15 +389,16 @@ class OlaStudent(PreTrainedModel):
             load_kw["attn_implementation"] = attn_implementation
         vcfg = AutoConfig.from_pretrained(vision_path)
         vcfg = getattr(vcfg, "vision_config", None) or vcfg
-        vision = _vision_model_class(vcfg).from_pretrained(vision_path, **load_kw)
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, **load_kw)
         config = StudentConfig(
-            vision_config=vision.config,
-            text_config=llm.config,
+            vision_config=vcfg,
+            text_config=AutoConfig.from_pretrained(llm_path),
             tasks=tasks,
             image_token_id=image_token_id,
             **config_kwargs,
         )
+        vision = from_pretrained_safetensors(_vision_model_class(vcfg), vision_path, field=vision_field, **load_kw)
+        llm = from_pretrained_safetensors(AutoModelForCausalLM, llm_path, field=llm_field, **load_kw)
+        # The config keeps the loaded parts' own sub-configs (``__init__`` shares them), as if built from them.
         model = cls(config, vision=vision, llm=llm)
         # Wrapping the loaded parts resets their attention backend to unset (eager, with a warning): restore it.
         model.set_attn_implementation(attn_implementation or model.config._attn_implementation)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UsageError
+from student.checkpoint import load_student
 from student.predictor import EmbeddingPredictor
 
 PROVENANCE_FILE = "training_provenance.json"  # written by student.trainer.save_checkpoint
@@ -113,19 +114,10 @@ class ProbeResult:
 
 def load_frozen_student(checkpoint: str):
     """(model in eval mode without gradients, tokenizer, image processor) from a `pipeline train` directory."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from student.model import OlaStudent
-
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        raise UsageError(f"{checkpoint} is not a student checkpoint (no config.json); pass the output_dir of "
-                         "`pipeline train`")
-    hf_logging.disable_progress_bar()
-    model = OlaStudent.from_pretrained(checkpoint)
+    model, tokenizer, image_processor = load_student(checkpoint)
     model.requires_grad_(False)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(checkpoint), AutoImageProcessor.from_pretrained(checkpoint)
+    return model, tokenizer, image_processor
 
 
 def training_data_config(checkpoint: str) -> dict:

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from pipeline.errors import PipelineError, UsageError
 from pipeline.loader import TrainingSamples
 from pipeline.store import TargetStore
-from student.checkpoint import TrainState, load_training_state, resolve_resume, save_training_state
+from student.checkpoint import TrainState, load_student, load_training_state, resolve_resume, save_training_state
 from student.config import ExperimentConfig, load_experiment
 from student.data import BatchCollator, SampleEncoder
 from student.loss import CoupledLossConfig, coupled_loss
-from student.model import OlaStudent
+from student.model import OlaStudent, TaskLayersError
 
 DEFAULT_TASK_ORDER = ("gen", "depth", "seg")
 PROVENANCE_FILE = "training_provenance.json"
@@ -116,9 +116,7 @@ def _load_student(cfg: ExperimentConfig, store_info: dict):
 
     if cfg.model.init_from is not None:
         source = cfg.model.init_from
-        model = OlaStudent.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
+        model, tokenizer, image_processor = load_student(source, field="model.init_from")
         have = {spec.name: spec.layers for spec in model.config.task_specs()}
         for name, task in cfg.model.tasks.items():
             if have.get(name) != task.layers:
@@ -141,11 +139,16 @@ def _load_student(cfg: ExperimentConfig, store_info: dict):
          "predictor_dim": task.predictor_dim, "out_mlp": task.out_mlp}
         for name, task in cfg.model.tasks.items()
     ]
-    model = OlaStudent.from_parts(
-        cfg.model.vision, cfg.model.llm, tasks=tasks, task_order=order,
-        image_token_id=tokenizer.convert_tokens_to_ids(cfg.model.image_token),
-        vision_feature_layer=cfg.model.vision_feature_layer, logit_scale_per=cfg.model.logit_scale_per,
-    )
+    try:
+        model = OlaStudent.from_parts(
+            cfg.model.vision, cfg.model.llm, tasks=tasks, task_order=order,
+            image_token_id=tokenizer.convert_tokens_to_ids(cfg.model.image_token),
+            vision_feature_layer=cfg.model.vision_feature_layer, logit_scale_per=cfg.model.logit_scale_per,
+            vision_field="model.vision", llm_field="model.llm",
+        )
+    except TaskLayersError as exc:  # raised from the configs, before any weights load
+        raise UsageError(f"model.tasks.{exc.task}.layers {exc.layers}: the LLM {cfg.model.llm} has {exc.num_layers} "
+                         f"layers; tap layers in 1..{exc.num_layers}") from None
     if len(tokenizer) > model.llm.get_input_embeddings().num_embeddings:
         model.llm.resize_token_embeddings(len(tokenizer))
     return model, tokenizer, image_processor
