@@ -29,26 +29,32 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 
     Raises `ImageDecodeError` with a readable reason for empty, corrupt, truncated or oversized images: over
     `max_pixels` (width x height), or over Pillow's own hard limit (twice `PIL.Image.MAX_IMAGE_PIXELS`, about
-    179 Mpx by default), which a larger `max_pixels` does not lift.
+    179 Mpx by default), which a larger `max_pixels` does not lift. No other exception escapes: whatever goes
+    wrong with one image's bytes (including its EXIF block or mode conversion) is that image's failure.
     """
     if not data:
         raise ImageDecodeError("empty image file (0 bytes)")
+    buffer = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # `max_pixels` is the limit: Pillow's warning at its own default must not veto a higher one.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(buffer)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
             image.load()
+            # Inside the try: EXIF parsing and mode conversion read untrusted bytes too (a malformed eXIf chunk
+            # raises SyntaxError from exif_transpose), and one bad file must not stop a job or a DataLoader.
+            return to_rgb(image)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
-    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError) for bad files
-        raise ImageDecodeError(f"cannot decode image: {exc}") from None
-    return to_rgb(image)
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+        # Pillow names the buffer by its repr, a memory address: drop it so a reason is the same on every run.
+        reason = str(exc).replace(f" {buffer!r}", "")
+        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {reason}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
