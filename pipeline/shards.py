@@ -97,7 +97,9 @@ def scan_shard(url: str) -> ShardListing:
 
     Captions and conversations are small and kept; images are hashed and located (offset, size) so
     the precompute workers can read exactly the bytes they need later. A truncated or corrupt tar keeps
-    the samples read before the damage and reports the damage in `ShardListing.error`.
+    the samples read before the damage and reports the damage in `ShardListing.error`; so does a tar that
+    stops early without an error from `tarfile` (a cut or damaged member header, a missing end-of-archive
+    marker), which `_check_end_of_archive` catches.
     """
     samples: list[SampleMembers] = []
     current: SampleMembers | None = None
@@ -121,6 +123,7 @@ def scan_shard(url: str) -> ShardListing:
                     current.conversation = tar.extractfile(member).read()
                 else:
                     current.extra.append(member.name)
+            damage = _check_end_of_archive(raw, tar.offset)
     except (tarfile.TarError, EOFError, OSError) as exc:
         # The sample being read when the tar broke may be missing parts: drop it rather than index half of it.
         dropped = samples.pop().key if samples else None
@@ -128,7 +131,36 @@ def scan_shard(url: str) -> ShardListing:
         if dropped:
             error += f"; sample {dropped} and any after it are skipped"
         return ShardListing(url=url, samples=samples, error=error, broken_key=dropped)
+    if damage is not None:
+        reason, broken_key = damage
+        return ShardListing(url=url, samples=samples, broken_key=broken_key,
+                            error=f"shard is truncated or corrupt after {len(samples)} whole samples ({reason})")
     return ShardListing(url=url, samples=samples)
+
+
+_TAR_BLOCK = 512
+_TAR_NAME_FIELD = 100  # bytes of a ustar header that hold the member name
+
+
+def _check_end_of_archive(raw, offset: int) -> tuple[str, str | None] | None:
+    """Why a tar that `tarfile` read to its end without an error did not end properly, or None if it did.
+
+    `tarfile` stops silently at a member header that is cut or damaged, so the samples after it vanish: a whole
+    tar ends with zero blocks where the next header would be. Returns (reason, key of the damaged member if its
+    name is legible). Every member before `offset` was read whole, so those samples stay.
+    """
+    raw.seek(offset)
+    head = raw.read(_TAR_BLOCK)
+    if not head:
+        return f"it ends at byte {offset} without the tar end-of-archive marker: cut short?", None
+    if not head.strip(b"\0"):
+        return None  # the end-of-archive marker; what follows is padding
+    if len(head) == _TAR_BLOCK:
+        return f"the member header at byte {offset} is damaged; the members from there on are lost", None
+    # A cut header still names its member when the cut falls after the name field.
+    name = head[:_TAR_NAME_FIELD].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+    key = split_member_name(name)[0] if name and len(head) >= _TAR_NAME_FIELD else None
+    return f"the member header at byte {offset} is cut; the members from there on are lost", key
 
 
 def read_indexed_image(file, offset: int, size: int, sha1: str) -> bytes:
