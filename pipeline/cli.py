@@ -67,6 +67,9 @@ def _cmd_precompute(args) -> int:
     )
     if summary.nothing_to_do:
         print(f"store {summary.store} is complete for these teachers: nothing to do")
+    elif summary.finished_earlier_run:
+        print(f"store {summary.store}: every block was already computed; wrote what the last run left unfinished "
+              "(errors.parquet, statistics, completion flags)")
     else:
         print(f"computed {summary.blocks_computed} block(s), {summary.rows_computed} teacher-rows, "
               f"{summary.failures} failure(s) in {summary.seconds:.1f}s -> {summary.store}")
@@ -94,11 +97,13 @@ def _cmd_status(args) -> int:
 def _cmd_verify(args) -> int:
     from pipeline.verify import verify_store
 
-    problems = verify_store(args.store, shards=args.shards, manifest=args.teachers, progress=not args.quiet)
-    for problem in problems:
+    report = verify_store(args.store, shards=args.shards, manifest=args.teachers, progress=not args.quiet)
+    for problem in report.problems:
         print(f"problem: {problem}")
-    if problems:
-        print(f"store {args.store}: {len(problems)} problem(s)", file=sys.stderr)
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.problems:
+        print(f"store {args.store}: {len(report.problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"store {args.store}: complete, intact" + (" and aligned with the shards" if args.shards else ""))
     return 0

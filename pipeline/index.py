@@ -97,15 +97,36 @@ def build_index(shards: str, *, threads: int = 8, progress: bool = True) -> Shar
 
 
 def first_difference(expected: pa.Table, actual: pa.Table) -> str:
-    """Describe the first row where two indexes disagree, for refusal messages."""
-    cols = ("shard", "key", "image_sha1")
-    old = list(zip(*(expected.column(c).to_pylist() for c in cols)))
-    new = list(zip(*(actual.column(c).to_pylist() for c in cols)))
+    """Describe the first row where two indexes disagree in any column, for refusal messages."""
+    if expected.column_names != actual.column_names:
+        return f"the index columns differ ({expected.column_names} vs {actual.column_names})"
+    old, new = expected.to_pylist(), actual.to_pylist()
     for row, (a, b) in enumerate(zip(old, new)):
-        if a != b:
-            if a[:2] == b[:2]:
-                return f"row {row} ({a[0]}/{a[1]}): the image bytes differ"
-            return f"row {row}: the store has {a[0]}/{a[1]} but the shards give {b[0]}/{b[1]}"
+        if a == b:
+            continue
+        if (a["shard"], a["key"]) != (b["shard"], b["key"]):
+            return f"row {row}: the store has {a['shard']}/{a['key']} but the shards give {b['shard']}/{b['key']}"
+        if a["image_sha1"] != b["image_sha1"]:
+            return f"row {row} ({a['shard']}/{a['key']}): the image bytes differ"
+        column = next(c for c in expected.column_names if a[c] != b[c])
+        return (f"row {row} ({a['shard']}/{a['key']}): {column} is {a[column]!r} in the store but "
+                f"{b[column]!r} in the shards")
     if len(old) != len(new):
         return f"the store has {len(old)} rows but the shards give {len(new)}"
     return "no difference"
+
+
+def duplicate_rows(table: pa.Table) -> dict[int, str]:
+    """Rows whose (shard, key) appeared earlier in the index, with the reason they are not used.
+
+    The rule every reader shares: the first occurrence of a key in its shard is the sample; later ones are
+    recorded failures of precompute and skipped by the training loader.
+    """
+    first: dict[tuple[str, str], int] = {}
+    duplicates = {}
+    for row, location in enumerate(zip(table.column("shard").to_pylist(), table.column("key").to_pylist())):
+        if location in first:
+            duplicates[row] = f"duplicate key {location[1]} in shard {location[0]} (first at row {first[location]})"
+        else:
+            first[location] = row
+    return duplicates

@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError, decode_rgb
+from pipeline.index import duplicate_rows
 from pipeline.shards import IMAGE_EXTENSIONS, list_shards, shard_name
 from pipeline.store import TargetStore
 
@@ -127,10 +128,11 @@ class TrainingSamples(IterableDataset):
             raise UsageError(
                 f"store {store_path} was not built for shard {unknown[0]}; run `pipeline precompute` on these shards"
             )
-        self._rows = {
-            (s, k): (r, h)
-            for s, k, r, h in zip(*(index.column(c).to_pylist() for c in ("shard", "key", "row", "image_sha1")))
-        }
+        # (shard, key) -> its rows in index order: the n-th time a key comes up in its shard is its n-th row.
+        self._rows: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for s, k, r, h in zip(*(index.column(c).to_pylist() for c in ("shard", "key", "row", "image_sha1"))):
+            self._rows.setdefault((s, k), []).append((r, h))
+        self._duplicates = duplicate_rows(index)  # the rule precompute applies: later occurrences are not used
         self._reader = TargetReader(store_path, self.teachers)
 
     def rank_urls(self) -> list[str]:
@@ -170,11 +172,15 @@ class TrainingSamples(IterableDataset):
                 workersplitter=_keep_all, empty_check=False, handler=wds.warn_and_continue,
             )
             delivered = seen = 0
+            occurrences: Counter = Counter()
             for index, raw in enumerate(stream):
+                location = (shard_name(raw["__url__"]), raw["__key__"])
+                occurrence = occurrences[location]
+                occurrences[location] += 1
                 if index < skip:
                     continue
                 seen += 1
-                sample = self._prepare(raw)
+                sample = self._prepare(raw, location, occurrence)
                 if sample is not None:
                     delivered += 1
                     sample["stream"] = StreamPosition(worker, epoch, index + 1)
@@ -193,15 +199,17 @@ class TrainingSamples(IterableDataset):
         if self.skipped[reason] <= 3:
             log.warning("skipping %s/%s: %s", shard_name(raw.get("__url__", "?")), raw.get("__key__"), reason)
 
-    def _prepare(self, raw: dict) -> dict | None:
-        location = (shard_name(raw["__url__"]), raw["__key__"])
+    def _prepare(self, raw: dict, location: tuple[str, str], occurrence: int) -> dict | None:
         if self._rows is None:
             row, sha1 = -1, None
-        elif location not in self._rows:
+        elif occurrence >= len(self._rows.get(location, ())):
             self._skip("not in the store's index", raw)
             return None
         else:
-            row, sha1 = self._rows[location]
+            row, sha1 = self._rows[location][occurrence]
+            if row in self._duplicates:
+                self._skip("duplicate key in its shard (only the first occurrence is used)", raw)
+                return None
         data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if data is None:
             self._skip("no image", raw)
@@ -219,7 +227,7 @@ class TrainingSamples(IterableDataset):
         if "json" in raw:
             try:
                 conversations = json.loads(raw["json"]).get("conversations")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # deeply nested json raises RecursionError
                 conversations = None
         if not caption and not conversations:
             self._skip("no caption or conversation", raw)

@@ -17,10 +17,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.config_io import describe_validation_error
 from pipeline.errors import JobError, UsageError
+from pipeline.failpoints import failpoint
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
-from pipeline.index import ShardIndex, build_index, first_difference
+from pipeline.index import ShardIndex, build_index, duplicate_rows, first_difference
+from pipeline.local_ray import ray_session
 from pipeline.shards import read_indexed_image, shard_name
 from pipeline.store import BlockRange, Storage, TargetStore
 
@@ -28,6 +32,38 @@ DEFAULT_ROWS_PER_BLOCK = 64
 DEFAULT_ROWS_PER_CHUNK = 8
 BLOCKS_IN_FLIGHT_PER_WORKER = 2
 HEARTBEAT_SECONDS = 10.0
+
+
+class PrecomputeConfig(BaseModel):
+    """A run's own settings (the teachers' come from the manifest), checked before anything is written and
+    recorded in the run's summary under `STORE/_runs/`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = None
+    batch_size: int | None = Field(default=None, ge=1)
+    workers: int | None = Field(default=None, ge=1)
+    rows_per_block: int = Field(default=DEFAULT_ROWS_PER_BLOCK, ge=1)
+    rows_per_chunk: int = Field(default=DEFAULT_ROWS_PER_CHUNK, ge=1)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+
+    @model_validator(mode="after")
+    def _chunks_tile_blocks(self) -> PrecomputeConfig:
+        if self.rows_per_chunk < self.rows_per_block and self.rows_per_block % self.rows_per_chunk:
+            raise ValueError(f"rows_per_chunk: {self.rows_per_chunk} does not divide --rows-per-block "
+                             f"{self.rows_per_block} (a chunk never spans two blocks)")
+        return self
+
+    @classmethod
+    def checked(cls, **options) -> PrecomputeConfig:
+        """Validate; a bad value is a UsageError naming its command-line flag."""
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            text = describe_validation_error(exc)
+            for name in cls.model_fields:
+                text = text.replace(f"{name}:", f"--{name.replace('_', '-')}:")
+            raise UsageError(text) from None
 
 
 @dataclass
@@ -41,16 +77,18 @@ class PrecomputeSummary:
     workers: int = 0
     seconds: float = 0.0  # the whole command: indexing, workers starting, teachers loading, computing
     compute_seconds: float = 0.0  # from every worker holding its teachers to the last block written
+    finished_earlier_run: bool = False  # computed nothing, but wrote what a killed run left unfinished
 
     @property
     def nothing_to_do(self) -> bool:
-        return self.blocks_computed == 0
+        return self.blocks_computed == 0 and not self.finished_earlier_run
 
 
 class BlockWorker:
     """Holds the teachers of one job and computes whole blocks. Wrapped with `ray.remote` by the driver."""
 
-    def __init__(self, store_path: str, specs: dict, shard_urls: dict[str, str], *, max_pixels: int, threads: int):
+    def __init__(self, store_path: str, specs: dict, shard_urls: dict[str, str], *, max_pixels: int, threads: int,
+                 token: str | None = None):
         import ray
         import torch
 
@@ -58,9 +96,10 @@ class BlockWorker:
 
         torch.set_num_threads(max(1, threads))
         self.store = TargetStore(store_path)
+        self.token = token  # the run's lock token: checked before every write (see pipeline/store_lock.py)
         index = self.store.read_index()
         self.index = {name: index.column(name).to_pylist() for name in index.column_names}
-        self.duplicates = _duplicate_rows(self.index)
+        self.duplicates = duplicate_rows(index)
         self.shard_urls = shard_urls
         self.max_pixels = max_pixels
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
@@ -81,6 +120,7 @@ class BlockWorker:
         for name in names:
             teacher_started = time.perf_counter()
             target, valid, teacher_failures = self._run_teacher(name, block, images)
+            self.store.check_fence(self.token)
             digest = self.store.write_block(name, block, target, valid)
             record = {
                 "teacher": name,
@@ -93,8 +133,11 @@ class BlockWorker:
                 "failures": sorted(failures + teacher_failures, key=lambda f: f["row"]),
                 "sha256": digest,
                 "stats": _channel_stats(target, valid),
+                # Batch composition changes the last float bits: byte identity between runs needs equal batch sizes.
+                "batch_size": self.teachers[name].spec.batch_size,
                 "seconds": round(time.perf_counter() - teacher_started + decode_seconds / len(names), 4),
             }
+            self.store.check_fence(self.token)
             self.store.write_record(name, block.block, record)
             records[name] = record
         return records
@@ -116,8 +159,11 @@ class BlockWorker:
                     for row in rows:
                         try:
                             images[row] = self._read_image(f, row)
-                        except (ImageDecodeError, EOFError) as exc:
-                            failures.append(self._failure(row, str(exc)))
+                        except Exception as exc:
+                            # Any exception from one row (not only the expected ones) is that row's failure: an
+                            # uncaught one would fail the block on every rerun and so stop the whole job.
+                            reason = str(exc) if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
+                            failures.append(self._failure(row, reason))
             except OSError as exc:
                 failures.extend(self._failure(r, f"cannot read shard: {exc}") for r in rows if r not in images)
         return images, failures
@@ -184,18 +230,6 @@ def run_teacher(teacher, images: list) -> tuple[np.ndarray, np.ndarray, list[tup
     return target, valid, sorted(errors)
 
 
-def _duplicate_rows(index: dict[str, list]) -> dict[int, str]:
-    """Rows whose (shard, key) appeared earlier in the shard: only the first one is used."""
-    first: dict[tuple[str, str], int] = {}
-    duplicates = {}
-    for row, location in enumerate(zip(index["shard"], index["key"])):
-        if location in first:
-            duplicates[row] = f"duplicate key {location[1]} in shard {location[0]} (first at row {first[location]})"
-        else:
-            first[location] = row
-    return duplicates
-
-
 def _channel_stats(target: np.ndarray, valid: np.ndarray) -> dict:
     """Per-channel count/sum/sum of squares over the valid rows' tokens (float64), merged into mean/std later."""
     rows = target[valid.astype(bool)].astype(np.float64).reshape(-1, target.shape[-1])
@@ -208,10 +242,11 @@ def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int
     if not store.exists() or store.half_created():
         store.create(index.table, index.fingerprint, rows_per_block=rows_per_block)
         return store
-    if store.dataset_fingerprint != index.fingerprint:
-        difference = first_difference(store.read_index(), index.table)
+    stored = store.read_index()  # refused if it is not the index the store was made with
+    # Every column, not only the fingerprint's: workers seek by the stored offsets and sizes.
+    if store.dataset_fingerprint != index.fingerprint or not stored.equals(index.table):
         raise UsageError(
-            f"store {store_path} was built for other shards ({difference}); "
+            f"store {store_path} was built for other shards ({first_difference(stored, index.table)}); "
             "pass the original --shards or a new --store"
         )
     return store
@@ -270,38 +305,69 @@ def run_precompute(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> PrecomputeSummary:
-    """Compute every missing (teacher, block) of the store. Returns what was done; raises PipelineError."""
+    """Compute every missing (teacher, block) of the store and finish it. Returns what was done; raises
+    PipelineError. Bad input (settings, manifest, store location, shards) is refused before anything is written."""
     import teachers
 
     started = time.perf_counter()
+    config = PrecomputeConfig.checked(address=address, batch_size=batch_size, workers=workers,
+                                      rows_per_block=rows_per_block, rows_per_chunk=rows_per_chunk,
+                                      max_pixels=max_pixels)
     manifest = teachers.load_manifest(manifest_path)
     specs = dict(manifest.teachers)
-    if batch_size is not None:
-        specs = {name: spec.model_copy(update={"batch_size": batch_size}) for name, spec in specs.items()}
+    if config.batch_size is not None:
+        specs = {name: spec.model_copy(update={"batch_size": config.batch_size}) for name, spec in specs.items()}
+    fingerprints = {name: _fingerprint(manifest_path, name, spec) for name, spec in specs.items()}
+    store = TargetStore(store_path)
+    store.check_location()
     index = build_index(shards, progress=progress)
     if index.table.num_rows == 0:
         raise UsageError(f"no samples found in {shards}")
-    fingerprints = {name: teachers.spec_fingerprint(spec) for name, spec in specs.items()}
     summary = PrecomputeSummary(store=store_path, num_rows=index.table.num_rows)
 
-    store = TargetStore(store_path)
     if store.exists() and not store.half_created():
-        store = open_or_create_store(store_path, index, rows_per_block)
-        _, todo = _pending_blocks(store, specs, fingerprints)
-        if not any(todo.values()):  # a finished store: touch nothing, not even the lock
-            return _summarise(store, specs, summary, started)
-    with TargetStore(store_path).lock() as lock:
-        store = open_or_create_store(store_path, index, rows_per_block)
+        store = open_or_create_store(store_path, index, config.rows_per_block)
         present, todo = _pending_blocks(store, specs, fingerprints)
-        _compute(store, index, specs, fingerprints, present, todo, summary, lock, address=address, workers=workers,
-                 rows_per_chunk=rows_per_chunk, max_pixels=max_pixels, progress=progress)
+        if _finished(store, present, todo):  # touch nothing, not even the lock
+            return _summarise(store, specs, summary, started)
+    with store.lock() as lock:
+        store = open_or_create_store(store_path, index, config.rows_per_block)
+        present, todo = _pending_blocks(store, specs, fingerprints)
+        if not all(present.values()):
+            store.chunk_rows(config.rows_per_chunk)  # before any worker starts: the store's blocks may be others
+        if any(todo.values()):
+            _compute(store, index, specs, fingerprints, present, todo, summary, lock, config, progress=progress)
+        else:
+            summary.finished_earlier_run = True  # killed after its last record: only the finish is left
+        failpoint("last-record")
         _finish(store, index, list(specs))
         summary.seconds = time.perf_counter() - started
         store.write_run({"finished": time.time(), "seconds": round(summary.seconds, 3), "workers": summary.workers,
                          "blocks_computed": summary.blocks_computed, "rows_computed": summary.rows_computed,
                          "failures": summary.failures, "teachers": sorted(specs),
+                         "batch_sizes": {name: spec.batch_size for name, spec in specs.items()},
+                         "config": config.model_dump(mode="json"),
                          "rows_per_second": round(summary.rows_computed / max(summary.seconds, 1e-9), 3)})
     return _summarise(store, specs, summary, started)
+
+
+def _fingerprint(manifest_path: str, name: str, spec) -> str:
+    """The teacher's fingerprint; weights that cannot be found are bad input naming the manifest field."""
+    import teachers
+
+    try:
+        return teachers.spec_fingerprint(spec)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).removeprefix("spec.")
+        raise UsageError(f"{manifest_path}: teachers.{name}.{reason}" if reason != str(exc)
+                         else f"{manifest_path}: teachers.{name}: {reason}") from None
+
+
+def _finished(store: TargetStore, present: dict, todo: dict) -> bool:
+    """Every teacher present, recorded and marked complete. `_finish` marks teachers complete last, so a run
+    killed before or during its finish leaves a store that is not finished, and the next run finishes it."""
+    return all(present.values()) and not any(todo.values()) and all(
+        store.teacher_attrs(name).get("complete") for name in present)
 
 
 def _summarise(store: TargetStore, specs: dict, summary: PrecomputeSummary, started: float) -> PrecomputeSummary:
@@ -336,25 +402,22 @@ def _worker_resources(ray, pending: dict, workers: int | None, num_blocks: int) 
     return max(1, min(count, num_blocks)), options, threads
 
 
-def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *, address, workers, rows_per_chunk,
-             max_pixels, progress):
-    import ray
+def _compute(store, index, specs, fingerprints, present, todo, summary, lock, config: PrecomputeConfig, *, progress):
     from tqdm.auto import tqdm
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
+    with ray_session(config.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False) as ray:
         pending = {name: spec for name, spec in specs.items() if todo[name]}
         jobs: dict[int, list[str]] = {}
         for name, blocks in todo.items():
             for b in blocks:
                 jobs.setdefault(b.block, []).append(name)
-        count, options, threads = _worker_resources(ray, pending, workers, len(jobs))
+        failpoint("ray-started")
+        count, options, threads = _worker_resources(ray, pending, config.workers, len(jobs))
         summary.workers = count
         actor_cls = ray.remote(BlockWorker).options(**options, max_restarts=3, max_task_retries=3)
         shard_urls = {shard_name(url): url for url in index.urls}
-        actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=max_pixels, threads=threads)
+        actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=config.max_pixels, threads=threads,
+                                   token=lock.token)
                   for _ in range(count)]
         try:
             described = ray.get(actors[0].describe.remote())
@@ -369,7 +432,7 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *,
             if not present[name]:
                 store.add_teacher(name, spec=specs[name].model_dump(mode="json"), fingerprint=fingerprints[name],
                                   target_shape=tuple(info["target_shape"]), storage=_storage(specs[name]),
-                                  rows_per_chunk=rows_per_chunk)
+                                  rows_per_chunk=config.rows_per_chunk)
         ranges = {b.block: b for b in store.blocks()}
         queue = deque((ranges[b], names) for b, names in sorted(jobs.items()))
         bar = tqdm(total=sum(job[0].rows * len(job[1]) for job in queue), desc="precompute", unit="row",
@@ -384,6 +447,7 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *,
         for actor in actors:
             for _ in range(BLOCKS_IN_FLIGHT_PER_WORKER):
                 submit(actor)
+        jobs_done, halfway = 0, max(1, len(jobs) // 2)
         last_beat = compute_started = time.monotonic()
         try:
             while in_flight:
@@ -399,15 +463,17 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, *,
                         summary.failures += len(record["failures"])
                         bar.update(record["rows"])
                     bar.set_postfix(failures=summary.failures)
+                    jobs_done += 1
+                    if jobs_done == 1:
+                        failpoint("first-block")
+                    if jobs_done == halfway:
+                        failpoint("mid-run")
                     submit(actor)
             summary.compute_seconds = time.monotonic() - compute_started
         except ray.exceptions.RayError as exc:
             raise JobError(f"precompute workers failed: {_ray_cause(exc)}; rerun the same command to resume") from None
         finally:
             bar.close()
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def _ray_cause(exc: Exception) -> str:
@@ -428,6 +494,7 @@ def _finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:
         records = store.read_records(name)
         if len(records) == total:
             store.mark_complete(name, _mean_std(records))
+            failpoint("finish")  # errors.parquet written, some teachers complete and some not yet
 
 
 def _mean_std(records: list[dict]) -> dict:

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import posixpath
-import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -45,6 +44,8 @@ from zarr.codecs import ZstdCodec
 
 from pipeline import zarr_bfloat16
 from pipeline.errors import UsageError
+from pipeline.failpoints import failpoint
+from pipeline.store_lock import LOCK_FILE, StoreLock, check_fence
 
 zarr_bfloat16.register()
 
@@ -54,9 +55,10 @@ INDEX_FILE = "index.parquet"
 ERRORS_FILE = "errors.parquet"
 BLOCKS_DIR = "_blocks"
 RUNS_DIR = "_runs"
-LOCK_FILE = "_lock"
-LOCK_STALE_SECONDS = 120.0
 ZSTD_LEVEL = 3
+# What the store keeps beside its teacher groups. A teacher of one of these names would overwrite or delete them,
+# so they are refused, as is any name starting with "_" or "." (kept for the store's own future entries).
+RESERVED_NAMES = frozenset({INDEX_FILE, ERRORS_FILE, BLOCKS_DIR, RUNS_DIR, LOCK_FILE, "zarr.json"})
 
 ERRORS_SCHEMA = pa.schema(
     [("row", pa.int64()), ("shard", pa.string()), ("key", pa.string()), ("teacher", pa.string()), ("error", pa.string())]
@@ -129,6 +131,14 @@ class Storage:
         return zarr_bfloat16.BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
 
+def check_teacher_name(name: str) -> None:
+    """Raise UsageError if `name` cannot be a teacher group of a store (it collides with the store's own entries)."""
+    if name in RESERVED_NAMES or name.startswith(("_", ".")):
+        raise UsageError(f"teacher name {name!r} is reserved for the store's own files (names starting with '_' or "
+                         f"'.', and {', '.join(sorted(n for n in RESERVED_NAMES if n[0] not in '_.'))}); "
+                         "choose another name")
+
+
 class TargetStore:
     """Read and write one target store at a local path or fsspec URL."""
 
@@ -142,10 +152,21 @@ class TargetStore:
     def exists(self) -> bool:
         return self.fs.exists(self._join("zarr.json"))
 
+    def check_location(self) -> None:
+        """Refuse to make a store where one cannot be: on a file, or in a directory holding other things."""
+        if self.exists():
+            return
+        if self.fs.isfile(self._root):
+            raise UsageError(f"--store {self.path} is a file; pass a directory (new, empty, or a target store)")
+        if self.fs.isdir(self._root):
+            entries = [p for p in self.fs.ls(self._root, detail=False) if posixpath.basename(p) != LOCK_FILE]
+            if entries:
+                raise UsageError(f"--store {self.path} is a directory that is not a target store (it holds "
+                                 f"{posixpath.basename(entries[0])}, ...); pass a new or empty directory, or a store")
+
     def half_created(self) -> bool:
         """A crash inside `create`: the group is there but neither its attributes nor any teacher are."""
-        group = zarr.open_group(self.path, mode="r", zarr_format=3)
-        return "format" not in group.attrs and not _child_groups(group)
+        return _creation_interrupted(zarr.open_group(self.path, mode="r", zarr_format=3))
 
     def create(self, index: pa.Table, dataset_fingerprint: str, *, rows_per_block: int) -> None:
         """Create the group, write index.parquet, then the group's attributes (which mark the store as made)."""
@@ -154,12 +175,15 @@ class TargetStore:
         if self.exists():  # a half-created store (see `half_created`): start its group again
             self.fs.rm(self._join("zarr.json"))
         group = zarr.open_group(self.path, mode="a", zarr_format=3)  # unlike "w", keeps the job's lock file
-        self._write_parquet(INDEX_FILE, index)
+        index_bytes = _parquet_bytes(index)
+        self._atomic_write(self._join(INDEX_FILE), index_bytes)
+        failpoint("store-created")  # the group exists without its attributes: a rerun creates it again
         group.attrs.update(
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "dataset_fingerprint": dataset_fingerprint,
+                "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
                 "num_rows": index.num_rows,
                 "rows_per_block": rows_per_block,
                 "created_by": f"teacher-targets-pipeline {package_version()}",
@@ -174,6 +198,9 @@ class TargetStore:
                 raise UsageError(f"{self.path} is not a target store (no zarr.json); run `pipeline precompute` first")
             group = zarr.open_group(self.path, mode="r+" if self._writable() else "r", zarr_format=3)
             fmt, ver = group.attrs.get("format"), group.attrs.get("format_version")
+            if _creation_interrupted(group):
+                raise UsageError(f"{self.path} is a target store whose creation was interrupted; rerun "
+                                 "`pipeline precompute` to make it")
             if fmt != FORMAT:
                 raise UsageError(f"{self.path} is a Zarr group but not a target store (format={fmt!r})")
             if ver != FORMAT_VERSION:
@@ -209,8 +236,18 @@ class TargetStore:
         return [BlockRange(b, start, min(start + size, n)) for b, start in enumerate(range(0, n, size))]
 
     def read_index(self) -> pa.Table:
+        """index.parquet, checked against the digest the store recorded when it was made.
+
+        Every column counts (workers seek by `image_offset`, the loader maps keys to rows), so an edited or
+        damaged index is refused here rather than trusted. Stores made before the digest existed are read as is.
+        """
         with self.fs.open(self._join(INDEX_FILE), "rb") as f:
-            return pq.read_table(f)
+            data = f.read()
+        expected = self.group.attrs.get("index_sha256")
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise UsageError(f"{self.path}/{INDEX_FILE} differs from the index this store was made with (edited or "
+                             "damaged); restore it, or rebuild the store with `pipeline precompute` into a new --store")
+        return pq.read_table(pa.BufferReader(data))
 
     def read_errors(self) -> pa.Table:
         path = self._join(ERRORS_FILE)
@@ -244,11 +281,10 @@ class TargetStore:
         rows_per_chunk: int = 8,
     ) -> None:
         """Create the teacher's group and arrays (fill value 0, valid = 0 everywhere), forgetting old records."""
+        check_teacher_name(name)
         tokens, channels = (int(x) for x in target_shape)
         stored_tokens, _ = storage.stored_shape(tokens, channels)
-        rows_per_chunk = max(1, min(rows_per_chunk, self.rows_per_block))
-        if self.rows_per_block % rows_per_chunk:
-            raise UsageError(f"rows_per_chunk {rows_per_chunk} must divide rows_per_block {self.rows_per_block}")
+        rows_per_chunk = self.chunk_rows(rows_per_chunk)
         records = self._join(BLOCKS_DIR, name)
         if self.fs.exists(records):
             self.fs.rm(records, recursive=True)
@@ -278,6 +314,14 @@ class TargetStore:
                 "complete": False,
             }
         )
+
+    def chunk_rows(self, rows_per_chunk: int) -> int:
+        """The rows per chunk a new teacher group gets: `rows_per_chunk`, at most a block, and dividing it."""
+        rows_per_chunk = max(1, min(rows_per_chunk, self.rows_per_block))
+        if self.rows_per_block % rows_per_chunk:
+            raise UsageError(f"--rows-per-chunk {rows_per_chunk} must divide the store's rows_per_block "
+                             f"{self.rows_per_block}")
+        return rows_per_chunk
 
     def storage(self, name: str) -> Storage:
         attrs = self.teacher_attrs(name)
@@ -363,8 +407,14 @@ class TargetStore:
         with self.fs.open(paths[-1], "rb") as f:
             return json.load(f)
 
-    def lock(self) -> "StoreLock":
-        return StoreLock(self)
+    def lock(self) -> StoreLock:
+        """The store's job lock (see pipeline/store_lock.py); its `token` fences the run's workers."""
+        return StoreLock(self.fs, self._root, display=self.path)
+
+    def check_fence(self, token: str | None) -> None:
+        """Raise FencedOut unless the run named `token` holds the store (no check when `token` is None)."""
+        if token is not None:
+            check_fence(self.fs, self._root, token)
 
     # ---- file helpers ------------------------------------------------------------------------
 
@@ -378,9 +428,7 @@ class TargetStore:
         return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     def _write_parquet(self, filename: str, table: pa.Table) -> None:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self._atomic_write(self._join(filename), buffer.getvalue())
+        self._atomic_write(self._join(filename), _parquet_bytes(table))
 
     def _atomic_write(self, path: str, data: bytes) -> None:
         """Local: write a temporary file, fsync, rename (readers never see half a file). Object stores: one PUT."""
@@ -411,6 +459,16 @@ class TargetStore:
                 os.close(fd)
 
 
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def _creation_interrupted(group: zarr.Group) -> bool:
+    return "format" not in group.attrs and not _child_groups(group)
+
+
 def _child_groups(group: zarr.Group) -> list[str]:
     with warnings.catch_warnings():
         # index.parquet, errors.parquet and _blocks/ live beside the Zarr nodes on purpose.
@@ -432,56 +490,3 @@ def block_digest(stored: np.ndarray, scale: np.ndarray | None, valid: np.ndarray
         digest.update(np.ascontiguousarray(scale).tobytes())
     digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
     return digest.hexdigest()
-
-
-class StoreLock:
-    """One precompute job per store at a time.
-
-    The lock file names its holder and is refreshed by `heartbeat()`. A lock is stale (and taken over)
-    when its process is gone on this host, or when its heartbeat is older than LOCK_STALE_SECONDS
-    (a crashed job on another host), so a rerun after `kill -9` never needs a manual step.
-    """
-
-    def __init__(self, store: TargetStore):
-        self.store = store
-        self.path = store._join(LOCK_FILE)
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-
-    def __enter__(self) -> "StoreLock":
-        fs = self.store.fs
-        if fs.exists(self.path):
-            with fs.open(self.path, "rb") as f:
-                try:
-                    holder = json.load(f)
-                except ValueError:
-                    holder = {}
-            if holder and not self._stale(holder) and holder.get("pid") != os.getpid():
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-                raise UsageError(
-                    f"store {self.store.path} is being written by another precompute (host {holder.get('host')}, "
-                    f"pid {holder.get('pid')}, since {since}); wait for it to finish, or remove "
-                    f"{self.store.path}/{LOCK_FILE} if that job is dead"
-                )
-        self.heartbeat()
-        return self
-
-    def heartbeat(self) -> None:
-        fs = self.store.fs
-        fs.makedirs(self.store._root, exist_ok=True)
-        fs.pipe_file(self.path, json.dumps({**self.owner, "heartbeat": time.time()}).encode())
-
-    def __exit__(self, *exc) -> None:
-        if self.store.fs.exists(self.path):
-            self.store.fs.rm(self.path)
-
-    @staticmethod
-    def _stale(holder: dict) -> bool:
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                return False
-            return False
-        return time.time() - float(holder.get("heartbeat", 0)) > LOCK_STALE_SECONDS

@@ -3,41 +3,68 @@
 Checks, per teacher: every block has a completion record made by the same teacher fingerprint; the
 bytes on disk hash to the sha256 the record kept (so a damaged or edited shard file is caught); the
 valid flags agree with the record; valid rows hold finite numbers and invalid rows hold zeros. Store
-wide: the index matches the dataset fingerprint, and, when given, the shards and a teacher manifest.
+wide: index.parquet is, byte for byte, the index the store was made with (every column: the offsets and
+sizes that workers seek by as much as the keys), it matches the dataset fingerprint, and, when given, the
+shards and a teacher manifest.
+
+Besides problems, verify reports notes that do not make a store wrong: blocks computed with different batch
+sizes hold the same values to float16 rounding, but not the same bytes as a run with one batch size.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
+
 import numpy as np
 
+from pipeline.errors import UsageError
 from pipeline.index import build_index, dataset_fingerprint, first_difference
 from pipeline.store import TargetStore
 
 
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)  # any of these makes `pipeline verify` exit 1
+    notes: list[str] = field(default_factory=list)
+
+
 def verify_store(path: str, *, shards: str | None = None, manifest: str | None = None,
-                 progress: bool = False) -> list[str]:
-    """Every problem found, one readable line each; an empty list means the store is good."""
+                 progress: bool = False) -> VerifyReport:
+    """Every problem found, one readable line each; no problems means the store is good."""
     from tqdm.auto import tqdm
 
     store = TargetStore(path)
-    problems: list[str] = []
-    index = store.read_index()
-    if index.num_rows != store.num_rows or index.column("row").to_pylist() != list(range(index.num_rows)):
-        problems.append(f"index.parquet has {index.num_rows} rows out of order or count; the store says "
-                        f"{store.num_rows}")
-    if dataset_fingerprint(index) != store.dataset_fingerprint:
-        problems.append("index.parquet does not hash to the store's dataset_fingerprint (edited index?)")
-    if shards is not None:
-        current = build_index(shards, progress=progress)
-        if current.fingerprint != store.dataset_fingerprint:
-            problems.append(f"the shards differ from the store's: {first_difference(index, current.table)}")
+    attrs = store.attrs  # a directory that is not a store is bad input (UsageError), not a problem list
+    report = VerifyReport()
+    problems = report.problems
+    if "index_sha256" not in attrs:
+        report.notes.append("the store records no index digest (made by an older version): index.parquet is "
+                            "checked against the dataset fingerprint only")
+    try:
+        index = store.read_index()
+    except UsageError as exc:
+        problems.append(str(exc))
+        index = None
+    if index is not None:
+        if index.num_rows != store.num_rows or index.column("row").to_pylist() != list(range(index.num_rows)):
+            problems.append(f"index.parquet has {index.num_rows} rows out of order or count; the store says "
+                            f"{store.num_rows}")
+        if dataset_fingerprint(index) != store.dataset_fingerprint:
+            problems.append("index.parquet does not hash to the store's dataset_fingerprint (edited index?)")
+        if shards is not None:
+            current = build_index(shards, progress=progress)
+            if current.fingerprint != store.dataset_fingerprint or not index.equals(current.table):
+                problems.append(f"the shards differ from the store's: {first_difference(index, current.table)}")
     expected = _manifest_fingerprints(manifest) if manifest else {}
+    if not store.teacher_names():
+        problems.append("the store holds no teacher yet; run `pipeline precompute` to compute its targets")
     for name in sorted(set(expected) - set(store.teacher_names())):
         problems.append(f"{name}: in the manifest but not in the store")
     blocks = store.blocks()
     for name in store.teacher_names():
-        attrs = store.teacher_attrs(name)
-        fingerprint = attrs.get("teacher_fingerprint")
+        teacher = store.teacher_attrs(name)
+        fingerprint = teacher.get("teacher_fingerprint")
         if name in expected and expected[name] != fingerprint:
             problems.append(f"{name}: store fingerprint {str(fingerprint)[:12]}.. but the manifest's teacher has "
                             f"{expected[name][:12]}..")
@@ -46,15 +73,21 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
         if missing:
             problems.append(f"{name}: {len(missing)} of {len(blocks)} blocks have no completion record "
                             f"(first: block {missing[0]}); rerun `pipeline precompute` to finish it")
-        if not missing and not attrs.get("complete"):
-            problems.append(f"{name}: every block is recorded but the teacher is not marked complete")
+        if not missing and not teacher.get("complete"):
+            problems.append(f"{name}: every block is recorded but the teacher is not marked complete; rerun "
+                            "`pipeline precompute` to finish it")
+        batch_sizes = Counter(r["batch_size"] for r in records.values() if "batch_size" in r)
+        if len(batch_sizes) > 1:
+            mixed = ", ".join(f"{size}: {count} block(s)" for size, count in sorted(batch_sizes.items()))
+            report.notes.append(f"{name}: blocks were computed with different batch sizes ({mixed}); their values "
+                                "agree to float16 rounding, but a rerun is byte-identical only with equal batch sizes")
         for block in tqdm(blocks, desc=f"verify {name}", unit="block", disable=not progress):
             record = records.get(block.block)
             if record is None:
                 continue
             problems.extend(f"{name} block {block.block}: {p}" for p in _check_block(store, name, block, record,
                                                                                       fingerprint))
-    return problems
+    return report
 
 
 def _check_block(store: TargetStore, name: str, block, record: dict, fingerprint: str) -> list[str]:

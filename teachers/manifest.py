@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.config_io import describe_validation_error, expand_env
 from pipeline.errors import UsageError
+from pipeline.store import check_teacher_name
 from teachers.spec import SPEC_CLASSES, TeacherSpec
 
 # Teacher names become Zarr group names and log keys, so keep them to path-safe characters.
@@ -50,6 +51,10 @@ class TeacherManifest(BaseModel):
         for name in teachers:
             if not _NAME_PATTERN.match(name):
                 raise ValueError(f"teacher name {name!r} may only use letters, digits, '_', '.', '-'")
+            try:
+                check_teacher_name(name)
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
         return teachers
 
 

@@ -26,7 +26,12 @@ def s3_env(monkeypatch):
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    import s3fs
+
+    # fsspec caches filesystem instances: one made for an earlier server would still talk to that server's port.
+    s3fs.S3FileSystem.clear_instance_cache()
     yield env
+    s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
 
@@ -56,3 +61,70 @@ def test_precompute_reads_shards_from_and_writes_the_store_to_s3(s3_env, demo_di
     assert status.returncode == 0 and "40/40 rows" in status.stdout
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ})
     assert rerun.returncode == 0 and "nothing to do" in rerun.stdout
+
+
+# ---- the store lock on an object store: conditional create, stale takeover, fencing ------------------------------
+
+
+def test_item4_racing_runs_on_s3_get_the_lock_exactly_once(s3_env):
+    import threading
+
+    import s3fs
+
+    from pipeline.errors import UsageError
+    from pipeline.store import TargetStore
+
+    s3fs.S3FileSystem().mkdir("locks")
+    trials, racers = 15, 4
+    winners: dict[int, list[int]] = {t: [] for t in range(trials)}
+    held = []
+    for trial in range(trials):
+        barrier = threading.Barrier(racers)
+
+        def race(racer: int, trial=trial, barrier=barrier) -> None:
+            lock = TargetStore(f"s3://locks/trial-{trial}").lock()
+            barrier.wait()
+            try:
+                lock.__enter__()
+            except UsageError:
+                return
+            winners[trial].append(racer)
+            held.append(lock)  # kept until every trial is over: a second winner would be a second holder
+
+        threads = [threading.Thread(target=race, args=(r,)) for r in range(racers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert all(len(w) == 1 for w in winners.values()), winners
+    for lock in held:
+        lock.__exit__(None, None, None)
+
+
+def test_item4_an_s3_lock_is_taken_over_only_when_stale_and_a_lost_lock_stops_its_run(s3_env):
+    import json
+    import time
+
+    import s3fs
+
+    from pipeline.errors import UsageError
+    from pipeline.store import TargetStore
+    from pipeline.store_lock import STALE_SECONDS, FencedOut
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("held")
+    other = {"host": "another-host", "pid": 4242, "started": time.time(), "token": "theirs"}
+    fs.pipe_file("held/store/_lock", json.dumps({**other, "heartbeat": time.time()}).encode())
+    with pytest.raises(UsageError, match="host another-host, pid 4242"):
+        TargetStore("s3://held/store").lock().__enter__()
+
+    fs.pipe_file("held/store/_lock", json.dumps({**other, "heartbeat": time.time() - STALE_SECONDS - 1}).encode())
+    lock = TargetStore("s3://held/store").lock().__enter__()  # a stale heartbeat: taken over
+    lock.heartbeat()
+    # Another run takes the lock over (say this run stalled past STALE_SECONDS): the next heartbeat stops this one,
+    # and leaving does not remove the other run's lock.
+    fs.pipe_file("held/store/_lock", json.dumps({**other, "heartbeat": time.time()}).encode())
+    with pytest.raises(FencedOut):
+        lock.heartbeat()
+    lock.__exit__(None, None, None)
+    assert json.loads(fs.cat("held/store/_lock"))["token"] == "theirs"
