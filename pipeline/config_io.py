@@ -53,14 +53,16 @@ def expand_env(value: Any, environ: Mapping[str, str] | None = None, _where: str
     return value
 
 
-def describe_validation_error(exc: ValidationError, hidden_loc_parts: frozenset = frozenset()) -> str:
+def describe_validation_error(exc: ValidationError, hidden_loc_parts: frozenset = frozenset(),
+                              prefix: tuple = ()) -> str:
     """One line naming each bad field (`data.batch_size: Input should be greater than 0; ...`).
 
-    `hidden_loc_parts` drops location parts users never wrote, such as the tag of a discriminated union.
+    `hidden_loc_parts` drops location parts users never wrote, such as the tag of a discriminated union; `prefix`
+    puts the location of the validated value in front (`("teachers", "depth")` for one manifest entry).
     """
     problems = []
     for error in exc.errors():
-        loc = [p for p in error["loc"] if p not in hidden_loc_parts]
+        loc = [*prefix, *(p for p in error["loc"] if p not in hidden_loc_parts)]
         where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":

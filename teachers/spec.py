@@ -2,14 +2,14 @@
 
 A spec is a frozen pydantic model. Every field except the non-output ones (`batch_size`, `num_gpus`,
 `target_shape`) goes into the teacher fingerprint, so two specs that could produce different targets never share
-one. Adding a teacher family means adding its spec class here, listing it in `TeacherSpec`, and registering its
-`Teacher` class with `@teachers.register("<kind>")`.
+one. A family's spec class subclasses `TeacherSpecBase` with a `kind: Literal[...]` field and is the `spec_cls` of
+its `Teacher`, registered with `@teachers.register("<kind>")`; the registry finds it from there.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -195,14 +195,3 @@ class HfVisionSpec(TeacherSpecBase):
             # The mean does not depend on the order, so equal targets get one spelling (and one fingerprint).
             object.__setattr__(self, "layers", tuple(sorted(self.layers)))
         return self
-
-
-TeacherSpec = Annotated[
-    Union[DepthAnythingSpec, OneFormerSpec, UnclipImageEncoderSpec, TimmSpec, HfVisionSpec],
-    Field(discriminator="kind"),
-]
-"""Any teacher spec; pydantic picks the class from `kind`."""
-
-SPEC_CLASSES: tuple[type[TeacherSpecBase], ...] = (
-    DepthAnythingSpec, OneFormerSpec, UnclipImageEncoderSpec, TimmSpec, HfVisionSpec,
-)
