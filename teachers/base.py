@@ -3,19 +3,27 @@
 Life of a teacher::
 
     t = SomeTeacher.from_spec(spec, device="cpu")   # resolve weights, load, freeze
-    batch = t.preprocess(images)                    # list[PIL.Image RGB] -> Tensor | dict[str, Tensor] (CPU)
+    batch = t.preprocess(images)                    # list[PIL.Image RGB] -> uint8 [B, 3, H, W] (CPU)
     out = t(batch)                                  # Tensor [B, T, C] float32 on CPU, t.target_shape == (T, C)
 
-A family subclass sets `spec_cls`, implements `load()` (build modules, set `self._target_shape`), `preprocess()`
-and `compute()`, and registers itself with `@teachers.register("<kind>")`.
+Preprocessing is split in two (see `teachers.pixels`). The CPU half is a picklable `Preprocessor` that
+`SomeTeacher.build_preprocessor(spec)` builds from config files alone, so CPU-only workers that never hold the
+model can run it: `preprocess(images)` is `preprocessor(images)`, compact uint8 pixels after the PIL resizes. The
+linear half (rescale, mean/std, compute dtype) runs on the device inside `__call__`, as `normalize(batch)` just
+before `compute(batch)`; it gives exactly the float32 pixel_values the CPU used to compute. A floating batch is
+taken to be finished pixel_values and only cast, so callers that make their own keep working.
+
+A family subclass sets `spec_cls`, implements `build_preprocessor()`, `load()` (build modules, set
+`self._target_shape`) and `compute()`, and registers itself with `@teachers.register("<kind>")`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,9 +32,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from teachers.pixels import Batch, Preprocessor
 from teachers.spec import TeacherSpecBase
-
-Batch = torch.Tensor | dict[str, torch.Tensor]
 
 FINGERPRINT_VERSION = b"teacher-fingerprint-v1\n"
 _HASH_CHUNK = 1 << 20
@@ -124,6 +131,22 @@ def fingerprint_of(spec: TeacherSpecBase, weights: WeightFiles) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def tf32_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """On a CUDA `device`, allow (or forbid) TF32 in float32 matmuls and cuDNN convolutions for the duration, then
+    restore both process-wide flags. Forbidding matters too: torch allows TF32 in cuDNN convolutions by default.
+    Elsewhere (CPU, MPS) there is no TF32 and nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class TargetShapeMismatch(ValueError):
     """The model gives another per-image target shape than the spec's `target_shape` declares."""
 
@@ -141,6 +164,7 @@ class Teacher(nn.Module):
         spec: the validated, frozen spec it was built from.
         device: where the weights live; inputs are moved there by `__call__`.
         compute_dtype: dtype of weights and floating inputs during the forward pass (`spec.compute_dtype`).
+        preprocessor: `build_preprocessor(spec)`, the CPU half of preprocessing (`preprocess` calls it).
     """
 
     kind: ClassVar[str] = ""
@@ -156,6 +180,7 @@ class Teacher(nn.Module):
         self._target_shape: tuple[int, int] | None = None
         self._fingerprint: str | None = None
         self._weights: WeightFiles | None = None
+        self.preprocessor: Preprocessor | None = None
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -166,6 +191,8 @@ class Teacher(nn.Module):
         Raises TargetShapeMismatch when `spec.target_shape` is declared and the model gives another shape.
         """
         teacher = cls(spec, device)
+        # First, so that load() may run a probe image through it; it reads config files only.
+        teacher.preprocessor = cls.build_preprocessor(spec)
         teacher.load()
         if teacher._target_shape is None:
             raise RuntimeError(f"{cls.__name__}.load() did not set the target shape")
@@ -181,6 +208,14 @@ class Teacher(nn.Module):
     def load(self) -> None:
         """Build the modules from `self.spec`, call `resolve_weights`, and set `self._target_shape`."""
         raise NotImplementedError
+
+    @classmethod
+    def build_preprocessor(cls, spec: TeacherSpecBase) -> Preprocessor:
+        """The CPU half of preprocessing for `spec`: a picklable `Preprocessor`, list of RGB PIL images -> uint8
+        [B, 3, H, W] (or float32 pixel_values where the split is not exact), with the linear steps in its
+        `normalize`. Built from the spec and the config files `locate(spec)` finds, never the weights, so it is cheap
+        to build in any process; a hub model not yet in the cache is downloaded first, as by `fingerprint_for`."""
+        raise NotImplementedError(f"{cls.__name__} must implement build_preprocessor(spec)")
 
     @classmethod
     def weight_layout(cls, spec: TeacherSpecBase) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -246,14 +281,27 @@ class Teacher(nn.Module):
                 raise ValueError(f"images[{i}] has mode {image.mode}; convert to RGB before preprocess")
 
     def preprocess(self, images: Sequence[Image.Image]) -> Batch:
-        """list of RGB PIL images -> batch on CPU (float32 pixels), ready for `__call__`."""
-        raise NotImplementedError
+        """list of RGB PIL images -> batch on CPU for `__call__`: `self.preprocessor(images)`, uint8 [B, 3, H, W]
+        (float32 pixel_values for a pipeline that cannot be split exactly)."""
+        self.check_images(images)
+        return self.preprocessor(images)
+
+    def normalize(self, batch: Batch) -> Batch:
+        """The linear steps, on the batch's device: uint8 pixels -> float32 pixel_values (`preprocessor.normalize`,
+        which passes a floating batch through) -> `compute_dtype`."""
+        batch = self.preprocessor.normalize(batch)
+
+        def cast(x: Any) -> Any:
+            return x.to(self.compute_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        return {k: cast(v) for k, v in batch.items()} if isinstance(batch, Mapping) else cast(batch)
 
     def compute(self, batch: Batch) -> torch.Tensor:
-        """The family's forward pass on a batch already on `device` / `compute_dtype`: -> [B, T, C]."""
+        """The family's forward pass on normalised pixel_values on `device` / `compute_dtype`: -> [B, T, C]."""
         raise NotImplementedError
 
     def _move(self, batch: Batch) -> Batch:
+        # Integer tensors (uint8 pixels) travel as they are: 1 byte a value; normalize() converts them there.
         def move(x: Any) -> Any:
             if isinstance(x, torch.Tensor):
                 dtype = self.compute_dtype if x.is_floating_point() else x.dtype
@@ -265,11 +313,12 @@ class Teacher(nn.Module):
         return move(batch)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """batch from `preprocess` -> targets [B, T, C] float32 on CPU (no autograd history)."""
-        with torch.inference_mode():
-            out = self.compute(self._move(batch))
-            out = out.to(device="cpu", dtype=torch.float32)
+        """batch from `preprocess` -> targets [B, T, C] float32 on CPU (no autograd history).
+
+        On a CUDA device, TF32 is allowed exactly when `spec.tf32` is set (see `tf32_mode`)."""
+        with torch.inference_mode(), tf32_mode(self.spec.tf32, self.device):
+            out = self.compute(self.normalize(self._move(batch)))
         if out.shape[1:] != self.target_shape:
             raise RuntimeError(f"{type(self).__name__} produced {tuple(out.shape)}, expected [B, *{self.target_shape}]")
-        # A clone outside inference mode is an ordinary tensor that callers may modify in place.
-        return out.clone()
+        # One copy, made outside inference mode: an ordinary CPU tensor that callers may modify in place.
+        return out.to(device="cpu", dtype=torch.float32, copy=True)

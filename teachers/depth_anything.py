@@ -14,12 +14,30 @@ import torch
 from PIL import Image
 
 from teachers.base import Teacher
+from teachers.pixels import BGR, RGB, Preprocessor, stack_pixels
 from teachers.registry import register
 from teachers.spec import DepthAnythingSpec
 
-# The reference normalises with these in float64 (numpy) and casts to float32 at the very end; we do the same.
+# The reference normalises with these in float64 (numpy) and casts to float32 at the very end; the table below
+# holds exactly those float32 values, so the device lookup gives the reference's pixel_values bit for bit.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
+
+
+class DepthPreprocessor(Preprocessor):
+    """CPU: PIL bicubic resize to S x S (the aspect ratio is not kept, as in the reference) -> uint8 [B, 3, S, S].
+    Device: /255 and ImageNet mean/std, the float64 reference's values by table lookup. With `channel_order: bgr`
+    the channels are swapped before normalisation, reproducing the reference's colour mistake."""
+
+    def __init__(self, image_size: int, channel_order: str = "rgb") -> None:
+        self.image_size = image_size
+        self.channels = BGR if channel_order == "bgr" else RGB
+        values = np.arange(256, dtype=np.float64)[None, :] / 255.0
+        self.lut = ((values - IMAGENET_MEAN[:, None]) / IMAGENET_STD[:, None]).astype(np.float32)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        return stack_pixels([np.asarray(image.resize(size, Image.Resampling.BICUBIC)) for image in images])
 
 
 @register("depth_anything_v2")
@@ -49,22 +67,10 @@ class DepthAnythingTeacher(Teacher):
         self.num_patches = (spec.image_size // patch) ** 2
         self._target_shape = (self.num_patches, config.hidden_size)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB images -> pixel_values [B, 3, S, S] float32: bicubic resize to S x S, /255, ImageNet mean/std.
-
-        The aspect ratio is not kept (as in the reference). With `channel_order: bgr` the channels are swapped
-        before normalisation, reproducing the reference's colour mistake.
-        """
-        self.check_images(images)
-        size = self.spec.image_size
-        out = []
-        for image in images:
-            pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
-            if self.spec.channel_order == "bgr":
-                pixels = pixels[..., ::-1]
-            pixels = (pixels - IMAGENET_MEAN) / IMAGENET_STD
-            out.append(np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(np.float32))
-        return torch.from_numpy(np.stack(out))
+    @classmethod
+    def build_preprocessor(cls, spec: DepthAnythingSpec) -> DepthPreprocessor:
+        # Everything it needs is in the spec: no file is read.
+        return DepthPreprocessor(spec.image_size, spec.channel_order)
 
     def compute(self, batch: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, S, S] -> [B, (S/14)^2, hidden] in compute dtype."""

@@ -3,7 +3,9 @@
 Target per image: `model(pixel_values, output_hidden_states=True).hidden_states[i]` for each i in `spec.layers`,
 each as tokens [N, C] (a [C, H, W] map of a convnet becomes [H*W, C], row-major), optionally through the model's
 own final norm, then averaged or concatenated along channels, then prefix tokens and `grid` handled by
-`teachers.tokens`. Pixels come from the checkpoint's own `AutoImageProcessor`.
+`teachers.tokens`. Pixels come from the checkpoint's own `AutoImageProcessor`, split into uint8 pixels on the CPU
+and rescale + mean/std on the device where that split is exact (`teachers.pixels.ImageProcessorPreprocessor`);
+otherwise the processor runs whole on the CPU and gives float32 pixel_values.
 
 Loaded with `AutoModel.from_pretrained(..., use_safetensors=True)` and never with remote code; a model with a text
 tower (CLIP, SigLIP) keeps its `vision_model` only.
@@ -18,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from teachers.base import Teacher
+from teachers.pixels import ImageProcessorPreprocessor
 from teachers.registry import register
 from teachers.spec import HfVisionSpec
 from teachers.tokens import infer_num_prefix, patch_grid, sequence_to_tokens
@@ -50,7 +53,7 @@ class HfVisionTeacher(Teacher):
     spec: HfVisionSpec
 
     def load(self) -> None:
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoModel
 
         spec = self.spec
         root = self.resolve_weights()
@@ -58,7 +61,6 @@ class HfVisionTeacher(Teacher):
         model = AutoModel.from_pretrained(root, use_safetensors=True, dtype=self.compute_dtype)
         self.backbone = getattr(model, "vision_model", model).eval()
         del model
-        self.image_processor = AutoImageProcessor.from_pretrained(root, backend=spec.processor_backend)
         self.final_norm: nn.Module | None = None
         if spec.final_norm:
             found = find_final_norm(self.backbone)
@@ -68,7 +70,7 @@ class HfVisionTeacher(Teacher):
             self.final_norm = found[1]
 
         # Layer count, token layout and patch grid are read off one real forward pass.
-        probe = self.preprocess([Image.new("RGB", (224, 224), (127, 127, 127))]).to(self.compute_dtype)
+        probe = self.normalize(self.preprocess([Image.new("RGB", (224, 224), (127, 127, 127))]))
         with torch.inference_mode():
             hidden_states = self._hidden_states(probe)
         num_states = len(hidden_states)
@@ -129,10 +131,13 @@ class HfVisionTeacher(Teacher):
         combined = torch.stack(layers).mean(0) if spec.combine == "mean" else torch.cat(layers, dim=-1)
         return sequence_to_tokens(combined, self.num_prefix, spec.prefix_tokens, spec.grid, self.grid_hw)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB images -> pixel_values [B, 3, H, W] float32 from the checkpoint's own image processor."""
-        self.check_images(images)
-        return self.image_processor(list(images), return_tensors="pt")["pixel_values"].to(torch.float32)
+    @classmethod
+    def build_preprocessor(cls, spec: HfVisionSpec) -> ImageProcessorPreprocessor:
+        """The checkpoint's own image processor (its preprocessor_config.json), split where that is exact."""
+        from transformers import AutoImageProcessor
+
+        root = cls.locate(spec).root
+        return ImageProcessorPreprocessor(AutoImageProcessor.from_pretrained(root, backend=spec.processor_backend))
 
     def compute(self, batch: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> [B, T, C] in compute dtype."""

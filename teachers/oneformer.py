@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from teachers.base import Teacher
+from teachers.pixels import ImageProcessorPreprocessor, Preprocessor, hf_processor_lut, stack_pixels
 from teachers.registry import register
 from teachers.spec import OneFormerSpec
-
-# Only `pixel_values` is used; the task string just has to be a valid one for the processor.
-_TASK = "panoptic"
 
 
 def load_oneformer_image_processor(path: str, backend: str = "pil"):
@@ -34,6 +33,47 @@ def load_oneformer_image_processor(path: str, backend: str = "pil"):
     return cls.from_pretrained(path, class_info_file=None)
 
 
+class SquareResize:
+    """PIL bicubic resize to size x size (picklable, unlike a lambda)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+
+
+class OneFormerPreprocessor(Preprocessor):
+    """The `pil` backend's pixels without its numpy float work: CPU: PIL bicubic resize to S x S, then the
+    processor's own PIL resize (bilinear, 768 -> 800 for the COCO checkpoints) -> uint8 [B, 3, H, W]. Device: the
+    processor's rescale and mean/std as a table computed by the processor itself.
+
+    The processor would convert each image to numpy and back to PIL around that same `Image.resize` call, and pads
+    nothing (every image is S x S), so the pixels are the processor's bit for bit.
+    """
+
+    def __init__(self, processor, image_size: int) -> None:
+        self.image_size = image_size
+        self.resample = int(processor.resample) if processor.resample is not None else int(Image.Resampling.BILINEAR)
+        self.out_hw: tuple[int, int] | None = None
+        if processor.do_resize:
+            # The processor's output size for an S x S input, found by its own resize (on a blank image, once).
+            blank = np.zeros((3, image_size, image_size), dtype=np.uint8)
+            out = processor.resize(image=blank, size=processor.size, resample=processor.resample)
+            self.out_hw = tuple(int(n) for n in out.shape[-2:])
+        self.lut = hf_processor_lut(processor)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        arrays = []
+        for image in images:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            if self.out_hw is not None:
+                image = image.resize((self.out_hw[1], self.out_hw[0]), self.resample)
+            arrays.append(np.asarray(image))
+        return stack_pixels(arrays)
+
+
 @register("oneformer")
 class OneFormerTeacher(Teacher):
     spec_cls = OneFormerSpec
@@ -47,19 +87,17 @@ class OneFormerTeacher(Teacher):
         model = OneFormerForUniversalSegmentation.from_pretrained(root, use_safetensors=True, dtype=self.compute_dtype)
         self.encoder = model.model.pixel_level_module.encoder
         del model
-        self.image_processor = load_oneformer_image_processor(str(root), self.spec.processor_backend)
         self._target_shape = (self.spec.grid * self.spec.grid, int(self.encoder.channels[-1]))
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB images -> pixel_values [B, 3, H, W] float32: bicubic resize to S x S, then the OneFormer processor.
-
-        Every image is S x S before the processor, so none is padded and `pixel_mask` is all ones (dropped).
-        """
-        self.check_images(images)
-        size = self.spec.image_size
-        resized = [image.resize((size, size), Image.Resampling.BICUBIC) for image in images]
-        encoded = self.image_processor(resized, task_inputs=[_TASK] * len(resized), return_tensors="pt")
-        return encoded["pixel_values"].to(torch.float32)
+    @classmethod
+    def build_preprocessor(cls, spec: OneFormerSpec) -> Preprocessor:
+        """`pil` backend: `OneFormerPreprocessor` (uint8 out, the processor's pixels exactly). `torchvision`: the
+        processor after the S x S resize, split into uint8 + table where that is exact (see
+        `ImageProcessorPreprocessor`), float32 pixel_values otherwise."""
+        processor = load_oneformer_image_processor(str(cls.locate(spec).root), spec.processor_backend)
+        if spec.processor_backend == "pil":
+            return OneFormerPreprocessor(processor, spec.image_size)
+        return ImageProcessorPreprocessor(processor, before=SquareResize(spec.image_size))
 
     def compute(self, batch: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> [B, grid * grid, C] in compute dtype."""

@@ -46,6 +46,10 @@ class TeacherSpecBase(BaseModel):
     quantize: Literal["none", "int8"] = "none"
     pool: int = Field(default=1, ge=1)
     compute_dtype: ComputeDType = "float32"
+    # TF32 (10-bit mantissa) for float32 matmuls and convolutions: faster on CUDA GPUs from Ampere on, and it changes
+    # the targets there, so it is part of the fingerprint (left out of the payload while False, so that adding the
+    # field moved no existing fingerprint). It has an effect on CUDA devices only: elsewhere there is no TF32.
+    tf32: bool = False
     batch_size: int = Field(default=8, gt=0)
     num_gpus: float = Field(default=0.0, ge=0.0)
     target_shape: tuple[int, int] | None = None
@@ -57,9 +61,19 @@ class TeacherSpecBase(BaseModel):
             raise ValueError(f"must be two positive sizes [tokens, channels], got {list(shape)}")
         return shape
 
+    @model_validator(mode="after")
+    def _check_tf32(self) -> TeacherSpecBase:
+        if self.tf32 and self.compute_dtype != "float32":
+            raise ValueError(f"tf32: true only changes float32 compute, but compute_dtype is {self.compute_dtype}; "
+                             f"set compute_dtype: float32 or drop tf32")
+        return self
+
     def fingerprint_payload(self) -> dict[str, Any]:
-        """The spec as JSON-able data, without the non-output fields."""
-        return self.model_dump(mode="json", exclude=set(NON_OUTPUT_FIELDS))
+        """The spec as JSON-able data, without the non-output fields (and without `tf32` while it is False)."""
+        payload = self.model_dump(mode="json", exclude=set(NON_OUTPUT_FIELDS))
+        if not payload.get("tf32"):
+            payload.pop("tf32", None)
+        return payload
 
     def canonical_json(self) -> str:
         """Key-sorted, whitespace-free JSON of `fingerprint_payload()`, stable across runs and machines."""

@@ -4,7 +4,9 @@ Target per image: `model.forward_features(pixels)` turned into tokens by `teache
 its patch tokens (prefix tokens dropped or kept, or [CLS] alone), a convnet's [C, H, W] map (or a Swin's [H, W, C])
 becomes [H*W, C] row-major; `grid: G` resizes either to G x G first. For a ViT, `forward_features` already ends
 with the model's final norm. Pixels come from timm's own eval transform for the checkpoint's data config
-(`resolve_data_config` + `create_transform(is_training=False)`: resize, centre crop, mean/std).
+(`resolve_data_config` + `create_transform(is_training=False)`: resize, centre crop, mean/std), read from the
+checkpoint's config.json without building the model, and split: the PIL steps on the CPU (uint8 out), ToTensor and
+Normalize on the device as a table (see `teachers.pixels`).
 
 Weights are read from safetensors only, by this module, never through timm's loader, which would fall back to a
 pickled `pytorch_model.bin` if one sat beside them.
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from teachers.base import Teacher, WeightFiles, locate_weights
+from teachers.pixels import Preprocessor, probe_images, stack_pixels
 from teachers.registry import register
 from teachers.spec import TimmSpec
 from teachers.tokens import feature_map_to_tokens, patch_grid, sequence_to_tokens
@@ -68,6 +73,68 @@ def _weights_file(root: Path) -> Path:
     return found[0]
 
 
+def timm_data_config(root: Path) -> dict[str, Any]:
+    """The eval data config (`input_size`, `interpolation`, `mean`, `std`, `crop_pct`, `crop_mode`) that a model
+    created from the timm folder `root` would have, from its config.json alone: timm's own parsing and
+    resolution of the pretrained config, as `create_model` does them. `TimmTeacher.load` checks it against the
+    built model's."""
+    import timm
+    from timm.models import resolve_pretrained_cfg
+    from timm.models._hub import load_model_config_from_path
+
+    pretrained_cfg, architecture, _ = load_model_config_from_path(root)
+    return timm.data.resolve_data_config(pretrained_cfg=resolve_pretrained_cfg(architecture, pretrained_cfg).to_dict())
+
+
+def _comparable(data_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+
+
+class TimmPreprocessor(Preprocessor):
+    """timm's eval transform for `data_config`. Split when it is PIL steps (resize, crop) followed by ToTensor and
+    Normalize, and the split reproduces it exactly on `probe_images()`: the PIL steps on the CPU -> uint8
+    [B, 3, H, W], ToTensor + Normalize as a table made by those very transforms. Otherwise the whole transform
+    runs on the CPU and gives float32 pixel_values.
+    """
+
+    def __init__(self, data_config: dict[str, Any]) -> None:
+        import timm
+        from torchvision import transforms as T
+
+        self.data_config = dict(data_config)
+        self.transform = timm.data.create_transform(**self.data_config, is_training=False)
+        self.pil_steps = None
+        steps = list(getattr(self.transform, "transforms", []))
+        to_tensor = [i for i, step in enumerate(steps) if isinstance(step, T.ToTensor)]
+        tail = steps[to_tensor[0] + 1:] if to_tensor else []
+        if not to_tensor or not all(isinstance(step, T.Normalize) for step in tail):
+            return
+        self.pil_steps = T.Compose(steps[: to_tensor[0]])
+        ramp = np.ascontiguousarray(np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (1, 256, 3)))
+        self.lut = T.Compose(steps[to_tensor[0]:])(Image.fromarray(ramp)).reshape(3, 256).numpy()
+        probe = probe_images()
+        try:
+            exact = torch.equal(self.normalize(self(probe)), self._whole(probe))
+        except (TypeError, ValueError, RuntimeError):
+            exact = False
+        if not exact:
+            self.pil_steps, self.lut = None, None
+
+    def _whole(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in images]).to(torch.float32)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if self.pil_steps is None:
+            return self._whole(images)
+        arrays = []
+        for image in images:
+            out = self.pil_steps(image)
+            if not isinstance(out, Image.Image) or out.mode != "RGB":
+                raise TypeError(f"timm's transform gave {type(out).__name__} before ToTensor, expected an RGB image")
+            arrays.append(np.asarray(out))
+        return stack_pixels(arrays)
+
+
 @register("timm")
 class TimmTeacher(Teacher):
     spec_cls = TimmSpec
@@ -88,13 +155,16 @@ class TimmTeacher(Teacher):
         model.load_state_dict(load_file(_weights_file(root)), strict=True)
         self.backbone = model.eval()
         self.data_config = timm.data.resolve_data_config(model=model)
-        self.transform = timm.data.create_transform(**self.data_config, is_training=False)
+        if _comparable(self.data_config) != _comparable(self.preprocessor.data_config):
+            # The preprocessor was built from config.json without the model; the two must agree on the pixels.
+            raise ValueError(f"spec.model: timm's data config for the built model {self.data_config} differs from "
+                             f"the one read from {root / 'config.json'} {self.preprocessor.data_config}")
         # The layout of the output (NCHW or NHWC map, prefix count, patch grid) is read off one real forward pass.
         self.channels_last = getattr(model, "output_fmt", None) == "NHWC"
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.grid_hw: tuple[int, int] | None = None
         _, height, width = self.data_config["input_size"]
-        probe = self.preprocess([Image.new("RGB", (width, height), (127, 127, 127))])
+        probe = self.preprocessor.normalize(self.preprocess([Image.new("RGB", (width, height), (127, 127, 127))]))
         with torch.inference_mode():
             raw = self.backbone.forward_features(probe)
         self._check_layout(raw, tuple(probe.shape[-2:]))
@@ -123,10 +193,9 @@ class TimmTeacher(Teacher):
             return feature_map_to_tokens(raw, self.spec.grid)
         return sequence_to_tokens(raw, self.num_prefix, self.spec.prefix_tokens, self.spec.grid, self.grid_hw)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB images -> pixel_values [B, 3, H, W] float32 from timm's eval transform for this checkpoint."""
-        self.check_images(images)
-        return torch.stack([self.transform(image) for image in images]).to(torch.float32)
+    @classmethod
+    def build_preprocessor(cls, spec: TimmSpec) -> TimmPreprocessor:
+        return TimmPreprocessor(timm_data_config(cls.locate(spec).root))
 
     def compute(self, batch: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> [B, T, C] in compute dtype."""

@@ -7,12 +7,10 @@ classes: diffusers is never imported, so no UNet, VAE or scheduler is ever built
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from PIL import Image
 
 from teachers.base import Teacher
+from teachers.pixels import ImageProcessorPreprocessor
 from teachers.registry import register
 from teachers.spec import UnclipImageEncoderSpec
 
@@ -28,7 +26,7 @@ class UnclipImageEncoderTeacher(Teacher):
         return (spec.image_encoder_subfolder,), (spec.feature_extractor_subfolder,)
 
     def load(self) -> None:
-        from transformers import CLIPImageProcessor, CLIPImageProcessorPil, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
 
         spec = self.spec
         root = self.resolve_weights()
@@ -36,14 +34,18 @@ class UnclipImageEncoderTeacher(Teacher):
         self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
             root, subfolder=spec.image_encoder_subfolder, use_safetensors=True, dtype=self.compute_dtype
         )
-        processor_cls = CLIPImageProcessorPil if spec.processor_backend == "pil" else CLIPImageProcessor
-        self.feature_extractor = processor_cls.from_pretrained(root, subfolder=spec.feature_extractor_subfolder)
         self._target_shape = (1, int(self.image_encoder.config.projection_dim))
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB images -> pixel_values [B, 3, crop, crop] float32 from the pipeline's CLIP feature extractor."""
-        self.check_images(images)
-        return self.feature_extractor(list(images), return_tensors="pt")["pixel_values"].to(torch.float32)
+    @classmethod
+    def build_preprocessor(cls, spec: UnclipImageEncoderSpec) -> ImageProcessorPreprocessor:
+        """The pipeline's CLIP feature extractor, split: its PIL resize (shortest edge, bicubic) and centre crop on
+        the CPU -> uint8 [B, 3, crop, crop]; its rescale and CLIP mean/std on the device (exact: checked when
+        built, float32 pixel_values otherwise)."""
+        from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+
+        processor_cls = CLIPImageProcessorPil if spec.processor_backend == "pil" else CLIPImageProcessor
+        processor = processor_cls.from_pretrained(cls.locate(spec).root, subfolder=spec.feature_extractor_subfolder)
+        return ImageProcessorPreprocessor(processor)
 
     def compute(self, batch: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, crop, crop] -> [B, 1, projection_dim] in compute dtype."""

@@ -43,6 +43,11 @@ def _tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return out
 
 
+def _pixel_values(teacher, images):
+    """The teacher's float32 pixel_values: its CPU half, then its linear steps (run on the CPU here)."""
+    return teacher.preprocessor.normalize(teacher.preprocess(images))
+
+
 def _timm_pixels(model, images):
     import timm
 
@@ -57,7 +62,8 @@ def _timm_pixels(model, images):
 def test_timm_vit_tokens_match_forward_intermediates(generic_models, images, prefix_tokens, grid):
     model = generic_models["timm_vit"][1]
     teacher = _timm(generic_models, "timm_vit", prefix_tokens=prefix_tokens, grid=grid)
-    pixels = teacher.preprocess(images)
+    assert teacher.preprocess(images).dtype == torch.uint8  # timm's eval transform splits exactly
+    pixels = _pixel_values(teacher, images)
     torch.testing.assert_close(pixels, _timm_pixels(model, images), atol=0, rtol=0)
     assert pixels.shape == (len(images), 3, 160, 160)
 
@@ -112,7 +118,8 @@ def test_hf_clip_hidden_states(generic_models, images, layers, combine, final_no
     folder, model = generic_models["hf_clip"]
     teacher = _hf(generic_models, "hf_clip", layers=layers, combine=combine, final_norm=final_norm)
     pixels = CLIPImageProcessorPil.from_pretrained(folder)(images, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(teacher.preprocess(images), pixels, atol=0, rtol=0)
+    assert teacher.preprocess(images).dtype == torch.uint8  # the PIL CLIP processor splits exactly
+    torch.testing.assert_close(_pixel_values(teacher, images), pixels, atol=0, rtol=0)
 
     with torch.no_grad():
         hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
@@ -130,7 +137,7 @@ def test_hf_clip_hidden_states(generic_models, images, layers, combine, final_no
 def test_hf_dinov2_registers_final_norm_is_last_hidden_state(generic_models, images, prefix_tokens, grid):
     folder, model = generic_models["hf_dinov2_reg"]
     teacher = _hf(generic_models, "hf_dinov2_reg", final_norm=True, prefix_tokens=prefix_tokens, grid=grid)
-    pixels = teacher.preprocess(images)
+    pixels = _pixel_values(teacher, images)
     assert pixels.shape == (len(images), 3, 56, 56)
     with torch.no_grad():
         last = model(pixel_values=pixels).last_hidden_state  # the model's own final LayerNorm output
@@ -151,7 +158,7 @@ def test_hf_dinov2_registers_final_norm_is_last_hidden_state(generic_models, ima
 def test_hf_num_prefix_tokens_override(generic_models, images):
     _, model = generic_models["hf_dinov2_reg"]
     teacher = _hf(generic_models, "hf_dinov2_reg", num_prefix_tokens=1, prefix_tokens="drop")
-    pixels = teacher.preprocess(images[:2])
+    pixels = _pixel_values(teacher, images[:2])
     with torch.no_grad():
         expected = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
     assert teacher.target_shape == (4 + 16, 32)  # the registers now count as patch tokens
@@ -161,7 +168,7 @@ def test_hf_num_prefix_tokens_override(generic_models, images):
 def test_hf_convnet_feature_maps(generic_models, images):
     _, model = generic_models["hf_resnet"]
     teacher = _hf(generic_models, "hf_resnet", layers=[-1], grid=2)
-    pixels = teacher.preprocess(images)
+    pixels = _pixel_values(teacher, images)
     with torch.no_grad():
         last = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
     assert last.shape[1:] == (16, 8, 8)

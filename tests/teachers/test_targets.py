@@ -29,9 +29,12 @@ def test_depth_target_matches_backbone_feature_maps(teacher_dirs, images, layers
     from transformers import DepthAnythingForDepthEstimation
 
     teacher = teachers.create({"kind": "depth_anything_v2", "model": str(teacher_dirs["depth"]), "layers": layers})
-    pixels = teacher.preprocess(images)
+    batch = teacher.preprocess(images)
+    assert batch.dtype == torch.uint8 and batch.shape == (len(images), 3, 336, 336)
+    # The CPU half ships uint8; the linear steps (run on the CPU here) give the reference's float32 bit for bit.
+    pixels = teacher.preprocessor.normalize(batch)
     expected_pixels = torch.stack([_reference_depth_pixels(im, 336) for im in images])
-    assert pixels.dtype == torch.float32 and pixels.shape == (len(images), 3, 336, 336)
+    assert pixels.dtype == torch.float32
     torch.testing.assert_close(pixels, expected_pixels, atol=0, rtol=0)
 
     # Independent route: the Dinov2 backbone's own feature maps are the final LayerNorm applied to each stage
@@ -41,7 +44,7 @@ def test_depth_target_matches_backbone_feature_maps(teacher_dirs, images, layers
         feature_maps = model.backbone(expected_pixels).feature_maps
     expected = torch.stack([feature_maps[k][:, 1:] for k in layers]).mean(0)
 
-    out = teacher(pixels)
+    out = teacher(batch)
     assert out.shape == (len(images), 576, 32) and out.dtype == torch.float32 and out.device.type == "cpu"
     assert teacher.target_shape == (576, 32)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
@@ -51,7 +54,8 @@ def test_depth_bgr_swaps_channels_before_normalising(teacher_dirs, images):
     teacher = teachers.create({"kind": "depth_anything_v2", "model": str(teacher_dirs["depth"]),
                                "layers": [0, 1, 2, 3], "channel_order": "bgr"})
     expected = torch.stack([_reference_depth_pixels(im, 336, bgr=True) for im in images[:2]])
-    torch.testing.assert_close(teacher.preprocess(images[:2]), expected, atol=0, rtol=0)
+    pixels = teacher.preprocessor.normalize(teacher.preprocess(images[:2]))
+    torch.testing.assert_close(pixels, expected, atol=0, rtol=0)
 
 
 def test_oneformer_target_matches_full_model_encoder_states(teacher_dirs, images):
@@ -62,8 +66,9 @@ def test_oneformer_target_matches_full_model_encoder_states(teacher_dirs, images
     resized = [im.resize((256, 256), Image.Resampling.BICUBIC) for im in images]
     processor = OneFormerImageProcessorPil.from_pretrained(seg)
     expected_pixels = processor(resized, task_inputs=["panoptic"] * len(images), return_tensors="pt")["pixel_values"]
-    pixels = teacher.preprocess(images)
-    torch.testing.assert_close(pixels, expected_pixels, atol=0, rtol=0)
+    batch = teacher.preprocess(images)
+    assert batch.dtype == torch.uint8 and batch.shape == expected_pixels.shape
+    torch.testing.assert_close(teacher.preprocessor.normalize(batch), expected_pixels, atol=0, rtol=0)
 
     # Independent route: the whole OneFormer model (text/task inputs included) returns the backbone's stages as
     # encoder_hidden_states; resize the last one and lay it out token-major by hand.
@@ -76,7 +81,7 @@ def test_oneformer_target_matches_full_model_encoder_states(teacher_dirs, images
     resized_map = F.interpolate(last, size=(24, 24), mode="bilinear", align_corners=False)
     expected = resized_map.permute(0, 2, 3, 1).reshape(len(images), 24 * 24, -1)
 
-    out = teacher(pixels)
+    out = teacher(batch)
     assert out.shape == (len(images), 576, 128) and out.dtype == torch.float32
     assert teacher.target_shape == (576, 128)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
@@ -91,13 +96,14 @@ def test_unclip_target_is_image_embeds(teacher_dirs, images):
     teacher = teachers.create({"kind": "unclip_image_encoder", "model": str(gen)})
     expected_pixels = CLIPImageProcessorPil.from_pretrained(gen / "feature_extractor")(
         images, return_tensors="pt")["pixel_values"]
-    pixels = teacher.preprocess(images)
-    torch.testing.assert_close(pixels, expected_pixels, atol=0, rtol=0)
+    batch = teacher.preprocess(images)
+    assert batch.dtype == torch.uint8 and batch.shape == expected_pixels.shape
+    torch.testing.assert_close(teacher.preprocessor.normalize(batch), expected_pixels, atol=0, rtol=0)
 
     model = CLIPVisionModelWithProjection.from_pretrained(gen / "image_encoder").eval()
     with torch.no_grad():
         expected = model(pixel_values=expected_pixels).image_embeds[:, None, :]
-    out = teacher(pixels)
+    out = teacher(batch)
     assert out.shape == (len(images), 1, model.config.projection_dim) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
 
