@@ -63,6 +63,7 @@ def _cmd_precompute(args) -> int:
         rows_per_block=args.rows_per_block,
         rows_per_chunk=args.rows_per_chunk,
         max_pixels=args.max_pixels,
+        feed=args.feed,
         progress=not args.quiet,
     )
     if summary.nothing_to_do:
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per compressed chunk inside a shard, the unit of reading (default 8)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"larger images are recorded as errors, not decoded (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--feed", choices=("auto", "inline", "tasks"), default="auto",
+                   help="tasks: Ray CPU tasks on every core read, decode, preprocess and write while each device's "
+                        "worker only computes; inline: each worker does all of it for its blocks; auto (default): "
+                        "tasks when the teachers use GPUs, else inline")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_precompute)
 

@@ -7,19 +7,32 @@ contract of DESIGN.md; the rest let workers read an image without scanning its t
     has_conversation bool | image_member str | image_offset int64 | image_size int64
 
 `image_sha1` is "" for a sample without an image member; such rows get `valid = 0` downstream.
+
+Beside it, a store keeps `shards.parquet`, one row per shard in shard order (SHARDS_SCHEMA): the shard's
+identity when it was read (size, mtime or ETag: see `pipeline.shards.ShardInfo`), its rows in the index
+and the damage reading it found (a truncated tar), which is in no row of the index. Indexing the shards of
+an existing store (`build_index(..., previous=...)`) re-reads only the shards whose identity changed or that
+are new, and takes the others' rows from the store; re-reading and re-hashing every shard is
+`pipeline verify --shards`. Shards are read in parallel processes, one task per shard, when there is
+enough to read; the result is the same as a serial scan's: shard order, then file order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pipeline.shards import SampleMembers, list_shards, scan_shard, shard_name
+from pipeline.errors import JobError
+from pipeline.shards import SampleMembers, ShardInfo, list_shard_infos, scan_shard, shard_name
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -35,6 +48,25 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 
+SHARDS_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),  # the name, as in index.parquet
+        ("size", pa.int64()),  # bytes; -1 where the filesystem did not say
+        ("mtime_ns", pa.int64()),  # null where the filesystem gave no modification time
+        ("etag", pa.string()),  # null on local files
+        ("row_start", pa.int64()),  # the shard's rows are row_start <= row < row_stop
+        ("row_stop", pa.int64()),
+        ("error", pa.string()),  # null, or why reading the shard stopped early (kept samples are in the index)
+        ("error_key", pa.string()),  # the sample cut by that damage, "" if none or not legible
+    ]
+)
+
+# Below this many bytes to read, this process reads them about as soon as worker processes would: starting
+# spawned workers (each imports pyarrow, fsspec, PIL) costs 0.4-1 s, and one process indexes page-cached shards
+# at about 250 MB/s (benchmarks/indexing.py). Measured on 2 shared cores, 2 workers were slower than 1 process
+# even at 300 MB; with P cores they pay off from about 250 MB/s x 1 s x P / (P - 1) of work.
+PARALLEL_MIN_BYTES = 2**30
+
 
 @dataclass
 class ShardIndex:
@@ -44,6 +76,48 @@ class ShardIndex:
     urls: list[str]
     fingerprint: str
     shard_errors: list[dict]  # {"shard", "key", "error"} for truncated or unreadable shards
+    shards: pa.Table = field(default_factory=SHARDS_SCHEMA.empty_table)  # one row per shard (SHARDS_SCHEMA)
+    scanned: list[str] = field(default_factory=list)  # names of the shards read this time (the others were reused)
+
+
+@dataclass
+class PreviousIndex:
+    """What a store recorded about its shards (index.parquet and shards.parquet), for reuse by `build_index`."""
+
+    index: pa.Table
+    shards: pa.Table
+    _by_name: dict | None = field(default=None, repr=False, compare=False)
+
+    def problem(self) -> str | None:
+        """Why the two files do not describe the same shards (an edited or damaged shards.parquet), or None."""
+        if not self.shards.schema.remove_metadata().equals(SHARDS_SCHEMA):
+            return f"shards.parquet has columns {self.shards.column_names}, not {SHARDS_SCHEMA.names}"
+        if not self.index.schema.remove_metadata().equals(INDEX_SCHEMA):
+            return f"index.parquet has columns {self.index.column_names}, not {INDEX_SCHEMA.names}"
+        names = self.shards.column("shard").to_pylist()
+        starts = self.shards.column("row_start").to_pylist()
+        stops = self.shards.column("row_stop").to_pylist()
+        if len(set(names)) != len(names):
+            return "shards.parquet names a shard twice"
+        end = stops[-1] if stops else 0
+        if starts[:1] not in ([], [0]) or starts[1:] != stops[:-1] or end != self.index.num_rows:
+            return f"the row ranges of shards.parquet do not tile the {self.index.num_rows} rows of index.parquet"
+        if any(start > stop for start, stop in zip(starts, stops)):
+            return "shards.parquet has a row range that ends before it starts"
+        expected = pa.array(np.repeat(np.array(names, dtype=object), np.subtract(stops, starts)), pa.string())
+        if not expected.equals(self.index.column("shard").combine_chunks()):
+            return "the shard names of shards.parquet do not match the rows of index.parquet"
+        return None
+
+    def reusable(self, info: ShardInfo) -> dict | None:
+        """The shard's record (with its index rows under "table") if `info` is the file recorded, else None."""
+        if self._by_name is None:
+            self._by_name = {} if self.problem() else {r["shard"]: r for r in self.shards.to_pylist()}
+        record = self._by_name.get(info.name)
+        if record is None or not info.same_file(record["size"], record["mtime_ns"], record["etag"]):
+            return None
+        table = self.index.slice(record["row_start"], record["row_stop"] - record["row_start"])
+        return {**record, "table": table}
 
 
 def _conversation_present(raw: bytes | None) -> bool:
@@ -69,31 +143,91 @@ def dataset_fingerprint(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def build_index(shards: str, *, threads: int = 8, progress: bool = True) -> ShardIndex:
-    """Scan every shard (in parallel threads) and return the index in shard order, then file order."""
-    urls = list_shards(shards)
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
-        listings = list(
-            tqdm(pool.map(scan_shard, urls), total=len(urls), desc="index", unit="shard", disable=not progress)
-        )
-    columns: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
-    shard_errors = []
-    for listing in listings:
-        name = shard_name(listing.url)
-        if listing.error:
-            shard_errors.append({"shard": name, "key": listing.broken_key or "", "error": listing.error})
-        for sample in listing.samples:
-            columns["row"].append(len(columns["row"]))
-            columns["shard"].append(name)
-            columns["key"].append(sample.key)
-            columns["image_sha1"].append(sample.image_sha1)
-            columns["caption_present"].append(_caption_present(sample))
-            columns["has_conversation"].append(_conversation_present(sample.conversation))
-            columns["image_member"].append(sample.image_member or "")
-            columns["image_offset"].append(sample.image_offset)
-            columns["image_size"].append(sample.image_size)
-    table = pa.table(columns, schema=INDEX_SCHEMA)
-    return ShardIndex(table=table, urls=urls, fingerprint=dataset_fingerprint(table), shard_errors=shard_errors)
+def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: int | None = None,
+                progress: bool = True) -> ShardIndex:
+    """Index SHARDS in shard order, then file order.
+
+    With `previous` (a store's record), a shard whose identity (name, size, mtime or ETag) is the recorded one
+    is not read: its rows and damage come from the record. The others are read, in `workers` processes (one task
+    per shard; default: one per CPU when there are at least PARALLEL_MIN_BYTES to read, else this process).
+    Whichever way a shard was indexed, the result is the same table a serial scan of every shard gives.
+    """
+    infos = list_shard_infos(shards)
+    parts: list[dict | None] = [previous.reusable(info) if previous is not None else None for info in infos]
+    todo = [i for i, part in enumerate(parts) if part is None]
+    with tqdm(total=len(infos), initial=len(infos) - len(todo), desc="index", unit="shard",
+              disable=not progress) as bar:
+        for i, part in _scan([infos[i] for i in todo], workers):
+            parts[todo[i]] = part
+            bar.update(1)
+    tables, records, shard_errors, start = [], [], [], 0
+    for info, part in zip(infos, parts):
+        table = pa.Table.from_arrays(part["table"].columns, schema=INDEX_SCHEMA)
+        tables.append(table)
+        if part["error"] is not None:
+            shard_errors.append({"shard": info.name, "key": part["error_key"], "error": part["error"]})
+        records.append({"shard": info.name, "size": info.size, "mtime_ns": info.mtime_ns, "etag": info.etag,
+                        "row_start": start, "row_stop": start + table.num_rows, "error": part["error"],
+                        "error_key": part["error_key"]})
+        start += table.num_rows
+    table = pa.concat_tables(tables).combine_chunks() if tables else INDEX_SCHEMA.empty_table()
+    table = table.set_column(0, "row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    return ShardIndex(table=table, urls=[info.url for info in infos], fingerprint=dataset_fingerprint(table),
+                      shard_errors=shard_errors, shards=pa.Table.from_pylist(records, schema=SHARDS_SCHEMA),
+                      scanned=[infos[i].name for i in todo])
+
+
+def _scan(infos: list[ShardInfo], workers: int | None):
+    """(position in `infos`, indexed shard) for every shard, in completion order."""
+    if workers is None:
+        worth_it = len(infos) >= 2 and sum(max(info.size, 0) for info in infos) >= PARALLEL_MIN_BYTES
+        count = min(len(infos), _cpu_count()) if worth_it else 1
+    else:
+        count = max(1, min(workers, len(infos)))
+    if count <= 1:
+        for i, info in enumerate(infos):
+            yield i, index_shard(info.url)
+        return
+    # spawn, not fork: the caller may hold threads (Ray's, tqdm's monitor) that a forked child inherits broken.
+    with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(index_shard, info.url): i for i, info in enumerate(infos)}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BrokenProcessPool as exc:
+            raise JobError(f"a process indexing the shards died ({exc}); out of memory? rerun, or pass fewer "
+                           "workers") from None
+        finally:
+            for future in futures:
+                future.cancel()  # after an error, do not read the shards nobody will use
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def index_shard(url: str) -> dict:
+    """Read one shard: {"table": its index rows (INDEX_SCHEMA; `row` counts from 0 within the shard), "error":
+    why reading stopped early or None, "error_key": the sample that damage cut, or ""}. Runs in worker
+    processes: it takes a URL and returns only picklable values."""
+    listing = scan_shard(url)
+    name = shard_name(url)
+    columns: dict[str, list] = {column: [] for column in INDEX_SCHEMA.names}
+    for sample in listing.samples:
+        columns["row"].append(len(columns["row"]))
+        columns["shard"].append(name)
+        columns["key"].append(sample.key)
+        columns["image_sha1"].append(sample.image_sha1)
+        columns["caption_present"].append(_caption_present(sample))
+        columns["has_conversation"].append(_conversation_present(sample.conversation))
+        columns["image_member"].append(sample.image_member or "")
+        columns["image_offset"].append(sample.image_offset)
+        columns["image_size"].append(sample.image_size)
+    return {"table": pa.table(columns, schema=INDEX_SCHEMA), "error": listing.error,
+            "error_key": (listing.broken_key or "") if listing.error else ""}
 
 
 def first_difference(expected: pa.Table, actual: pa.Table) -> str:

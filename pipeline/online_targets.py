@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UsageError
-from pipeline.precompute import run_teacher
+from pipeline.block_stages import run_teacher
 from pipeline.store import Storage, TargetStore
 
 
@@ -69,17 +69,11 @@ class OnlineTargets:
     def __call__(self, images: Sequence) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """RGB PIL images (decoded by `pipeline.images.decode_rgb`) -> ({teacher: [B, T, C] float32},
         {teacher: [B] bool}), rounded as the store rounds them; a failed or non-finite row is 0 and invalid, as in
-        the store."""
+        the store (precompute's batching and failure rules: `run_teacher`)."""
         targets, valid = {}, {}
         for name in self.names:
-            raw, ok = self._run(name, list(images))
-            stored, scale = self.storage[name].encode(raw)
-            decoded = self.storage[name].decode(stored, scale, self.target_shapes[name][0])
+            out = run_teacher(self.teachers[name], list(images), self.storage[name])
+            decoded = self.storage[name].decode(out.stored, out.scale, self.target_shapes[name][0])
             targets[name] = torch.from_numpy(np.ascontiguousarray(decoded))
-            valid[name] = torch.from_numpy(ok)
+            valid[name] = torch.from_numpy(out.valid.astype(bool))
         return targets, valid
-
-    def _run(self, name: str, images: list) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [B, T, C] and bool [B], with precompute's batching and failure rules."""
-        out, ok, _ = run_teacher(self.teachers[name], images)
-        return out, ok.astype(bool)

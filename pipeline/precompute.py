@@ -1,37 +1,49 @@
 """`pipeline precompute`: run frozen teachers over WebDataset shards into a target store, with Ray.
 
-The driver indexes the shards, creates or checks the store, takes the store's lock and hands out
-blocks of rows (one Zarr shard each) to `BlockWorker` actors, keeping two blocks queued per worker
-so none waits for the driver. A worker holds every pending teacher's weights once (its GPU request
-is the sum of their `num_gpus`, so small teachers share a GPU), decodes each image of its block
-once, feeds it to every teacher that still needs the block, writes the block's files and then its
-completion record. Re-running after any crash redoes exactly the blocks without a record.
+The driver indexes the shards, creates or checks the store, takes the store's lock and moves blocks of rows
+(one Zarr shard each) through the three stages of pipeline/block_stages.py: prepare (read, decode, the teachers'
+CPU preprocessing), compute (the forwards) and write (files, then the completion record). A `BlockWorker`
+actor holds every pending teacher's weights once; its GPU request is the sum of their `num_gpus`, so small
+teachers share a GPU. Two feeds (see `plan_workers`):
+
+- tasks (the default with GPUs): prepare and write are Ray CPU tasks on every core of the cluster, and each
+  device's worker only computes. At most `window` blocks are open at once (backpressure: Ray's object store
+  holds the prepared inputs and computed targets of those blocks only), so the accelerators are fed while the
+  CPUs work ahead of them.
+- inline (the default without GPUs): each worker runs the three stages of its blocks in turn, one worker per
+  group of cores, two blocks queued per worker.
+
+Re-running after any crash redoes exactly the blocks without a record.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config_io import describe_validation_error
+from pipeline import block_stages as stages
 from pipeline.errors import JobError, UsageError
 from pipeline.failpoints import failpoint
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
+from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.index import ShardIndex, build_index, duplicate_rows, first_difference
 from pipeline.local_ray import ray_session
-from pipeline.shards import read_indexed_image, shard_name
+from pipeline.shards import shard_name
 from pipeline.store import BlockRange, Storage, TargetStore
 
 DEFAULT_ROWS_PER_BLOCK = 64
 DEFAULT_ROWS_PER_CHUNK = 8
 BLOCKS_IN_FLIGHT_PER_WORKER = 2
 HEARTBEAT_SECONDS = 10.0
+WARM_HOLD_SECONDS = 0.5
 
 
 class PrecomputeConfig(BaseModel):
@@ -46,6 +58,7 @@ class PrecomputeConfig(BaseModel):
     rows_per_block: int = Field(default=DEFAULT_ROWS_PER_BLOCK, ge=1)
     rows_per_chunk: int = Field(default=DEFAULT_ROWS_PER_CHUNK, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    feed: Literal["auto", "inline", "tasks"] = "auto"
 
     @model_validator(mode="after")
     def _chunks_tile_blocks(self) -> PrecomputeConfig:
@@ -75,6 +88,7 @@ class PrecomputeSummary:
     rows_computed: int = 0
     failures: int = 0
     workers: int = 0
+    feed: str = ""  # how blocks reached the workers: "inline" or "tasks" (see WorkerPlan)
     seconds: float = 0.0  # the whole command: indexing, workers starting, teachers loading, computing
     compute_seconds: float = 0.0  # from every worker holding its teachers to the last block written
     finished_earlier_run: bool = False  # computed nothing, but wrote what a killed run left unfinished
@@ -85,7 +99,8 @@ class PrecomputeSummary:
 
 
 class BlockWorker:
-    """Holds the teachers of one job and computes whole blocks. Wrapped with `ray.remote` by the driver."""
+    """Holds the teachers of one job (a Ray actor, one per device). `compute` is the accelerator stage of
+    pipeline/block_stages.py; `process` runs all three stages of a block in turn (the CPU-only feed)."""
 
     def __init__(self, store_path: str, specs: dict, shard_urls: dict[str, str], *, max_pixels: int, threads: int,
                  token: str | None = None):
@@ -97,13 +112,15 @@ class BlockWorker:
         torch.set_num_threads(max(1, threads))
         self.store = TargetStore(store_path)
         self.token = token  # the run's lock token: checked before every write (see pipeline/store_lock.py)
-        index = self.store.read_index()
-        self.index = {name: index.column(name).to_pylist() for name in index.column_names}
-        self.duplicates = duplicate_rows(index)
         self.shard_urls = shard_urls
         self.max_pixels = max_pixels
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.teachers = {name: teachers.create(spec, device=device) for name, spec in specs.items()}
+        self.storages = {name: storage_of(t.spec) for name, t in self.teachers.items()}
+        # With the tasks feed this actor runs BLOCKS_IN_FLIGHT_PER_WORKER `compute` calls in threads: one block's
+        # outputs are copied out while the next block's forwards run. Forwards take turns (TF32 flags are
+        # process-wide, and a device runs one batch at a time anyway).
+        self.device_lock = threading.Lock()
 
     def describe(self) -> dict[str, dict]:
         return {
@@ -111,136 +128,69 @@ class BlockWorker:
             for name, t in self.teachers.items()
         }
 
-    def process(self, block: BlockRange, names: list[str]) -> dict[str, dict]:
-        """Compute `names` for the rows of `block`; return each teacher's completion record."""
-        started = time.perf_counter()
-        images, failures = self._load_images(block)
-        decode_seconds = time.perf_counter() - started
-        records = {}
-        for name in names:
-            teacher_started = time.perf_counter()
-            target, valid, teacher_failures = self._run_teacher(name, block, images)
-            self.store.check_fence(self.token)
-            digest = self.store.write_block(name, block, target, valid)
-            record = {
-                "teacher": name,
-                "fingerprint": self.teachers[name].fingerprint,
-                "block": block.block,
-                "start": block.start,
-                "stop": block.stop,
-                "rows": block.rows,
-                "written": int(valid.sum()),
-                "failures": sorted(failures + teacher_failures, key=lambda f: f["row"]),
-                "sha256": digest,
-                "stats": _channel_stats(target, valid),
-                # Batch composition changes the last float bits: byte identity between runs needs equal batch sizes.
-                "batch_size": self.teachers[name].spec.batch_size,
-                "seconds": round(time.perf_counter() - teacher_started + decode_seconds / len(names), 4),
-            }
-            self.store.check_fence(self.token)
-            self.store.write_record(name, block.block, record)
-            records[name] = record
-        return records
+    def compute(self, prepared: stages.PreparedBlock) -> stages.ComputedBlock:
+        return stages.compute(self.teachers, prepared, self.storages, self.device_lock)
 
-    def _load_images(self, block: BlockRange):
-        """Read and decode each image of the block once: {row: RGB image} plus per-row failures."""
-        import fsspec
-
-        images, failures = {}, []
-        by_shard: dict[str, list[int]] = {}
-        for row in range(block.start, block.stop):
-            if row in self.duplicates:
-                failures.append(self._failure(row, self.duplicates[row]))
-                continue
-            by_shard.setdefault(self.index["shard"][row], []).append(row)
-        for shard, rows in by_shard.items():
-            try:
-                with fsspec.open(self.shard_urls[shard], "rb") as f:
-                    for row in rows:
-                        try:
-                            images[row] = self._read_image(f, row)
-                        except Exception as exc:
-                            # Any exception from one row (not only the expected ones) is that row's failure: an
-                            # uncaught one would fail the block on every rerun and so stop the whole job.
-                            reason = str(exc) if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
-                            failures.append(self._failure(row, reason))
-            except OSError as exc:
-                failures.extend(self._failure(r, f"cannot read shard: {exc}") for r in rows if r not in images)
-        return images, failures
-
-    def _read_image(self, f, row: int):
-        if not self.index["image_member"][row]:
-            raise ImageDecodeError("sample has no image file")
-        data = read_indexed_image(f, self.index["image_offset"][row], self.index["image_size"][row],
-                                  self.index["image_sha1"][row])
-        return decode_rgb(data, max_pixels=self.max_pixels)
-
-    def _failure(self, row: int, error: str, teacher: str = "") -> dict:
-        return {"row": row, "shard": self.index["shard"][row], "key": self.index["key"][row], "teacher": teacher,
-                "error": error}
-
-    def _run_teacher(self, name: str, block: BlockRange, images: dict):
-        teacher = self.teachers[name]
-        rows = sorted(images)
-        outputs, ok, errors = run_teacher(teacher, [images[r] for r in rows])
-        target = np.zeros((block.rows, *teacher.target_shape), dtype=np.float32)
-        valid = np.zeros((block.rows,), dtype=np.uint8)
-        offsets = [r - block.start for r in rows]
-        target[offsets] = outputs
-        valid[offsets] = ok
-        return target, valid, [self._failure(rows[i], reason, name) for i, reason in errors]
+    def process(self, rows: stages.BlockRows, names: list[str]) -> dict[str, dict]:
+        """Prepare, compute and write `names` for one block here; return each teacher's completion record."""
+        preprocessors = {n: (self.teachers[n].preprocess, self.teachers[n].spec.batch_size) for n in names}
+        prepared = stages.prepare(rows, preprocessors, self.shard_urls, self.max_pixels)
+        return stages.write(self.store, self.compute(prepared), token=self.token,
+                            fingerprints={n: self.teachers[n].fingerprint for n in names},
+                            batch_sizes={n: self.teachers[n].spec.batch_size for n in names})
 
 
-def run_teacher(teacher, images: list) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Targets float32 [n, T, C], valid uint8 [n] and (index, reason) per failed image, batched by `batch_size`.
+# Built once per worker process and teacher (keyed by its fingerprint): Ray reuses task processes.
+_PREPROCESSORS: dict[str, object] = {}
 
-    A batch that raises is redone one image at a time, so one image a teacher cannot take does not cost the
-    others their targets; a non-finite output is a failure. Failed rows stay zero.
+
+def _preprocessors(teachers_: dict[str, tuple]) -> dict[str, tuple]:
+    """{name: (preprocessor, batch_size)} for {name: (spec, fingerprint)}: only the teachers' preprocessing, built
+    from the model's config files (never the weights), once per process."""
+    import teachers
+
+    preprocessors = {}
+    for name, (spec, fingerprint) in teachers_.items():
+        if fingerprint not in _PREPROCESSORS:
+            _PREPROCESSORS[fingerprint] = teachers.get_teacher_class(spec.kind).build_preprocessor(spec)
+        preprocessors[name] = (_PREPROCESSORS[fingerprint], spec.batch_size)
+    return preprocessors
+
+
+def _prepare_task(rows: stages.BlockRows, teachers_: dict[str, tuple], shard_urls: dict[str, str],
+                  max_pixels: int) -> stages.PreparedBlock:
+    """The CPU stage as a Ray task."""
+    return stages.prepare(rows, _preprocessors(teachers_), shard_urls, max_pixels)
+
+
+def _warm_task(teachers_: dict[str, tuple]) -> None:
+    """Import what the stages use and build the preprocessors in one task process while the devices' workers load
+    their teachers, so that the first blocks do not wait for it; held briefly so that each of the warm tasks
+    submitted together gets a process of its own."""
+    _preprocessors(teachers_)
+    time.sleep(WARM_HOLD_SECONDS)
+
+
+def _write_task(store_path: str, computed: stages.ComputedBlock, token: str, fingerprints: dict[str, str],
+                batch_sizes: dict[str, int]) -> dict[str, dict]:
+    """The write stage as a Ray task."""
+    return stages.write(TargetStore(store_path), computed, token=token, fingerprints=fingerprints,
+                        batch_sizes=batch_sizes)
+
+
+def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int, *,
+                         locked: bool = True) -> TargetStore:
+    """Create a new store for these shards, or check that an existing one was built from exactly them.
+
+    Writes only when `locked` (the caller holds the store's lock): the new store, or the identities of shards
+    that were re-read and found unchanged (touched or copied, so their mtime moved), so that the next run
+    need not read them again. Without the lock the store must exist; it is only checked.
     """
-    import torch
-
-    target = np.zeros((len(images), *teacher.target_shape), dtype=np.float32)
-    valid = np.zeros((len(images),), dtype=np.uint8)
-    errors = []
-
-    def forward(batch):
-        return teacher(teacher.preprocess(batch)).float().cpu()
-
-    step = max(1, teacher.spec.batch_size)
-    for start in range(0, len(images), step):
-        chunk = images[start : start + step]
-        try:
-            outputs = list(forward(chunk))
-        except Exception:
-            outputs = []
-            for i, image in enumerate(chunk, start):
-                try:
-                    outputs.append(forward([image])[0])
-                except Exception as exc:  # noqa: BLE001 - recorded per sample, the job goes on
-                    errors.append((i, f"{type(exc).__name__}: {exc}"))
-                    outputs.append(None)
-        for i, out in enumerate(outputs, start):
-            if out is None:
-                continue
-            if not torch.isfinite(out).all():
-                errors.append((i, "teacher output is not finite"))
-                continue
-            target[i] = out.numpy()
-            valid[i] = 1
-    return target, valid, sorted(errors)
-
-
-def _channel_stats(target: np.ndarray, valid: np.ndarray) -> dict:
-    """Per-channel count/sum/sum of squares over the valid rows' tokens (float64), merged into mean/std later."""
-    rows = target[valid.astype(bool)].astype(np.float64).reshape(-1, target.shape[-1])
-    return {"count": int(rows.shape[0]), "sum": rows.sum(axis=0).tolist(), "sumsq": (rows**2).sum(axis=0).tolist()}
-
-
-def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int) -> TargetStore:
-    """Create a new store for these shards, or check that an existing one was built from exactly them."""
     store = TargetStore(store_path)
     if not store.exists() or store.half_created():
-        store.create(index.table, index.fingerprint, rows_per_block=rows_per_block)
+        if not locked:
+            raise RuntimeError(f"creating store {store_path} needs its lock")
+        store.create(index.table, index.fingerprint, rows_per_block=rows_per_block, shards=index.shards)
         return store
     stored = store.read_index()  # refused if it is not the index the store was made with
     # Every column, not only the fingerprint's: workers seek by the stored offsets and sizes.
@@ -249,6 +199,8 @@ def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int
             f"store {store_path} was built for other shards ({first_difference(stored, index.table)}); "
             "pass the original --shards or a new --store"
         )
+    if locked:
+        store.record_shards(index.shards)  # also gives a store made before shards.parquet existed its record
     return store
 
 
@@ -277,7 +229,8 @@ def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -
     )
 
 
-def _storage(spec) -> Storage:
+def storage_of(spec) -> Storage:
+    """How a teacher's targets are stored, from its spec."""
     return Storage(dtype=spec.storage_dtype, quantize=spec.quantize, pool=spec.pool)
 
 
@@ -303,6 +256,7 @@ def run_precompute(
     rows_per_block: int = DEFAULT_ROWS_PER_BLOCK,
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    feed: str = "auto",
     progress: bool = True,
 ) -> PrecomputeSummary:
     """Compute every missing (teacher, block) of the store and finish it. Returns what was done; raises
@@ -312,7 +266,7 @@ def run_precompute(
     started = time.perf_counter()
     config = PrecomputeConfig.checked(address=address, batch_size=batch_size, workers=workers,
                                       rows_per_block=rows_per_block, rows_per_chunk=rows_per_chunk,
-                                      max_pixels=max_pixels)
+                                      max_pixels=max_pixels, feed=feed)
     manifest = teachers.load_manifest(manifest_path)
     specs = dict(manifest.teachers)
     if config.batch_size is not None:
@@ -320,13 +274,16 @@ def run_precompute(
     fingerprints = {name: _fingerprint(manifest_path, name, spec) for name, spec in specs.items()}
     store = TargetStore(store_path)
     store.check_location()
-    index = build_index(shards, progress=progress)
+    existing = store.exists() and not store.half_created()
+    # On a rerun only the shards whose identity (size, mtime or ETag) changed since the store recorded them are
+    # read again; the full re-read and re-hash is `pipeline verify --shards`.
+    index = build_index(shards, previous=store.previous_index() if existing else None, progress=progress)
     if index.table.num_rows == 0:
         raise UsageError(f"no samples found in {shards}")
     summary = PrecomputeSummary(store=store_path, num_rows=index.table.num_rows)
 
-    if store.exists() and not store.half_created():
-        store = open_or_create_store(store_path, index, config.rows_per_block)
+    if existing:
+        store = open_or_create_store(store_path, index, config.rows_per_block, locked=False)
         present, todo = _pending_blocks(store, specs, fingerprints)
         if _finished(store, present, todo):  # touch nothing, not even the lock
             return _summarise(store, specs, summary, started)
@@ -387,19 +344,34 @@ def _summarise(store: TargetStore, specs: dict, summary: PrecomputeSummary, star
     return summary
 
 
-def _worker_resources(ray, pending: dict, workers: int | None, num_blocks: int) -> tuple[int, dict, int]:
-    """(number of workers, Ray options of one worker, torch threads per worker)."""
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How a run uses the cluster: `count` BlockWorker actors with Ray `options`, torch `threads` each, and the feed:
+    "inline" (each worker prepares, computes and writes its blocks) or "tasks" (CPU tasks on every core prepare
+    and write; the workers, one per device, only compute)."""
+
+    count: int
+    options: dict
+    threads: int
+    feed: str
+
+
+def plan_workers(ray, pending: dict, config: PrecomputeConfig, num_blocks: int) -> WorkerPlan:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = float(ray.cluster_resources().get("GPU", 0))
     per_worker_gpus = sum(spec.num_gpus for spec in pending.values()) if gpus else 0.0
+    feed = config.feed if config.feed != "auto" else ("tasks" if per_worker_gpus else "inline")
     if per_worker_gpus:
-        count = workers or max(1, int(gpus // per_worker_gpus))
-        options, threads = {"num_cpus": 1, "num_gpus": per_worker_gpus}, 1
+        count = config.workers or max(1, int(gpus // per_worker_gpus))
+        # With the tasks feed a device's worker only launches its forwards: every core is left to the CPU tasks.
+        options, threads = {"num_cpus": 0 if feed == "tasks" else 1, "num_gpus": per_worker_gpus}, 1
+    elif feed == "tasks":  # no device: one core per worker computes, the others prepare and write
+        count, options, threads = config.workers or 1, {"num_cpus": 1}, 1
     else:
-        count = workers or cpus
+        count = config.workers or cpus
         threads = max(1, cpus // count)
         options = {"num_cpus": threads}
-    return max(1, min(count, num_blocks)), options, threads
+    return WorkerPlan(max(1, min(count, num_blocks)), options, threads, feed)
 
 
 def _compute(store, index, specs, fingerprints, present, todo, summary, lock, config: PrecomputeConfig, *, progress):
@@ -412,16 +384,22 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, co
             for b in blocks:
                 jobs.setdefault(b.block, []).append(name)
         failpoint("ray-started")
-        count, options, threads = _worker_resources(ray, pending, config.workers, len(jobs))
-        summary.workers = count
-        actor_cls = ray.remote(BlockWorker).options(**options, max_restarts=3, max_task_retries=3)
+        plan = plan_workers(ray, pending, config, len(jobs))
+        summary.workers, summary.feed = plan.count, plan.feed
+        concurrency = BLOCKS_IN_FLIGHT_PER_WORKER if plan.feed == "tasks" else 1
+        actor_cls = ray.remote(BlockWorker).options(**plan.options, max_restarts=3, max_task_retries=3,
+                                                    max_concurrency=concurrency)
         shard_urls = {shard_name(url): url for url in index.urls}
-        actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=config.max_pixels, threads=threads,
-                                   token=lock.token)
-                  for _ in range(count)]
+        actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=config.max_pixels,
+                                   threads=plan.threads, token=lock.token)
+                  for _ in range(plan.count)]
+        teachers_ = {n: (s, fingerprints[n]) for n, s in pending.items()}
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        warm = ray.remote(_warm_task).options(num_cpus=1)
+        warming = [warm.remote(teachers_) for _ in range(cpus)] if plan.feed == "tasks" else []
         try:
             described = ray.get(actors[0].describe.remote())
-            ray.get([actor.describe.remote() for actor in actors[1:]])
+            ray.get([actor.describe.remote() for actor in actors[1:]] + warming)
         except ray.exceptions.RayError as exc:
             raise JobError(f"teachers failed to load on a worker: {_ray_cause(exc)}") from None
         for name, info in described.items():
@@ -431,49 +409,117 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, co
                     f"{fingerprints[name][:12]}.. on the driver: are the weights the same on every node?")
             if not present[name]:
                 store.add_teacher(name, spec=specs[name].model_dump(mode="json"), fingerprint=fingerprints[name],
-                                  target_shape=tuple(info["target_shape"]), storage=_storage(specs[name]),
+                                  target_shape=tuple(info["target_shape"]), storage=storage_of(specs[name]),
                                   rows_per_chunk=config.rows_per_chunk)
         ranges = {b.block: b for b in store.blocks()}
-        queue = deque((ranges[b], names) for b, names in sorted(jobs.items()))
-        bar = tqdm(total=sum(job[0].rows * len(job[1]) for job in queue), desc="precompute", unit="row",
+        duplicates = duplicate_rows(index.table)
+        queue = deque((stages.BlockRows.from_index(index.table, ranges[b], duplicates), names)
+                      for b, names in sorted(jobs.items()))
+        bar = tqdm(total=sum(rows.block.rows * len(names) for rows, names in queue), desc="precompute", unit="row",
                    disable=not progress, smoothing=0.1)
-        in_flight: dict = {}
+        blocks_done, halfway = 0, max(1, len(jobs) // 2)
 
-        def submit(actor) -> None:
-            if queue:
-                job = queue.popleft()
-                in_flight[actor.process.remote(*job)] = actor
+        def finished(records: dict[str, dict]) -> None:
+            nonlocal blocks_done
+            for record in records.values():
+                summary.blocks_computed += 1
+                summary.rows_computed += record["rows"]
+                summary.failures += len(record["failures"])
+                bar.update(record["rows"])
+            bar.set_postfix(failures=summary.failures)
+            blocks_done += 1
+            if blocks_done == 1:
+                failpoint("first-block")
+            if blocks_done == halfway:
+                failpoint("mid-run")
 
-        for actor in actors:
-            for _ in range(BLOCKS_IN_FLIGHT_PER_WORKER):
-                submit(actor)
-        jobs_done, halfway = 0, max(1, len(jobs) // 2)
-        last_beat = compute_started = time.monotonic()
+        feed = _Feed(ray, actors, lock, finished)
+        compute_started = time.monotonic()
         try:
-            while in_flight:
-                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_SECONDS)
-                if time.monotonic() - last_beat > HEARTBEAT_SECONDS / 2:
-                    lock.heartbeat()
-                    last_beat = time.monotonic()
-                for ref in done:
-                    actor = in_flight.pop(ref)
-                    for record in ray.get(ref).values():
-                        summary.blocks_computed += 1
-                        summary.rows_computed += record["rows"]
-                        summary.failures += len(record["failures"])
-                        bar.update(record["rows"])
-                    bar.set_postfix(failures=summary.failures)
-                    jobs_done += 1
-                    if jobs_done == 1:
-                        failpoint("first-block")
-                    if jobs_done == halfway:
-                        failpoint("mid-run")
-                    submit(actor)
+            if plan.feed == "inline":
+                feed.inline(queue)
+            else:
+                feed.tasks(queue, store.path, teachers_, shard_urls, config.max_pixels, cpus)
             summary.compute_seconds = time.monotonic() - compute_started
         except ray.exceptions.RayError as exc:
             raise JobError(f"precompute workers failed: {_ray_cause(exc)}; rerun the same command to resume") from None
         finally:
             bar.close()
+
+
+class _Feed:
+    """Moves blocks through the stages with Ray, a bounded number at a time (the backpressure), calling `finished`
+    with each block's records; keeps the lock's heartbeat while it waits."""
+
+    def __init__(self, ray, actors: list, lock, finished):
+        self.ray, self.actors, self.lock, self.finished = ray, actors, lock, finished
+        self.last_beat = time.monotonic()
+
+    def _wait(self, refs: list) -> list:
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=HEARTBEAT_SECONDS)
+        if time.monotonic() - self.last_beat > HEARTBEAT_SECONDS / 2:
+            self.lock.heartbeat()
+            self.last_beat = time.monotonic()
+        return done
+
+    def inline(self, queue: deque) -> None:
+        """Each worker prepares, computes and writes whole blocks, with BLOCKS_IN_FLIGHT_PER_WORKER queued."""
+        in_flight: dict = {}
+
+        def submit(actor) -> None:
+            if queue:
+                in_flight[actor.process.remote(*queue.popleft())] = actor
+
+        for actor in self.actors:
+            for _ in range(BLOCKS_IN_FLIGHT_PER_WORKER):
+                submit(actor)
+        while in_flight:
+            for ref in self._wait(list(in_flight)):
+                actor = in_flight.pop(ref)
+                self.finished(self.ray.get(ref))
+                submit(actor)
+
+    def tasks(self, queue: deque, store_path: str, teachers: dict[str, tuple], shard_urls: dict[str, str],
+              max_pixels: int, cpus: int) -> None:
+        """Prepare and write tasks on every core, each worker computing; at most `window` blocks open at once."""
+        ray = self.ray
+        prepare = ray.remote(_prepare_task).options(num_cpus=1, max_retries=3)
+        write = ray.remote(_write_task).options(num_cpus=1, max_retries=3)
+        teachers_ref, urls_ref = ray.put(teachers), ray.put(shard_urls)
+        fingerprints = {name: fingerprint for name, (_, fingerprint) in teachers.items()}
+        # Enough blocks open to keep every core and every device's queue busy, few enough to bound the memory
+        # that prepared inputs and computed targets hold in Ray's object store.
+        window = cpus + len(self.actors) * (BLOCKS_IN_FLIGHT_PER_WORKER + 1)
+        preparing, computing, writing = {}, {}, set()
+        ready: deque = deque()
+        load = {id(actor): 0 for actor in self.actors}
+        open_blocks = 0
+        while queue or preparing or ready or computing or writing:
+            while queue and open_blocks < window:
+                rows, names = queue.popleft()
+                subset = {n: teachers[n] for n in names}
+                ref = prepare.remote(rows, subset if len(subset) < len(teachers) else teachers_ref, urls_ref,
+                                     max_pixels)
+                preparing[ref] = {n: teachers[n][0].batch_size for n in names}
+                open_blocks += 1
+            for actor in self.actors:
+                while ready and load[id(actor)] < BLOCKS_IN_FLIGHT_PER_WORKER:
+                    prepared, batch_sizes = ready.popleft()
+                    computing[actor.compute.remote(prepared)] = (actor, batch_sizes)
+                    load[id(actor)] += 1
+            for ref in self._wait([*preparing, *computing, *writing]):
+                if ref in preparing:
+                    ready.append((ref, preparing.pop(ref)))
+                elif ref in computing:
+                    actor, batch_sizes = computing.pop(ref)
+                    load[id(actor)] -= 1
+                    names = list(batch_sizes)
+                    writing.add(write.remote(store_path, ref, self.lock.token,
+                                             {n: fingerprints[n] for n in names}, batch_sizes))
+                else:
+                    writing.discard(ref)
+                    open_blocks -= 1
+                    self.finished(ray.get(ref))
 
 
 def _ray_cause(exc: Exception) -> str:

@@ -12,12 +12,15 @@ pattern (`shards/demo-{00000..00003}.tar`), a single tar, or any of those as an 
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import fsspec
 from braceexpand import braceexpand
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError
@@ -27,25 +30,99 @@ CAPTION_EXTENSION = "txt"
 CONVERSATION_EXTENSION = "json"
 
 
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as a listing describes it, without reading it: its URL and its identity.
+
+    The identity is what changes when the file is rewritten: its size, plus its ETag on object stores (which
+    change with every write) or else its modification time (`st_mtime_ns` for local files, the listing's
+    last-modified time elsewhere). A store records it per shard so that a rerun re-reads only the shards whose
+    identity changed (see pipeline/index.py).
+    """
+
+    url: str
+    size: int  # -1 where the filesystem does not say
+    mtime_ns: int | None
+    etag: str | None
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.url)
+
+    def same_file(self, size: int, mtime_ns: int | None, etag: str | None) -> bool:
+        """Whether a shard recorded with this size, mtime and ETag is this file unchanged. The ETag decides where
+        both sides have one, else the mtime; a shard whose identity is unknown is never the same."""
+        if size != self.size:
+            return False
+        if etag is not None and self.etag is not None:
+            return etag == self.etag
+        return mtime_ns is not None and mtime_ns == self.mtime_ns
+
+
 def list_shards(shards: str) -> list[str]:
     """Resolve SHARDS (directory, brace pattern, single file; local or fsspec URL) to an ordered list of tar URLs."""
-    urls: list[str] = []
+    return [info.url for info in list_shard_infos(shards)]
+
+
+def list_shard_infos(shards: str) -> list[ShardInfo]:
+    """`list_shards` with each shard's identity, from the listing alone (one `ls` per directory, one `info` per
+    named file): no shard is opened."""
+    infos: list[ShardInfo] = []
     for pattern in braceexpand(shards):
         fs, path = fsspec.core.url_to_fs(pattern)
         if fs.isdir(path):
-            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-            if not found:
+            entries = sorted((e for e in fs.ls(path, detail=True) if e["name"].endswith(".tar")),
+                             key=lambda e: e["name"])
+            if not entries:
                 raise UsageError(f"no .tar shards in directory {pattern}")
-            urls.extend(_unstrip(pattern, p) for p in found)
-        elif fs.exists(path):
-            urls.append(pattern)
-        else:
+            infos.extend(_shard_info(fs, _unstrip(pattern, e["name"]), e) for e in entries)
+            continue
+        try:
+            entry = fs.info(path)
+        except FileNotFoundError:
+            entry = None
+        if entry is None or entry.get("type") == "directory":
             raise UsageError(f"shard {pattern} does not exist; pass a directory, a brace pattern or a tar file")
-    names = [shard_name(u) for u in urls]
+        infos.append(_shard_info(fs, pattern, entry))
+    names = [info.name for info in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UsageError(f"two shards share the name {duplicates[0]}; shard names must be unique")
-    return urls
+    return infos
+
+
+_ETAG_KEYS = ("ETag", "etag", "e_tag")  # s3fs, gcsfs / adlfs, others
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified")
+
+
+def _shard_info(fs, url: str, entry: dict) -> ShardInfo:
+    if isinstance(fs, LocalFileSystem):
+        # The exact nanoseconds (fsspec gives a float); a stat is metadata only, no byte of the file is read.
+        stat = os.stat(entry["name"])
+        return ShardInfo(url=url, size=stat.st_size, mtime_ns=stat.st_mtime_ns, etag=None)
+    etag = next((str(entry[k]) for k in _ETAG_KEYS if entry.get(k)), None)
+    mtime = next((_nanoseconds(entry[k]) for k in _MTIME_KEYS if entry.get(k) is not None), None)
+    size = entry.get("size")
+    return ShardInfo(url=url, size=int(size) if size is not None else -1, mtime_ns=mtime, etag=etag)
+
+
+def _nanoseconds(value) -> int | None:
+    """A listing's modification time (seconds since the epoch, a datetime or an ISO string) in ns, or None."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return (value - _EPOCH) // timedelta(microseconds=1) * 1000
+    if isinstance(value, (int, float)):
+        return int(round(value * 1e9))
+    return None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _unstrip(pattern: str, child: str) -> str:

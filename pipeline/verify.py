@@ -4,8 +4,10 @@ Checks, per teacher: every block has a completion record made by the same teache
 bytes on disk hash to the sha256 the record kept (so a damaged or edited shard file is caught); the
 valid flags agree with the record; valid rows hold finite numbers and invalid rows hold zeros. Store
 wide: index.parquet is, byte for byte, the index the store was made with (every column: the offsets and
-sizes that workers seek by as much as the keys), it matches the dataset fingerprint, and, when given, the
-shards and a teacher manifest.
+sizes that workers seek by as much as the keys), it matches the dataset fingerprint, shards.parquet agrees with
+it, and, when given, the shards and a teacher manifest. `--shards` is the deep check: every shard is read and
+every image re-hashed, whatever identities (size, mtime, ETag) the store recorded; precompute reruns trust those
+identities and re-read only the shards whose identity changed.
 
 Besides problems, verify reports notes that do not make a store wrong: blocks computed with different batch
 sizes hold the same values to float16 rounding, but not the same bytes as a run with one batch size.
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.index import build_index, dataset_fingerprint, first_difference
+from pipeline.index import PreviousIndex, build_index, dataset_fingerprint, first_difference
 from pipeline.store import TargetStore
 
 
@@ -52,10 +54,20 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
                             f"{store.num_rows}")
         if dataset_fingerprint(index) != store.dataset_fingerprint:
             problems.append("index.parquet does not hash to the store's dataset_fingerprint (edited index?)")
+        records = store.read_shard_records()
+        damaged = PreviousIndex(index, records).problem() if records is not None else None
+        if records is None:
+            report.notes.append("the store records no shard identities (shards.parquet; made by an older version): "
+                                "precompute reruns re-read every shard until a run with work records them")
+        elif damaged:
+            problems.append(f"shards.parquet does not match index.parquet ({damaged}); edited or damaged? delete "
+                            "it (precompute reruns then re-read every shard) or restore it")
         if shards is not None:
-            current = build_index(shards, progress=progress)
+            current = build_index(shards, progress=progress)  # every shard read and re-hashed: no reuse here
             if current.fingerprint != store.dataset_fingerprint or not index.equals(current.table):
                 problems.append(f"the shards differ from the store's: {first_difference(index, current.table)}")
+            elif records is not None and not damaged:
+                _compare_shard_records(records, current.shards, report)
     expected = _manifest_fingerprints(manifest) if manifest else {}
     if not store.teacher_names():
         problems.append("the store holds no teacher yet; run `pipeline precompute` to compute its targets")
@@ -88,6 +100,29 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
             problems.extend(f"{name} block {block.block}: {p}" for p in _check_block(store, name, block, record,
                                                                                       fingerprint))
     return report
+
+
+def _compare_shard_records(records, current, report: VerifyReport) -> None:
+    """The store's shards.parquet against a fresh read of the same samples: the damage found must agree; a moved
+    identity (a touched or copied shard, same samples) is a note, since reruns then re-read that shard."""
+    stored = {r["shard"]: r for r in records.to_pylist()}
+    moved = []
+    for new in current.to_pylist():
+        old = stored.pop(new["shard"], None)
+        if old is None:
+            moved.append(new["shard"])  # a shard without samples (the indexes are equal) the store never saw
+        elif any(old[c] != new[c] for c in ("row_start", "row_stop", "error", "error_key")):
+            report.problems.append(
+                f"shards.parquet records {old['shard']} as rows {old['row_start']}..{old['row_stop']} with error "
+                f"{old['error']!r} but reading it gives rows {new['row_start']}..{new['row_stop']} with error "
+                f"{new['error']!r}")
+        elif any(old[c] != new[c] for c in ("size", "mtime_ns", "etag")):
+            moved.append(old["shard"])
+    moved += sorted(stored)  # recorded shards without samples that are gone
+    if moved:
+        report.notes.append(f"{len(moved)} shard(s) hold the samples the store was made from but are not the files "
+                            f"it recorded (touched, copied, or holding no samples; first: {moved[0]}): precompute "
+                            "reruns re-read them until a run with work records them")
 
 
 def _check_block(store: TargetStore, name: str, block, record: dict, fingerprint: str) -> list[str]:

@@ -84,16 +84,18 @@ def test_kill_9_of_the_whole_job_then_rerun_gives_the_same_bytes(demo_dir, refer
 
 # Where the driver can die: inside store creation, after Ray started, after the first block, halfway, after the
 # last block record, and inside the finish (errors.parquet written, some teachers complete).
-PHASES = ("store-created", "ray-started", "first-block", "mid-run", "last-record", "finish")
+# The tasks feed (prepare and write as CPU tasks) is killed halfway too; the rerun uses the default feed.
+PHASES = [(phase, "inline") for phase in
+          ("store-created", "ray-started", "first-block", "mid-run", "last-record", "finish")] + [("mid-run", "tasks")]
 
 
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("phase, feed", PHASES)
 def test_kill_9_of_the_driver_at_each_phase_then_rerun_gives_a_verified_identical_store(
-        phase, demo_dir, reference_store, ray_local, tmp_path):
+        phase, feed, demo_dir, reference_store, ray_local, tmp_path):
     store = tmp_path / "store"
     options = {"rows_per_block": SMALL_BLOCKS, "rows_per_chunk": 2, "batch_size": 2}
     command = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
-               "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet",
+               "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet", "--feed", feed,
                *[arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]]
     killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "PIPELINE_KILL_AT": phase})
@@ -104,6 +106,14 @@ def test_kill_9_of_the_driver_at_each_phase_then_rerun_gives_a_verified_identica
     summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), progress=False, **options)
     assert not summary.nothing_to_do
     assert verify_store(str(store), shards=str(demo_dir / "shards"), manifest=str(DEMO_TEACHERS)).problems == []
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_the_tasks_feed_writes_the_same_store_as_the_inline_feed(demo_dir, reference_store, ray_local, tmp_path):
+    store = tmp_path / "store"
+    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=SMALL_BLOCKS,
+                             rows_per_chunk=2, batch_size=2, feed="tasks", progress=False)
+    assert summary.feed == "tasks" and summary.blocks_computed == 3 * len(list((store / "_blocks" / "depth").iterdir()))
     assert store_files(store) == store_files(reference_store)
 
 

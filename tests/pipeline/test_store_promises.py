@@ -26,6 +26,8 @@ import zarr
 
 from pipeline.cli import main as cli
 from pipeline.errors import UsageError
+from pipeline.block_stages import BlockRows
+from pipeline.index import duplicate_rows
 from pipeline.loader import TrainingSamples
 from pipeline.precompute import BlockWorker, run_precompute
 from pipeline.store import TargetStore
@@ -191,7 +193,8 @@ def test_item4_a_worker_of_a_dead_run_cannot_write_into_a_store_another_run_hold
     worker = BlockWorker(str(store_copy), {"gen": spec}, urls, max_pixels=10**8, threads=torch.get_num_threads(),
                          token=stale_token)
     (store_copy / "_blocks" / "gen" / "000000.json").unlink()
-    block = store.blocks()[0]
+    index = store.read_index()
+    block = BlockRows.from_index(index, store.blocks()[0], duplicate_rows(index))
     with store.lock():  # another run holds the store now
         before = store_files(store_copy)
         with pytest.raises(FencedOut, match="no longer holds the store lock"):

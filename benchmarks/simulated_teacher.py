@@ -1,0 +1,72 @@
+"""A simulated accelerator teacher, for benchmarks only (a manifest plugin: `plugins: [benchmarks.simulated_teacher]`).
+
+It runs the real CPU preprocessing of the teacher it imitates (any registered kind, at its real sizes), then a
+forward that waits `ms_per_image` per image without holding the GIL, as a process waiting on a GPU kernel does,
+and returns targets of the real shape (fixed random values, which compress like real ones; zeros would make the
+write stage unrealistically cheap). It measures how well a pipeline feeds a device of a given speed on a machine
+that has none.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+import teachers
+from teachers.spec import TeacherSpecBase
+
+
+class SimulatedAcceleratorSpec(TeacherSpecBase):
+    """`imitates`: the spec of the teacher whose preprocessing (and model files, for the fingerprint) are used;
+    `target_shape` is required, since no model gives one."""
+
+    kind: Literal["simulated_accelerator"] = "simulated_accelerator"
+    imitates: dict[str, Any]
+    ms_per_image: float = Field(gt=0)
+
+    @field_validator("imitates")
+    @classmethod
+    def _check_imitated(cls, imitates: dict[str, Any]) -> dict[str, Any]:
+        teachers.to_spec(imitates)
+        return imitates
+
+
+@teachers.register("simulated_accelerator")
+class SimulatedAcceleratorTeacher(teachers.Teacher):
+    spec_cls = SimulatedAcceleratorSpec
+    spec: SimulatedAcceleratorSpec
+
+    @staticmethod
+    def _imitated(spec: SimulatedAcceleratorSpec) -> tuple[type, TeacherSpecBase]:
+        real = teachers.to_spec(spec.imitates)
+        return teachers.get_teacher_class(real.kind), real
+
+    @classmethod
+    def locate(cls, spec: SimulatedAcceleratorSpec, *, download: bool = True):
+        family, real = cls._imitated(spec)
+        return family.locate(real, download=download)
+
+    @classmethod
+    def build_preprocessor(cls, spec: SimulatedAcceleratorSpec):
+        family, real = cls._imitated(spec)
+        return family.build_preprocessor(real)
+
+    def load(self) -> None:
+        self.resolve_weights()
+        if self.spec.target_shape is None:
+            raise ValueError("a simulated accelerator teacher needs target_shape: [T, C]")
+        self._target_shape = tuple(self.spec.target_shape)
+        generator = torch.Generator().manual_seed(0)
+        outputs = torch.randn(self.spec.batch_size, *self._target_shape, generator=generator)
+        self.register_buffer("outputs", outputs, persistent=False)
+
+    def normalize(self, batch):
+        return batch  # the simulated device does no arithmetic: on a GPU these steps are part of its time
+
+    def compute(self, batch) -> torch.Tensor:
+        count = len(next(iter(batch.values())) if isinstance(batch, dict) else batch)
+        time.sleep(self.spec.ms_per_image * count / 1000.0)
+        return self.outputs[:count]
