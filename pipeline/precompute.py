@@ -200,6 +200,7 @@ def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int
             "pass the original --shards or a new --store"
         )
     if locked:
+        store.remove_partial_writes()  # a run killed in the middle of a record's write leaves its temporary file
         store.record_shards(index.shards)  # also gives a store made before shards.parquet existed its record
     return store
 

@@ -28,6 +28,7 @@ token (code = round(x / scale), scale = max|x| / 127 over channels).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -60,6 +61,7 @@ ERRORS_FILE = "errors.parquet"
 BLOCKS_DIR = "_blocks"
 RUNS_DIR = "_runs"
 ZSTD_LEVEL = 3
+_PARTIAL = ".tmp-"  # infix of the temporary files `_atomic_write` renames into place
 # What the store keeps beside its teacher groups. A teacher of one of these names would overwrite or delete them,
 # so they are refused, as is any name starting with "_" or "." (kept for the store's own future entries).
 RESERVED_NAMES = frozenset({INDEX_FILE, SHARDS_FILE, ERRORS_FILE, BLOCKS_DIR, RUNS_DIR, LOCK_FILE, "zarr.json"})
@@ -483,13 +485,31 @@ class TargetStore:
             self.fs.pipe_file(path, data)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}{_PARTIAL}{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path))
+
+    def remove_partial_writes(self) -> list[str]:
+        """Delete the temporary files of writes that a killed process never renamed into place; returns them.
+
+        Only the holder of the store's lock may call this: a dead run's workers are fenced out by then (see
+        pipeline/store_lock.py), so no live writer owns such a file.
+        """
+        if not self._is_local():
+            return []  # object-store writes are single PUTs: nothing partial is left behind
+        # `_atomic_write` writes the store's own files: beside the groups, and under _blocks/ and _runs/.
+        folders = [self._root, *(folder for top in (BLOCKS_DIR, RUNS_DIR)
+                                 for folder, _, _ in os.walk(self._join(top)))]
+        found = [entry.path for folder in folders if os.path.isdir(folder) for entry in os.scandir(folder)
+                 if _PARTIAL in entry.name and entry.is_file()]
+        for path in found:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return found
 
     def _fsync_local(self, relative: str) -> None:
         if not self._is_local():

@@ -385,3 +385,11 @@ def test_item10_a_rerun_on_a_store_with_other_blocks_refuses_bad_chunking_before
                            "--store", str(store_copy), "--rows-per-chunk", "5", "--rows-per-block", "5", "--quiet")
     assert code == 2 and "--rows-per-chunk 5 must divide the store's rows_per_block 16" in err
     assert not (store_copy / "gen2").exists() and not (store_copy / "_lock").exists()
+
+
+def test_a_write_killed_before_its_rename_leaves_nothing_after_the_rerun(demo_dir, demo_store, store_copy):
+    # What a kill -9 between writing a record's temporary file and renaming it leaves behind.
+    (store_copy / "_blocks" / "gen" / "000001.json").unlink()
+    (store_copy / "_blocks" / "gen" / "000001.json.tmp-4242").write_text('{"half": ')
+    precompute(demo_dir / "shards", store_copy)
+    assert store_files(store_copy) == store_files(demo_store)
