@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test bench bench-gpu clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Speed and memory goals live here, as ratios measured side by side in one run (never in timed tests).
+# Speed and memory goals live here, as ratios measured side by side in one run (never in timed tests): each is the
+# median of interleaved rounds with its min-max. Results and the machine they came from: benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/precompute.py
+	$(BIN)/python benchmarks/feed.py
+	$(BIN)/python benchmarks/indexing.py
 	$(BIN)/python benchmarks/train.py
+
+# On a machine with CUDA GPUs: the paper's teachers at real size (random weights), bare forward vs pipeline rows/s.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -9,9 +9,10 @@ told the machine has one GPU, so the job is planned exactly as on a one-GPU node
 
     P9 = pipeline rows/s / min(device rows/s, CPU feed capacity of all cores)
 
-The device's rows/s is 1000 / ms. The CPU capacity is measured in the same run: the cores times the rows/s of
-one worker that prepares, computes and writes alone on one core with a near-instant device (0.01 ms), i.e. the
-CPU work per row of the whole job outside the forward (read, sha1, decode, resizes, encode, compress, write).
+The device's rows/s is 1000 / ms. The CPU capacity is measured in the same run: the rows/s of one worker per
+core, each preparing, computing and writing its blocks with a near-instant device (0.01 ms, asking for no GPU),
+i.e. every core doing the CPU work of the whole job outside the forward (read, sha1, decode, resizes, encode,
+compress, write) with nothing else to wait for.
 Pipeline rows/s is the job's rows over its compute time (workers up to the last block's record). Two designs:
 `tasks` (CPU tasks on every core prepare and write while the device's worker computes) and `inline` (the earlier
 design: one worker per device does everything in turn). Every figure is the median of interleaved rounds with
@@ -88,13 +89,13 @@ def build_assets(root: Path) -> dict[str, dict]:
     }
 
 
-def write_manifest(path: Path, imitated: dict[str, dict], ms: float) -> Path:
+def write_manifest(path: Path, imitated: dict[str, dict], ms: float, *, gpu: bool = True) -> Path:
     import yaml
 
     manifest = {"plugins": ["benchmarks.simulated_teacher"], "teachers": {
         name: {"kind": "simulated_accelerator", "model": spec["model"], "imitates": spec,
                "ms_per_image": ms * SHARES[name], "target_shape": SHAPES[name], "batch_size": 16,
-               "num_gpus": GPU_SHARES[name]}
+               "num_gpus": GPU_SHARES[name] if gpu else 0}
         for name, spec in imitated.items()}}
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path
@@ -118,7 +119,8 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     shards = write_llava_like_shards(out / "shards", args.rows)
     imitated = build_assets(out / "assets")
-    manifests = {ms: write_manifest(out / f"sim-{ms:g}ms.yaml", imitated, ms) for ms in [*args.ms, CPU_ONLY_MS]}
+    manifests = {ms: write_manifest(out / f"sim-{ms:g}ms.yaml", imitated, ms) for ms in args.ms}
+    manifests[CPU_ONLY_MS] = write_manifest(out / "cpu-only.yaml", imitated, CPU_ONLY_MS, gpu=False)
 
     # Ray's workers inherit the environment of the process that starts Ray: they must import the plugin too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -139,8 +141,8 @@ def main() -> None:
 
     variants = [f"inline@{CPU_ONLY_MS}"] + [f"{feed}@{ms}" for ms in args.ms for feed in ("tasks", "inline")]
     rates = interleave(variants, run, args.repeats)
-    capacity = [args.cores * r for r in rates[f"inline@{CPU_ONLY_MS}"]]
-    print(f"\nCPU feed capacity ({args.cores} cores x one core's rows/s): {Spread.of(capacity):.1f} rows/s")
+    capacity = rates[f"inline@{CPU_ONLY_MS}"]
+    print(f"\nCPU feed capacity (one inline worker on each of {args.cores} cores): {Spread.of(capacity):.1f} rows/s")
     print("| device ms/image | device rows/s | design | pipeline rows/s | P9 |")
     print("|---|---|---|---|---|")
     for ms in args.ms:
