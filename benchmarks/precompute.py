@@ -1,26 +1,50 @@
 """Precompute benchmark: ratios measured side by side in one run (`make bench`).
 
-P1 = pipeline rows/s / bare teacher-forward rows/s on the same pre-decoded images (goal >= 0.90)
-P2 = one three-teacher job's time / the sum of three one-teacher jobs' times   (goal <= 0.75)
+P1 = pipeline rows/s / bare teacher-forward rows/s on the same pre-decoded images, one worker (goal >= 0.90)
+P2 = one three-teacher job's time / the sum of three one-teacher jobs' times           (goal <= 0.75)
 P5 = stored bytes per row / raw float16 bytes per row, per storage option, with its relative L2 error
 
 Two teacher sets: the tiny demo teachers, and random-initialised teachers of the smallest REAL sizes
 (Depth-Anything-V2-Small, OneFormer Swin-Tiny, CLIP ViT-B/16 with projection) at the paper's input sizes, so
 that teacher compute dominates as in real runs. Everything is built offline; nothing is downloaded.
 
-    python benchmarks/precompute.py [--rows 24] [--out runs/bench]
+P1 and P2 are medians of `--repeats` interleaved rounds (benchmarks/measure.py) with the min-max over rounds.
+A round of a teacher set runs, in turn (forwards in even rounds, backwards in odd ones):
+
+    bare      preprocess + forward of every image by every teacher in this process (teachers loaded once,
+              warm), torch on every core: rows / seconds
+    pipeline  `run_precompute(workers=1, feed="inline")`: one worker with every core reads, checks, decodes,
+              preprocesses, forwards, encodes, compresses and writes: rows / summary.compute_seconds
+    three     a three-teacher job, wall time of run_precompute with Ray already running
+    depth, seg, gen   the three one-teacher jobs, likewise
+
+so each round gives one P1 (pipeline / bare) and one P2 (three / (depth + seg + gen)). P5 is deterministic and
+measured once, after the rounds, in one job that holds a copy of each teacher per storage option (its float16
+row reads the last round's three-teacher store, the same job).
+
+Defaults take about 19 minutes on 2 CPU cores (see benchmarks/RESULTS.md):
+
+    python benchmarks/precompute.py [--demo-rows 384] [--rows 8] [--repeats 5] [--out runs/bench]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.measure import Spread, interleave, ratio  # noqa: E402
 
 TEACHERS = ("depth", "seg", "gen")
 
@@ -73,9 +97,9 @@ def build_small_real_teachers(root: Path) -> Path:
     return path
 
 
-def subset_manifest(manifest: Path, names, out: Path, **storage) -> Path:
+def subset_manifest(manifest: Path, names, out: Path) -> Path:
     data = yaml.safe_load(manifest.read_text())
-    data["teachers"] = {k: {**v, **storage} for k, v in data["teachers"].items() if k in names}
+    data["teachers"] = {k: v for k, v in data["teachers"].items() if k in names}
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
 
@@ -97,24 +121,36 @@ def decoded_images(shards: str) -> list:
     return images
 
 
-def bare_forward(manifest: Path, images: list) -> tuple[float, dict]:
-    """Seconds for preprocess + forward of every image by every teacher, in this process; and the float32 outputs."""
-    import torch
+class BareForward:
+    """Every teacher of a manifest loaded once in this process and warmed up, as the pipeline's worker holds them;
+    `run()` times preprocess + forward of `images` by each in turn, in the batches of the teacher's spec."""
 
-    import teachers
+    def __init__(self, manifest: Path, images: list):
+        import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    seconds, outputs = 0.0, {}
-    for name, spec in teachers.load_manifest(manifest).teachers.items():
-        teacher = teachers.create(spec)
-        teacher(teacher.preprocess(images[:1]))  # warm-up, as the pipeline's first batch is also a warm-up
-        started = time.perf_counter()
-        outs = [teacher(teacher.preprocess(images[i:i + spec.batch_size])) for i in range(0, len(images),
-                                                                                      spec.batch_size)]
-        seconds += time.perf_counter() - started
-        outputs[name] = torch.cat(outs).float().numpy()
-        del teacher
-    return seconds, outputs
+        import teachers
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the pipeline's one worker gets every core too
+        self.images = images
+        specs = teachers.load_manifest(manifest).teachers
+        self.teachers = {name: teachers.create(spec) for name, spec in specs.items()}
+        for teacher in self.teachers.values():
+            teacher(teacher.preprocess(images[:1]))  # first-call allocations, outside every round
+        self.outputs: dict[str, np.ndarray] = {}  # float32 [rows, T, C] per teacher, from the first run
+
+    def run(self) -> float:
+        """rows/s of the three teachers together (each row through every teacher)."""
+        import torch
+
+        seconds = 0.0
+        for name, teacher in self.teachers.items():
+            size = teacher.spec.batch_size
+            started = time.perf_counter()
+            outs = [teacher(teacher.preprocess(self.images[i:i + size])) for i in range(0, len(self.images), size)]
+            seconds += time.perf_counter() - started
+            if name not in self.outputs:
+                self.outputs[name] = torch.cat(outs).float().numpy()
+        return len(self.images) / seconds
 
 
 def run_job(shards: str, manifest: Path, store: Path, **kw):
@@ -126,90 +162,155 @@ def run_job(shards: str, manifest: Path, store: Path, **kw):
     return time.perf_counter() - started, summary
 
 
-def measure(label: str, shards: str, manifest: Path, work: Path, rows: int) -> dict:
+VARIANTS = ("bare", "pipeline", "three", *TEACHERS)
+P1_GOAL, P2_GOAL = 0.90, 0.75
+# P5: {option: (tag of its teacher copies, storage fields)}
+P5_OPTIONS = {"float16 (default)": ("float16", {}), "bfloat16": ("bfloat16", {"storage_dtype": "bfloat16"}),
+              "int8": ("int8", {"quantize": "int8"}), "pool 2": ("pool2", {"pool": 2}),
+              "int8 + pool 2": ("int8-pool2", {"quantize": "int8", "pool": 2})}
+
+
+def measure(label: str, shards: str, manifest: Path, work: Path, rows: int, repeats: int) -> dict:
     from pipeline.store import TargetStore
 
-    images = decoded_images(shards)
-    bare_s, reference = bare_forward(manifest, images)
-    block = 8 * max(1, rows // 32)  # a few blocks per job, each a multiple of the 4-row chunks
-    _, one_worker = run_job(shards, manifest, work / "p1", workers=1, rows_per_block=block, rows_per_chunk=4)
-    three_s, _ = run_job(shards, manifest, work / "p2-all", rows_per_block=block, rows_per_chunk=4)
-    singles = []
-    for name in TEACHERS:
-        seconds, _ = run_job(shards, subset_manifest(manifest, [name], work / f"{name}.yaml"), work / f"p2-{name}",
-                             rows_per_block=block, rows_per_chunk=4)
-        singles.append(seconds)
+    print(f"{label}: {rows} rows, {repeats} interleaved rounds of {' '.join(VARIANTS)}", flush=True)
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    bare = BareForward(manifest, decoded_images(shards))
+    # About four blocks per job (at least two, so that the default two workers on 2 cores both have one), each a
+    # multiple of the 4-row chunks.
+    block = 4 * max(1, math.ceil(rows / 16))
+    jobs = {"three": manifest, **{n: subset_manifest(manifest, [n], work / f"{n}.yaml") for n in TEACHERS}}
 
+    def run(variant: str) -> float:
+        """bare, pipeline: rows/s; a job: seconds."""
+        if variant == "bare":
+            return bare.run()
+        if variant == "pipeline":
+            _, summary = run_job(shards, manifest, work / "p1", workers=1, feed="inline", rows_per_block=block,
+                                 rows_per_chunk=4)
+            return summary.num_rows / summary.compute_seconds
+        seconds, _ = run_job(shards, jobs[variant], work / f"p2-{variant}", rows_per_block=block, rows_per_chunk=4)
+        return seconds
+
+    rounds = interleave(VARIANTS, run, repeats, report=lambda line: print(line, flush=True))
+    singles = [sum(values) for values in zip(*(rounds[n] for n in TEACHERS))]
+
+    # P5: each storage option but the default as its own copy of each teacher, all in one job (the same targets,
+    # encodings and chunks as one job per option, without four more jobs' start-up); the default's groups are the
+    # last round's three-teacher job's.
+    data = yaml.safe_load(manifest.read_text())
+    specs, copies, groups = data["teachers"], {}, {}  # groups: (option, teacher) -> (store, group)
+    for option, (tag, storage) in P5_OPTIONS.items():
+        for name in TEACHERS:
+            if storage.get("pool") and name == "gen":
+                continue  # a [1, C] target has no grid to pool
+            if storage:
+                copies[f"{name}-{tag}"] = {**specs[name], **storage}
+                groups[option, name] = (work / "p5", f"{name}-{tag}")
+            else:
+                groups[option, name] = (work / "p2-three", name)
+    data["teachers"] = copies
+    (work / "p5.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    run_job(shards, work / "p5.yaml", work / "p5", rows_per_block=block, rows_per_chunk=4)
     p5 = []
-    options = {"float16 (default)": {}, "bfloat16": {"storage_dtype": "bfloat16"}, "int8": {"quantize": "int8"},
-               "pool 2": {"pool": 2}, "int8 + pool 2": {"quantize": "int8", "pool": 2}}
-    for option, storage in options.items():
-        names = [n for n in TEACHERS if not storage.get("pool") or n != "gen"]  # a [1, C] target has no grid
-        path = subset_manifest(manifest, names, work / "p5.yaml", **storage)
-        _, _ = run_job(shards, path, work / "p5", rows_per_block=block, rows_per_chunk=4)
-        store = TargetStore(str(work / "p5"))
-        for name in names:
-            tokens, channels = store.teacher_attrs(name)["target_shape"]
-            decoded, _ = store.read_rows(name, 0, store.num_rows)
-            ref = reference[name]
-            p5.append({"option": option, "teacher": name,
-                       "ratio": store.nbytes(name) / store.num_rows / (tokens * channels * 2),
-                       "rel_l2": float(np.linalg.norm(decoded - ref) / np.linalg.norm(ref))})
-    return {"label": label, "rows": rows, "bare_s": bare_s, "pipeline_s": one_worker.compute_seconds,
-            "P1": bare_s / one_worker.compute_seconds, "three_s": three_s, "singles_s": singles,
-            "P2": three_s / sum(singles), "P5": p5}
+    for (option, name), (path, group) in groups.items():
+        store = TargetStore(str(path))
+        tokens, channels = store.teacher_attrs(group)["target_shape"]
+        decoded, _ = store.read_rows(group, 0, store.num_rows)
+        ref = bare.outputs[name]
+        p5.append({"option": option, "teacher": name,
+                   "ratio": store.nbytes(group) / store.num_rows / (tokens * channels * 2),
+                   "rel_l2": float(np.linalg.norm(decoded - ref) / np.linalg.norm(ref))})
+    return {"label": label, "rows": rows, "repeats": repeats, "bare": Spread.of(rounds["bare"]),
+            "pipeline": Spread.of(rounds["pipeline"]), "P1": ratio(rounds["pipeline"], rounds["bare"]),
+            "p1_met": sum(p / b >= P1_GOAL for p, b in zip(rounds["pipeline"], rounds["bare"])),
+            "three": Spread.of(rounds["three"]), "singles": {n: Spread.of(rounds[n]) for n in TEACHERS},
+            "singles_sum": Spread.of(singles), "P2": ratio(rounds["three"], singles),
+            "p2_met": sum(t / s <= P2_GOAL for t, s in zip(rounds["three"], singles)), "P5": p5,
+            "seconds": time.perf_counter() - started}
 
 
-def report(results: list[dict]) -> str:
-    import platform
-
+def machine() -> str:
     import torch
 
-    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-             f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else
-             f"machine: {torch.cuda.get_device_name()}", ""]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}, torch "
+            f"{torch.__version__}")
+
+
+def report(results: list[dict], load: tuple[float, float], seconds: float) -> str:
+    lines = [f"machine: {machine()}",
+             f"load average (1 min) at start {load[0]:.2f}, at end {load[1]:.2f}; whole benchmark {seconds:.0f} s", "",
+             "P1 = pipeline rows/s (one worker, inline feed, rows / compute_seconds) / bare forward rows/s; a row is "
+             "one image through all three teachers. Median [min-max] over the rounds.", "",
+             "| teacher set | rows | rounds | bare forward rows/s | pipeline rows/s | P1 | goal | rounds meeting it |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['rows']} | {r['repeats']} | {r['bare']:.2f} | {r['pipeline']:.2f} "
+              f"| {r['P1']:.3f} | >= {P1_GOAL:.2f} | {r['p1_met']}/{r['repeats']} |" for r in results]
+    lines += ["", "P2 = wall time of one three-teacher job / the sum of the three one-teacher jobs' (default workers, "
+              "Ray already running). Median [min-max] over the rounds.", "",
+              "| teacher set | rows | three-teacher job s | depth s | seg s | gen s | sum s | P2 | goal "
+              "| rounds meeting it |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['rows']} | {r['three']:.1f} | "
+              + " | ".join(f"{r['singles'][n]:.1f}" for n in TEACHERS)
+              + f" | {r['singles_sum']:.1f} | {r['P2']:.3f} | <= {P2_GOAL:.2f} | {r['p2_met']}/{r['repeats']} |"
+              for r in results]
+    lines += ["", "P2 depends on the rows per job: a shared job saves two jobs' fixed costs (indexing, workers "
+              "starting, teachers loading, first forwards) and the shared decode; fixed costs weigh less as rows grow."]
     for r in results:
-        lines += [f"## {r['label']} ({r['rows']} rows)", "",
-                  f"P1 = {r['P1']:.3f}  (bare forward {r['rows'] * 3 / r['bare_s']:.2f} teacher-rows/s, pipeline "
-                  f"{r['rows'] * 3 / r['pipeline_s']:.2f} teacher-rows/s, one worker; goal >= 0.90)",
-                  f"P2 = {r['P2']:.3f}  (three-teacher job {r['three_s']:.1f}s vs one-teacher jobs "
-                  + " + ".join(f"{s:.1f}s" for s in r["singles_s"]) + "; goal <= 0.75)", "",
-                  "| P5 storage option | teacher | stored bytes / raw float16 bytes | relative L2 error |",
+        lines += ["", f"P5, {r['label']} ({r['rows']} rows, once): stored bytes / raw float16 bytes, relative L2 "
+                  "error against the float32 teacher output", "",
+                  "| storage option | teacher | stored bytes / raw float16 bytes | relative L2 error |",
                   "|---|---|---|---|"]
         lines += [f"| {p['option']} | {p['teacher']} | {p['ratio']:.3f} | {p['rel_l2']:.2e} |" for p in r["P5"]]
-        lines.append("")
+    lines += ["", "seconds per teacher set (rounds and P5): "
+              + ", ".join(f"{r['label']} {r['seconds']:.0f} s" for r in results)]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=24, help="images for the small-real teachers (default 24)")
-    parser.add_argument("--demo-rows", type=int, default=200, help="images for the tiny demo teachers")
+    parser.add_argument("--rows", type=int, default=8, help="images for the small-real teachers (default 8)")
+    parser.add_argument("--demo-rows", type=int, default=384, help="images for the tiny demo teachers (default 384)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per teacher set (default 5)")
+    parser.add_argument("--sets", nargs="+", choices=("tiny", "small"), default=["tiny", "small"],
+                        help="teacher sets to measure (default both)")
     parser.add_argument("--out", default="runs/bench", help="scratch directory")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    from transformers.utils import logging as hf_logging
 
-    from pipeline.demo_assets import write_demo_shards
+    from pipeline.demo_assets import build_demo_assets, write_demo_shards
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of the bare forward's teachers
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
+    results = []
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        from pipeline.demo_assets import build_demo_assets
-
-        demo = build_demo_assets(out / "demo", num_samples=args.demo_rows, num_shards=4)
-        os.environ["DEMO_DIR"] = str(demo.root)
-        tiny_manifest = Path(__file__).resolve().parents[1] / "manifests" / "teachers" / "demo.yaml"
-        results = [measure("tiny demo teachers", str(demo.shards_dir), tiny_manifest, out / "tiny", args.demo_rows)]
-        write_demo_shards(out / "small-shards", num_samples=args.rows, num_shards=2)
-        small = build_small_real_teachers(out / "small-teachers")
-        results.append(measure("small real teachers (DA-V2-S, OneFormer Swin-T, CLIP ViT-B/16)",
-                               str(out / "small-shards"), small, out / "small", args.rows))
+        if "tiny" in args.sets:
+            demo = build_demo_assets(out / "demo", num_samples=args.demo_rows, num_shards=4, progress=False)
+            os.environ["DEMO_DIR"] = str(demo.root)  # the demo manifest's ${DEMO_DIR}, in Ray's workers too
+            results.append(measure("tiny demo teachers", str(demo.shards_dir), REPO / "manifests" / "teachers" /
+                                   "demo.yaml", out / "tiny", args.demo_rows, args.repeats))
+        if "small" in args.sets:
+            write_demo_shards(out / "small-shards", num_samples=args.rows, num_shards=2, progress=False)
+            small = build_small_real_teachers(out / "small-teachers")
+            results.append(measure("small real (DA-V2-S, OneFormer Swin-T, CLIP ViT-B/16)", str(out / "small-shards"),
+                                   small, out / "small", args.rows, args.repeats))
     finally:
         ray.shutdown()
-    print(report(results))
+    print()
+    print(report(results, (load_start, os.getloadavg()[0]), time.perf_counter() - started))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,22 @@ P6        = peak RSS of a short training run, cached vs online teachers, each in
 
 A "step" is everything one optimizer step costs the training loop: waiting for the batch, then forward, backward
 and the optimizer. All three modes run the same loader (same worker count, decoding, image processing,
-tokenizing); they differ only in where the targets come from. Modes take turns (A B C C B A) so that a change of
-load on a shared machine shifts all of them alike; medians are reported. Everything is built offline into --out.
+tokenizing); they differ only in where the targets come from. Everything is built offline into --out.
 
-    python benchmarks/train.py [--rows 200] [--steps 4] [--out runs/bench-train]
+P3, P3 online and P4 are medians of `--repeats` interleaved rounds (benchmarks/measure.py) with the min-max over
+rounds. The three modes are built once, each with its own loader worker, and warmed up; a round then runs, in
+turn (forwards in even rounds, backwards in odd ones):
+
+    store, memory, online   `--steps` steps of that mode after 2 untimed ones: its mean seconds per step
+    loader                  a fresh DataLoader like the trainer's (store mode), alone: mean seconds per batch over
+                            `--loader-batches` batches (its first batch, the worker starting, not counted)
+
+so each round gives one P3 (store / memory), one P3 online (online / store) and one P4 (store step / loader
+batch, i.e. loader samples/s / trainer samples/s). P6 is measured once per mode, in a process of its own.
+Defaults take about 6 minutes on 2 CPU cores (see benchmarks/RESULTS.md):
+
+    python benchmarks/train.py [--steps 16] [--repeats 7] [--rows BATCH x (2 + REPEATS x (2 + STEPS))]
+                               [--out runs/bench-train]
 """
 
 from __future__ import annotations
@@ -24,16 +36,26 @@ import os
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.measure import Spread, interleave, ratio  # noqa: E402
+
 EXPERIMENT = REPO / "manifests" / "experiments" / "demo.yaml"
 TEACHERS = REPO / "manifests" / "teachers" / "demo.yaml"
 MODES = ("store", "memory", "online")
+VARIANTS = (*MODES, "loader")
+WARMUP_STEPS = 2
+# Untimed steps at the start of every run: they use up the batches the mode's loader worker prefetched while the
+# other modes ran, and cover the refill of the previous mode's worker, so that a run times its own loader only.
+SETTLE_STEPS = 2
+PEAK_RSS_STEPS = 3
+P3_GOAL, P4_GOAL = 1.05, 3.0
 
 
 def settings(out: Path, steps: int, batch_size: int, *extra: str) -> list[str]:
@@ -97,20 +119,21 @@ def build_modes(out: Path, steps: int, batch_size: int) -> dict:
     return modes
 
 
-def timed_steps(parts, data, prepare, count: int) -> list[float]:
+def timed_steps(parts, data, prepare, count: int, settle: int = 0) -> float:
+    """Mean seconds per step over `count` steps (waiting for each batch included), after `settle` untimed ones."""
     from student.trainer import train_step
 
-    seconds = []
-    for _ in range(count):
-        started = time.perf_counter()
+    for _ in range(settle):
         train_step(parts, prepare(next(data)))
-        seconds.append(time.perf_counter() - started)
-    return seconds
+    started = time.perf_counter()
+    for _ in range(count):
+        train_step(parts, prepare(next(data)))
+    return (time.perf_counter() - started) / count
 
 
-def loader_rate(parts, batches: int) -> float:
-    """Samples/s of a fresh DataLoader like the trainer's, iterated alone (its first batch, the start-up, not
-    counted)."""
+def loader_seconds(parts, batches: int) -> float:
+    """Mean seconds per batch of a fresh DataLoader like the trainer's, iterated alone (its first batch, the
+    start-up, not counted)."""
     from torch.utils.data import DataLoader
 
     cfg = parts.cfg
@@ -123,11 +146,11 @@ def loader_rate(parts, batches: int) -> float:
         next(data)
     seconds = time.perf_counter() - started
     del data
-    return batches * cfg.data.batch_size / seconds
+    return seconds / batches
 
 
 def peak_rss(mode: str, out: Path, batch_size: int) -> dict:
-    """Peak RSS (MiB) of 3 training steps in a process of its own: the trainer, and its loader worker."""
+    """Peak RSS (MiB) of PEAK_RSS_STEPS training steps in a process of its own: the trainer, and its loader worker."""
     result = subprocess.run([sys.executable, __file__, "--child", mode, "--out", str(out), "--batch-size",
                              str(batch_size)], capture_output=True, text=True, cwd=REPO, env=dict(os.environ))
     if result.returncode:
@@ -149,7 +172,7 @@ def child(mode: str, out: Path, batch_size: int) -> None:
     from student.trainer import build_training, train_step
 
     extra = ["data.online_teachers=true"] if mode == "online" else []
-    cfg = load_experiment(str(EXPERIMENT), settings(out / f"rss-{mode}", 3, batch_size, *extra))
+    cfg = load_experiment(str(EXPERIMENT), settings(out / f"rss-{mode}", PEAK_RSS_STEPS, batch_size, *extra))
     # The steps only: the final save_pretrained is the same in both modes and could hide the difference.
     parts = build_training(cfg)
     data = iter(parts.loader)
@@ -183,45 +206,62 @@ def machine() -> str:
 
 
 def report(r: dict) -> str:
-    med = {m: statistics.median(r["steps"][m]) for m in MODES}
-    trainer_rate = r["batch_size"] / med["store"]
-    p3, p3_online, p4 = med["store"] / med["memory"], med["online"] / med["store"], r["loader_rate"] / trainer_rate
+    rounds, batch, repeats = r["rounds"], r["batch_size"], r["repeats"]
+    p3 = [s / m for s, m in zip(rounds["store"], rounds["memory"])]
+    p4 = [s / b for s, b in zip(rounds["store"], rounds["loader"])]
     rss = r["rss"]
+    labels = {"store": "step, targets read from the store", "memory": "step, targets from memory",
+              "online": "step, online teachers", "loader": "loader alone, one batch"}
     lines = [
         f"machine: {r['machine']}",
-        f"load average (1 min) at start {r['load'][0]:.2f}, at end {r['load'][1]:.2f}",
-        f"demo: {r['rows']} samples, store precomputed in {r['precompute_s']:.1f}s; batch {r['batch_size']}, one "
-        f"loader worker; {r['steps_per_phase']} steps per mode, twice (A B C C B A)",
+        f"load average (1 min) at start {r['load'][0]:.2f}, at end {r['load'][1]:.2f}; whole benchmark "
+        f"{r['seconds']:.0f} s",
+        f"demo: {r['rows']} samples, store precomputed in {r['precompute_s']:.1f}s; batch {batch}, one loader "
+        f"worker; {repeats} interleaved rounds of {' '.join(VARIANTS)}: {r['steps']} timed steps per mode (after "
+        f"{SETTLE_STEPS} untimed), "
+        f"{r['loader_batches']} loader batches. Median [min-max] over the rounds.",
         "",
-        "| step time (median) | seconds | all steps |",
+        "| per round | seconds | samples/s |",
         "|---|---|---|",
     ]
-    labels = {"store": "targets read from the store", "memory": "targets from memory",
-              "online": "online teachers"}
-    lines += [f"| {labels[m]} | {med[m]:.3f} | {' '.join(f'{s:.2f}' for s in r['steps'][m])} |" for m in MODES]
+    lines += [f"| {labels[v]} | {Spread.of(rounds[v]):.3f} | {Spread.of([batch / s for s in rounds[v]]):.1f} |"
+              for v in VARIANTS]
     lines += [
         "",
-        f"P3        = {p3:.3f}   store / memory step time (goal <= 1.05: {'met' if p3 <= 1.05 else 'NOT met'})",
-        f"P3 online = {p3_online:.3f}   online-teacher / store step time (what precomputing saves)",
-        f"P4        = {p4:.2f}    loader {r['loader_rate']:.1f} samples/s alone / trainer {trainer_rate:.1f} samples/s "
-        f"(goal >= 3: {'met' if p4 >= 3 else 'NOT met'})",
-        f"P6        = peak RSS, trainer process: cached {rss['store']['main_mib']:.0f} MiB, online "
-        f"{rss['online']['main_mib']:.0f} MiB ({rss['online']['main_mib'] / rss['store']['main_mib']:.2f}x); loader "
-        f"worker: cached {rss['store']['workers_mib']:.0f} MiB, online {rss['online']['workers_mib']:.0f} MiB",
-        f"            (the demo teachers' weights are {r['teacher_mib']:.1f} MiB; the paper's three teachers "
-        "(DA-V2-L, OneFormer Swin-L, unCLIP ViT-H) hold ~1.2 B parameters, ~4.4 GiB in float32, on every rank)",
-        f"            teacher modules imported: cached {rss['store']['teacher_modules'] or 'none'}, online "
-        f"{len(rss['online']['teacher_modules'])}",
+        "| ratio | median [min-max] | goal | rounds meeting it |",
+        "|---|---|---|---|",
+        f"| P3 = store / memory step time | {ratio(rounds['store'], rounds['memory']):.3f} | <= {P3_GOAL:.2f} | "
+        f"{sum(x <= P3_GOAL for x in p3)}/{repeats} |",
+        f"| P3 online = online-teacher / store step time | {ratio(rounds['online'], rounds['store']):.3f} | "
+        "(what precomputing saves) | |",
+        f"| P4 = loader samples/s alone / trainer samples/s (store) | {ratio(rounds['store'], rounds['loader']):.2f} "
+        f"| >= {P4_GOAL:g} | {sum(x >= P4_GOAL for x in p4)}/{repeats} |",
+        "",
+        f"P6 = peak RSS of {PEAK_RSS_STEPS} steps, once per mode, each in a process of its own:",
+        "",
+        "| process | cached (store) | online teachers | online / cached |",
+        "|---|---|---|---|",
+        f"| trainer | {rss['store']['main_mib']:.0f} MiB | {rss['online']['main_mib']:.0f} MiB | "
+        f"{rss['online']['main_mib'] / rss['store']['main_mib']:.2f} |",
+        f"| loader worker | {rss['store']['workers_mib']:.0f} MiB | {rss['online']['workers_mib']:.0f} MiB | "
+        f"{rss['online']['workers_mib'] / rss['store']['workers_mib']:.2f} |",
+        "",
+        f"The demo teachers' weights are {r['teacher_mib']:.1f} MiB; the paper's three teachers (DA-V2-L, OneFormer "
+        "Swin-L, unCLIP ViT-H) hold ~1.2 B parameters, ~4.4 GiB in float32, on every rank. Teacher modules "
+        f"imported: cached {rss['store']['teacher_modules'] or 'none'}, online "
+        f"{len(rss['online']['teacher_modules'])}.",
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200, help="demo samples (default 200, as `make demo`)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per mode and phase (default 4)")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per mode and round (default 16)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="demo samples (default: enough that no mode's loader starts a second epoch)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--loader-batches", type=int, default=16, help="batches timed for the loader alone")
+    parser.add_argument("--loader-batches", type=int, default=24, help="batches timed for the loader alone")
     parser.add_argument("--out", default="runs/bench-train", help="scratch directory (emptied first)")
     parser.add_argument("--child", choices=("store", "online"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,28 +271,44 @@ def main() -> None:
     out = Path(args.out).resolve()
     if args.child:
         return child(args.child, out, args.batch_size)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
+    # Every mode's loader streams one epoch at most, so no round pays for reopening the shards; a fresh loader
+    # for the loader-alone measurement starts at the first sample again.
+    total = WARMUP_STEPS + args.repeats * (SETTLE_STEPS + args.steps)
+    rows = args.rows or args.batch_size * max(total, args.loader_batches + 1)
 
+    import torch
     from transformers.utils import logging as hf_logging
 
+    # The step gets the cores the loader worker does not use, as on a GPU node, where the step runs on the
+    # accelerator and the loader workers own CPU cores; otherwise the store mode's reads compete with the step's
+    # matrix products for the same two cores, and P3 measures that contention rather than the reads.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     hf_logging.set_verbosity_error()
-    load_start = os.getloadavg()[0]
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
     shutil.rmtree(out, ignore_errors=True)
-    demo_root, precompute_s = build_demo(out, args.rows)
-    # Enough steps for every phase plus a warm-up, so no loader wraps into a second epoch on a small demo.
-    total = 2 * args.steps + 2
+    demo_root, precompute_s = build_demo(out, rows)
     modes = build_modes(out, total, args.batch_size)
-    steps = {m: [] for m in MODES}
     for mode, (parts, data, prepare) in modes.items():
-        timed_steps(parts, data, prepare, 2)  # warm-up: the loader worker starting, first allocations
-    for mode in (*MODES, *reversed(MODES)):
-        steps[mode] += timed_steps(*modes[mode], args.steps)
-    rate = loader_rate(modes["store"][0], args.loader_batches)
+        timed_steps(parts, data, prepare, WARMUP_STEPS)  # the loader worker starting, first allocations
+
+    def run(variant: str) -> float:
+        if variant == "loader":
+            return loader_seconds(modes["store"][0], args.loader_batches)
+        return timed_steps(*modes[variant], args.steps, settle=SETTLE_STEPS)
+
+    print(f"{rows} samples, batch {args.batch_size}; {args.repeats} interleaved rounds of {' '.join(VARIANTS)} "
+          "(seconds per step or batch)", flush=True)
+    rounds = interleave(VARIANTS, run, args.repeats, report=lambda line: print(line, flush=True))
     del modes
     rss = {mode: peak_rss(mode, out, args.batch_size) for mode in ("store", "online")}
-    print(report({"machine": machine(), "load": (load_start, os.getloadavg()[0]), "rows": args.rows,
-                  "precompute_s": precompute_s, "batch_size": args.batch_size, "steps_per_phase": args.steps,
-                  "steps": steps, "loader_rate": rate, "rss": rss,
-                  "teacher_mib": teacher_weights_mib(demo_root / "store")}))
+    print()
+    print(report({"machine": machine(), "load": (load_start, os.getloadavg()[0]), "rows": rows,
+                  "precompute_s": precompute_s, "batch_size": args.batch_size, "steps": args.steps,
+                  "repeats": args.repeats, "loader_batches": args.loader_batches, "rounds": rounds, "rss": rss,
+                  "teacher_mib": teacher_weights_mib(demo_root / "store"),
+                  "seconds": time.perf_counter() - started}))
 
 
 if __name__ == "__main__":
