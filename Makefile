@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/precompute.py
 	$(BIN)/python benchmarks/feed.py
 	$(BIN)/python benchmarks/indexing.py
+	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/train.py
 
 # On a machine with CUDA GPUs: the paper's teachers at real size (random weights), bare forward vs pipeline rows/s.
