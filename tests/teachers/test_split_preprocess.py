@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -91,25 +90,6 @@ def test_fast_oneformer_pixels_equal_the_processor_at_full_size(hub_oneformer_pr
         assert (pixels - expected).abs().max().item() <= 1e-5
 
 
-def test_fast_oneformer_path_costs_a_fraction_of_the_processor(hub_oneformer_processor):
-    """CPU work per image after the 768 px resize (common to both): the processor (its PIL resize to 800 and its
-    numpy float work) against the fast path (the same PIL resize, uint8 out). Measured 2-3x apart; the bound is
-    loose because this machine is shared (benchmarks/precision.py has the numbers)."""
-    resized = [image.resize((768, 768), Image.Resampling.BICUBIC) for image in _photos_and_odd_sizes()[:4]]
-    fast = OneFormerPreprocessor(hub_oneformer_processor, image_size=768)  # a 768 -> 768 resize is a copy
-
-    def best_of_three(fn) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    old = best_of_three(lambda: hub_oneformer_processor(resized, task_inputs=["panoptic"] * 4, return_tensors="pt"))
-    assert best_of_three(lambda: fast(resized)) < 0.75 * old
-
-
 # ---- building and shipping preprocessors ------------------------------------------------------------------------
 
 def _all_kind_specs(teacher_dirs, generic_models) -> dict[str, teachers.TeacherSpecBase]:
@@ -156,9 +136,7 @@ def test_build_preprocessor_reads_no_weights_and_builds_no_model(teacher_dirs, g
             weights.write_bytes(b"not weights")
         prefix = "local-dir:" if spec.kind == "timm" else ""
         cls = teachers.get_teacher_class(spec.kind)
-        start = time.perf_counter()
         preprocessor = cls.build_preprocessor(spec.model_copy(update={"model": f"{prefix}{copy}"}))
-        assert time.perf_counter() - start < 5.0, name
         torch.testing.assert_close(preprocessor(images), expected[name], atol=0, rtol=0)
 
 
