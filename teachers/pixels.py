@@ -43,6 +43,16 @@ def probe_images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)) for shape in ((45, 67, 3), (70, 33, 3))]
 
 
+def split_is_exact(split: Preprocessor, whole: Callable[[Sequence[Image.Image]], torch.Tensor]) -> bool:
+    """Whether `split`'s uint8 pixels through its table equal `whole`'s pixel_values bit for bit on
+    `probe_images()`; a split that cannot even run on them is not exact."""
+    probe = probe_images()
+    try:
+        return torch.equal(split.normalize(split(probe)), whole(probe))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 class Preprocessor:
     """CPU half of a teacher's preprocessing; see the module docstring. Subclasses implement `__call__`.
 
@@ -134,12 +144,7 @@ class ImageProcessorPreprocessor(Preprocessor):
         except (AttributeError, TypeError, ValueError):
             return
         self.lut = lut
-        probe = probe_images()
-        try:
-            exact = torch.equal(self.normalize(self(probe)), self._whole(probe))
-        except (TypeError, ValueError, RuntimeError):
-            exact = False
-        if not exact:
+        if not split_is_exact(self, self._whole):
             self.lut = None
 
     def _images(self, images: Sequence[Image.Image]) -> list[Image.Image]:

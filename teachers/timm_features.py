@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from teachers.base import Teacher, WeightFiles, locate_weights
-from teachers.pixels import Preprocessor, probe_images, stack_pixels
+from teachers.pixels import Preprocessor, split_is_exact, stack_pixels
 from teachers.registry import register
 from teachers.spec import TimmSpec
 from teachers.tokens import feature_map_to_tokens, patch_grid, sequence_to_tokens
@@ -112,12 +112,7 @@ class TimmPreprocessor(Preprocessor):
         self.pil_steps = T.Compose(steps[: to_tensor[0]])
         ramp = np.ascontiguousarray(np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (1, 256, 3)))
         self.lut = T.Compose(steps[to_tensor[0]:])(Image.fromarray(ramp)).reshape(3, 256).numpy()
-        probe = probe_images()
-        try:
-            exact = torch.equal(self.normalize(self(probe)), self._whole(probe))
-        except (TypeError, ValueError, RuntimeError):
-            exact = False
-        if not exact:
+        if not split_is_exact(self, self._whole):
             self.pil_steps, self.lut = None, None
 
     def _whole(self, images: Sequence[Image.Image]) -> torch.Tensor:
