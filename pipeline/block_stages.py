@@ -67,14 +67,24 @@ class PreparedBlock:
 
 
 @dataclass
-class ComputedTargets:
-    """One teacher's block, encoded: `Storage.encode` of the float32 targets (failed rows zero), valid uint8
-    [rows], the per-channel statistics of the float32 values, and the failure records."""
+class TeacherOutputs:
+    """One teacher's outputs for `size` rows, as stored: `Storage.encode` codes [size, T', C] (failed rows zero),
+    scales [size, T'] or None, valid uint8 [size], the per-channel statistics of the float32 values of the valid
+    rows (count, sum, sumsq in float64), and (position, why) of every failure, sorted."""
 
     stored: np.ndarray
     scale: np.ndarray | None
     valid: np.ndarray
     stats: dict
+    errors: list[tuple[int, str]]
+
+
+@dataclass
+class ComputedTargets:
+    """One teacher's block: its encoded outputs, the block's failure records for it (read and decode failures
+    included), and the seconds its stages took."""
+
+    outputs: TeacherOutputs
     failures: list[dict]
     seconds: float
 
@@ -189,19 +199,6 @@ def _slice(batch, i: int):
     return batch[i : i + 1]
 
 
-@dataclass
-class TeacherOutputs:
-    """One teacher's outputs for `size` rows, as stored: `Storage.encode` codes [size, T', C] (failed rows zero),
-    scales [size, T'] or None, valid uint8 [size], the per-channel statistics of the float32 values of the valid
-    rows (count, sum, sumsq in float64), and (position, why) of every failure, sorted."""
-
-    stored: np.ndarray
-    scale: np.ndarray | None
-    valid: np.ndarray
-    stats: dict
-    errors: list[tuple[int, str]]
-
-
 def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], size: int, storage: Storage,
                errors: list[tuple[int, str]] = (), device_lock=None) -> TeacherOutputs:
     """Forward prepared batches; input position p becomes row `slots[p]` of the result. `errors` are the
@@ -277,7 +274,7 @@ def compute(teachers: dict, prepared: PreparedBlock, storages: dict[str, Storage
                          prepared.input_errors[name], device_lock)
         failures = sorted(prepared.failures + [rows.failure(prepared.decoded[i], why, name) for i, why in out.errors],
                           key=lambda f: f["row"])
-        result.teachers[name] = ComputedTargets(out.stored, out.scale, out.valid, out.stats, failures,
+        result.teachers[name] = ComputedTargets(out, failures,
                                                 time.perf_counter() - started + prepared.seconds / len(prepared.inputs))
     return result
 
@@ -294,9 +291,10 @@ def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fin
     block = computed.rows.block
     records = {}
     for name, done in computed.teachers.items():
+        out = done.outputs
         started = time.perf_counter()
         store.check_fence(token)
-        digest = store.write_encoded(name, block, done.stored, done.scale, done.valid)
+        digest = store.write_encoded(name, block, out.stored, out.scale, out.valid)
         record = {
             "teacher": name,
             "fingerprint": fingerprints[name],
@@ -304,10 +302,10 @@ def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fin
             "start": block.start,
             "stop": block.stop,
             "rows": block.rows,
-            "written": int(done.valid.sum()),
+            "written": int(out.valid.sum()),
             "failures": done.failures,
             "sha256": digest,
-            "stats": done.stats,
+            "stats": out.stats,
             # Batch composition changes the last float bits: byte identity between runs needs equal batch sizes.
             "batch_size": batch_sizes[name],
             "seconds": round(done.seconds + time.perf_counter() - started, 4),
