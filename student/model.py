@@ -67,7 +67,7 @@ class TaskSpec:
         seq_tokens: task tokens this task puts in the sequence (8 in the paper). ``T`` must be 1 or a multiple.
         predictor_dim: the predictor's width: ``None`` = ``target_dim`` (reference gen/seg heads), ``"hidden"`` =
             the LLM hidden size (reference depth head), or an int.
-        out_mlp: extra ``Linear-GELU-Linear`` after the predictor's output LayerNorm (reference depth head).
+        out_mlp: extra ``Linear-ReLU-Linear`` after the predictor's output LayerNorm (reference depth head).
     """
 
     name: str

@@ -83,8 +83,10 @@ class EmbeddingPredictor(nn.Module):
         dim: the resampler's width. ``None`` means ``out_dim``, which is what the reference uses for its gen and seg
             heads (its depth head uses ``H``; ``StudentConfig`` tasks choose per task).
         heads, head_dim, ff_mult, depth: attention heads, per-head width, feed-forward multiplier, number of blocks.
-        out_mlp: append ``Linear(C, C) -> GELU -> Linear(C, C)`` after the output LayerNorm. The reference's depth
-            head trains this extra MLP's output (its ``use_intermediate_depth`` default), not the LayerNorm output.
+        out_mlp: append ``Linear(C, C) -> ReLU -> Linear(C, C)`` after the output LayerNorm. The reference's depth
+            head trains this extra MLP's output, not the LayerNorm output: with its ``use_intermediate_depth``
+            default the depth loss reads ``linear_1``, a ``build_mlp`` (Linear, ReLU, Linear) in
+            ``aux_heads/da_v2_head.py``.
     """
 
     def __init__(
@@ -110,7 +112,7 @@ class EmbeddingPredictor(nn.Module):
         self.proj_out = nn.Linear(dim, out_dim)
         self.norm_out = nn.LayerNorm(out_dim)
         self.out_mlp = (
-            nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)) if out_mlp else None
+            nn.Sequential(nn.Linear(out_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim)) if out_mlp else None
         )
 
     def forward(

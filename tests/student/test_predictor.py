@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from student.predictor import EmbeddingPredictor
 
@@ -62,3 +63,38 @@ def test_samples_are_independent(predictor):
     batched = predictor(queries, context, mask)
     alone = predictor(queries[1:2], context[1:2], mask[1:2])
     torch.testing.assert_close(batched[1:2], alone, rtol=1e-5, atol=1e-6)
+
+
+def _with_and_without_out_mlp():
+    """A predictor with the output MLP, and the same predictor without it (shared weights elsewhere)."""
+    torch.manual_seed(2)
+    with_mlp = EmbeddingPredictor(64, 12, dim=64, out_mlp=True).eval()
+    without = EmbeddingPredictor(64, 12, dim=64).eval()
+    without.load_state_dict({k: v for k, v in with_mlp.state_dict().items() if not k.startswith("out_mlp.")})
+    return with_mlp, without
+
+
+def test_out_mlp_is_the_reference_depth_heads_linear_relu_linear():
+    with_mlp, without = _with_and_without_out_mlp()
+    assert [type(m) for m in with_mlp.out_mlp] == [nn.Linear, nn.ReLU, nn.Linear]
+    queries, context = torch.randn(2, 16, 64), torch.randn(2, 9, 64)
+    first, _, second = with_mlp.out_mlp
+    hidden = without(queries, context) @ first.weight.t() + first.bias
+    expected = hidden.clamp(min=0) @ second.weight.t() + second.bias
+    torch.testing.assert_close(with_mlp(queries, context), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_out_mlp_zeroes_negative_pre_activations():
+    # Identity layers leave only the activation: ReLU passes positives unchanged and zeroes every negative channel
+    # of the LayerNorm output (GELU would give small negative values there).
+    with_mlp, without = _with_and_without_out_mlp()
+    with torch.no_grad():
+        for linear in (with_mlp.out_mlp[0], with_mlp.out_mlp[2]):
+            linear.weight.copy_(torch.eye(12))
+            linear.bias.zero_()
+    queries, context = torch.randn(2, 16, 64), torch.randn(2, 9, 64)
+    before, after = without(queries, context), with_mlp(queries, context)
+    negative = before < 0
+    assert negative.any() and (~negative).any()
+    assert torch.equal(after[negative], torch.zeros_like(after[negative]))
+    assert torch.equal(after[~negative], before[~negative])
