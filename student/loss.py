@@ -8,6 +8,10 @@
   ``logits = min(exp(logit_scale), cap) * cos``, cross-entropy with each sample's own target as the positive.
   Keys are gathered across ranks with ``gather``; invalid rows are neither queries nor keys.
 
+Keys per InfoNCE = micro-batch size x data-parallel processes: each call gathers the targets of the micro-batch in
+hand, so gradient accumulation adds steps, not keys. The reference gathers 32 samples on each of 8 GPUs with no
+accumulation: 256 keys (``olavlm_pt.yaml`` matches it); 16 per process x 2 accumulated micro-batches would give 128.
+
 Everything is computed in float32 (targets arrive as float16/bfloat16 from the store).
 
 Unlike the reference, a sample's loss is masked only when its target is invalid: the reference zeroes its masks

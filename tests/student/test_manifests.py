@@ -39,6 +39,14 @@ def test_paper_stages_have_the_paper_settings(stage, batch, lr, trainable):
         assert cfg.model.tasks == {} and cfg.data.store is None and cfg.model.init_from
 
 
+def test_paper_pt_shares_the_logit_scale_per_task_and_gathers_256_infonce_keys():
+    cfg = load_experiment(str(REPO / "manifests" / "experiments" / "olavlm_pt.yaml"))
+    assert cfg.model.logit_scale_per == "task"  # the reference has one scale per task
+    processes = 8  # the reference's pretrain.sh: 32 per GPU on 8 GPUs, no accumulation
+    # coupled_loss gathers one micro-batch from every process; accumulated micro-batches add no keys.
+    assert cfg.data.batch_size * processes == 256 and cfg.train.grad_accum == 1
+
+
 def test_an_unknown_key_is_refused(tmp_path):
     path = tmp_path / "bad.yaml"
     text = (REPO / "manifests" / "experiments" / "demo_pt.yaml").read_text()

@@ -65,3 +65,4 @@ def test_infonce_gathers_targets_across_two_processes(tmp_path):
     per_rank = report["per_rank"]
     for term in (0, 1):  # infonce, smooth_l1: equal valid counts per rank, so the mean of rank means is the mean
         assert sum(r[term] for r in per_rank) / 2 == pytest.approx(report["whole"][term], rel=1e-5)
+    assert report["keys_seen"] == pytest.approx([3 * 2, 3 * 2], rel=1e-5)  # micro-batch 3 x 2 processes

@@ -128,6 +128,22 @@ def test_targets_gathered_from_other_ranks_are_extra_negatives():
     assert not torch.allclose(total, alone)
 
 
+@pytest.mark.parametrize("batch, world", [(3, 1), (3, 4), (32, 8)])
+def test_each_infonce_sees_the_micro_batch_of_every_rank_as_keys(batch, world):
+    # Predictions orthogonal to every target give all-equal logits, so InfoNCE = log(number of keys) exactly.
+    onehot = torch.eye(batch * world + 1)
+    per_rank = onehot[:-1].reshape(world, batch, 1, -1)  # rank r's targets, one distinct unit vector each
+
+    def gather(packed):  # this is rank 0: its own rows, then the other ranks' rows, as accelerator.gather returns
+        others = [torch.cat([per_rank[r].flatten(1), torch.ones(batch, 1)], dim=1) for r in range(1, world)]
+        return torch.cat([packed, *others])
+
+    preds = {"depth": {1: onehot[-1:].expand(batch, 1, -1)}}
+    _, terms = coupled_loss(None, preds, {"depth": per_rank[0]}, {"depth": torch.ones(batch, dtype=torch.bool)},
+                            {"depth": torch.tensor(0.0)}, gather=gather)
+    assert math.exp(float(terms["depth_1/infonce"])) == pytest.approx(batch * world, rel=1e-5)
+
+
 def test_accepts_the_models_flat_logit_scale_dict_and_bf16():
     preds, targets, valid, scales = make_inputs(target_dtype=torch.bfloat16)
     flat = {f"{t}_{l}": s for t, per in scales.items() for l, s in per.items()}
