@@ -1,0 +1,517 @@
+"""LLaVA-format JSON plus its images folder -> WebDataset shards in img2dataset layout (`pipeline shards llava`).
+
+Input: a JSON list of records `{"id", "image" (optional, relative to the images folder), "conversations":
+[{"from": "human"|"gpt", "value": str}, ...]}`, as LLaVA-Pretrain's `blip_laion_cc_sbu_558k.json` and the
+instruction mix `llava_v1_5_mix665k.json` are written. Output under DIR:
+
+    PREFIX-00000.tar ...      per sample, in this order: KEY.<ext> (the image file's bytes, never re-encoded),
+                              KEY.txt (its caption, if it has one), KEY.json (the record)
+    PREFIX-00000_stats.json   the shard's completion record, written after the tar is in place
+    sharding.json             the input (size, sha256) and the arguments the shards were cut with
+    failures.parquet          every record left out: record (its position in the JSON), id, image, reason, detail
+
+Decisions:
+- Order: the JSON's, or with `shuffle` a permutation seeded by `seed`; then cut into shards of
+  `samples_per_shard` records (default 10000, img2dataset's: LLaVA-558K makes 56 shards of about 0.5 GB, each a
+  unit of resume), or into exactly `num_shards` shards of near-equal size
+  (earlier shards take the extra record). Training streams whole shards per rank and loader worker, so ask for
+  smaller shards when ranks x workers come near the shard count.
+- Keys come from position, never from the record's id (ids repeat in the 665K mix): `f"{shard:05d}{i:04d}"` for
+  the i-th record of the shard, img2dataset's own scheme, so keys sort in dataset order and are unique. The
+  suffix has more than 4 digits only when a shard holds more than 10000 records. The id is kept in KEY.json;
+  records sharing an id are counted, never merged.
+- An image is stored under the extension of its real format, read from its first bytes (JPEG, PNG, GIF, WebP,
+  BMP, TIFF), because decoding in this project goes by content: an OCR-VQA `.jpg` that is a GIF becomes
+  KEY.gif. Such lying extensions are counted.
+- A record whose image is missing, empty, unreadable or in none of those formats is left out and listed in
+  failures.parquet; it is not kept as text-only, since its conversation speaks of an `<image>` it would not have.
+  So is a record that is not LLaVA-shaped (no id, no turns). Its key stays unused, so that which files were
+  found never changes the other samples' keys.
+- A record without `image` (text-only; about 40K in the 665K mix) becomes a sample with KEY.json alone.
+- Captions (KEY.txt): a record's own `caption` string if it has one (an extension of the format, which the demo
+  uses); else a single-turn image record, a human turn holding `<image>` and a one-line instruction that is no
+  question, then a gpt turn, has that gpt answer as caption, as LLaVA-558K's records are. Other records (VQA,
+  multi-turn, text-only) have none; the training loader prefers KEY.json's conversation anyway.
+- Resumable: a shard is written to `NAME.tar.partial`, renamed, and only then given its stats file; a rerun
+  skips the shards that have one and rewrites the others. `sharding.json` makes a rerun with another input or
+  other arguments an error instead of a mix of two datasets (`overwrite=True` replaces the earlier run).
+- Deterministic: same JSON, arguments and image files, same bytes, whatever the number of worker processes
+  (one task per shard; tar headers carry a fixed time and no user or group).
+
+    from pipeline.llava_shards import write_llava_shards
+    summary = write_llava_shards("blip_laion_cc_sbu_558k.json", "LLaVA-Pretrain/images", "shards/558k")
+    print(summary.report())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import posixpath
+import random
+import tarfile
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.errors import JobError, UsageError
+
+DEFAULT_SAMPLES_PER_SHARD = 10_000
+RUN_RECORD = "sharding.json"
+FAILURES_FILE = "failures.parquet"
+FORMAT_VERSION = 1
+IMAGE_PLACEHOLDER = "<image>"
+
+FAILURES_SCHEMA = pa.schema(
+    [
+        ("record", pa.int64()),  # position in the JSON list
+        ("id", pa.string()),  # the record's id as a string; null if it has none
+        ("image", pa.string()),  # the record's image path; null if it has none
+        ("reason", pa.string()),  # missing | empty | unreadable | not an image | bad record
+        ("detail", pa.string()),
+    ]
+)
+
+# Fixed tar metadata: any wall-clock time, user or group name in a member header would make two runs differ.
+TAR_MTIME = 1_700_000_000
+
+_KEY_DIGITS = 4
+_TEMPORARY = ".partial"
+# (signature at offset 0, extension). WebP (RIFF....WEBP) and BMP are checked in `image_extension`.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # the DIB header sizes Windows and OS/2 bitmaps use
+_EXTENSION_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "jfif": "jpg", "tif": "tiff"}
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: everything a worker process needs, and nothing it would have to share."""
+
+    index: int
+    path: str
+    images: str
+    key_digits: int
+    records: list[tuple[int, object]]  # (position in the JSON, record) in shard order
+
+
+@dataclass(frozen=True)
+class ShardingSummary:
+    """What a `write_llava_shards` run left in `out`, counted over every shard (finished earlier or now)."""
+
+    out: Path
+    shards: tuple[Path, ...]
+    records: int
+    samples: int
+    images: int
+    text_only: int
+    captions: int
+    failures: dict[str, int]  # reason -> records left out
+    lying_extensions: int
+    duplicate_ids: int  # records whose id an earlier record of the JSON already had
+    shards_written: int
+    shards_skipped: int
+
+    def report(self) -> str:
+        """A few lines for people: what was written, what was left out and where that is listed."""
+        lines = [
+            f"{self.records} records -> {self.samples} samples ({self.images} with an image, {self.text_only} "
+            f"text-only, {self.captions} with a caption) in {len(self.shards)} shards under {self.out} "
+            f"({self.shards_written} written now, {self.shards_skipped} finished earlier)"
+        ]
+        left_out = sum(self.failures.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.failures.items()))
+        lines.append(f"left out: {left_out} record(s)" + (f" ({reasons}), listed in {self.out / FAILURES_FILE}"
+                                                            if left_out else ""))
+        lines.append(f"lying extensions: {self.lying_extensions} image(s) stored under their real format")
+        lines.append(f"duplicate ids: {self.duplicate_ids} record(s) share an id with an earlier one "
+                     "(each is its own sample)")
+        return "\n".join(lines)
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+def write_llava_shards(
+    json_path: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    prefix: str | None = None,
+    samples_per_shard: int | None = None,
+    num_shards: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ShardingSummary:
+    """Write the records of the LLaVA JSON `json_path` as shards `PREFIX-00000.tar`... under `out` (see the
+    module docstring for the layout and the rules), resuming an earlier run of the same arguments.
+
+    `prefix` defaults to the JSON's file stem. `samples_per_shard` (default 10000) and `num_shards` exclude each
+    other. `workers`: processes writing shards (default one per CPU, at most one per shard left to write; 1 writes
+    in this process). `overwrite`: replace what `out` holds from another input or other arguments instead of
+    refusing. Raises UsageError for unusable input or arguments, JobError if a worker process dies.
+    """
+    records, source = _read_records(Path(json_path))
+    prefix = Path(json_path).stem if prefix is None else prefix
+    if not prefix or any(c in prefix for c in "/\\") or prefix.startswith("."):
+        raise UsageError(f"prefix {prefix!r} cannot start a shard file name; give a plain name like 'llava'")
+    if any(isinstance(r, dict) and "image" in r for r in records) and not Path(images).is_dir():
+        raise UsageError(f"images folder {images} does not exist; pass the folder the records' `image` paths "
+                         "are relative to")
+    sizes = _shard_sizes(len(records), samples_per_shard, num_shards)
+    out = Path(out)
+    run = {
+        "format": "llava-shards",
+        "format_version": FORMAT_VERSION,
+        "input": {"json": str(Path(json_path).resolve()), **source, "records": len(records)},
+        "images": str(Path(images).resolve()),
+        "arguments": {
+            "prefix": prefix,
+            "samples_per_shard": None if num_shards is not None else (samples_per_shard or DEFAULT_SAMPLES_PER_SHARD),
+            "num_shards": num_shards,
+            "shuffle_seed": seed if shuffle else None,
+        },
+    }
+    _claim(out, run, overwrite)
+
+    order = list(range(len(records)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    key_digits = max(_KEY_DIGITS, len(str(max(sizes) - 1)))
+    tasks, start = [], 0
+    for index, size in enumerate(sizes):
+        positions = order[start : start + size]
+        tasks.append(ShardTask(index=index, path=str(out / f"{prefix}-{index:05d}.tar"), images=str(images),
+                               key_digits=key_digits, records=[(p, records[p]) for p in positions]))
+        start += size
+
+    todo = [task for task in tasks if _finished(task) is None]
+    left = sum(len(task.records) for task in todo)
+    with tqdm(total=start, initial=start - left, desc="llava shards", unit="record", disable=not progress) as bar:
+        for task in _write_all(todo, workers):
+            bar.update(len(task.records))
+
+    stats = [_finished(task) for task in tasks]
+    missing = [Path(task.path).name for task, s in zip(tasks, stats) if s is None]
+    if missing:
+        raise JobError(f"shard {missing[0]} has no completion record after writing it; rerun to retry")
+    _write_failures(out, stats)
+    return _summarise(out, tasks, stats, run, duplicate_ids=source["duplicate_ids"],
+                      written=len(todo))
+
+
+def _read_records(path: Path) -> tuple[list, dict]:
+    """The JSON's records and what identifies the file (bytes, sha256), plus its count of duplicate ids."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"LLaVA JSON {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read LLaVA JSON {path}: {exc.strerror or exc}") from None
+    try:
+        records = json.loads(data)
+    except ValueError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(records, list):
+        raise UsageError(f"{path} holds a JSON {type(records).__name__}; a LLaVA file is a list of records")
+    if not records:
+        raise UsageError(f"{path} holds no records")
+    ids = [r.get("id") for r in records if isinstance(r, dict) and isinstance(r.get("id"), (str, int))]
+    return records, {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                     "duplicate_ids": len(ids) - len(set(ids))}
+
+
+def _shard_sizes(count: int, samples_per_shard: int | None, num_shards: int | None) -> list[int]:
+    if samples_per_shard is not None and num_shards is not None:
+        raise UsageError("give samples_per_shard or num_shards, not both")
+    if num_shards is not None:
+        if not 1 <= num_shards <= count:
+            raise UsageError(f"num_shards must be between 1 and the number of records ({count}), got {num_shards}")
+        base, extra = divmod(count, num_shards)
+        return [base + (1 if shard < extra else 0) for shard in range(num_shards)]
+    size = DEFAULT_SAMPLES_PER_SHARD if samples_per_shard is None else samples_per_shard
+    if size < 1:
+        raise UsageError(f"samples_per_shard must be at least 1, got {size}")
+    full, rest = divmod(count, size)
+    return [size] * full + ([rest] if rest else [])
+
+
+# --- the output directory ------------------------------------------------------------------------------------------
+def _claim(out: Path, run: dict, overwrite: bool) -> None:
+    """Make `out` this run's: resume a matching earlier run, refuse (or with `overwrite` clear) anything else."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output directory {out} is a file; pass a directory for the shards")
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / RUN_RECORD
+    if record.exists():
+        try:
+            earlier = json.loads(record.read_text())
+        except ValueError:
+            earlier = {}
+        difference = _run_difference(earlier, run)
+        if difference is None:
+            return
+        if not overwrite:
+            raise UsageError(f"{out} holds shards of another run ({difference}); rerun with the same input and "
+                             "arguments to resume, choose another output directory, or pass --overwrite to "
+                             "replace them")
+        _clear(out)
+    elif any(out.glob("*.tar")) or any(out.glob("*_stats.json")):
+        if not overwrite:
+            raise UsageError(f"{out} holds .tar files that no `pipeline shards llava` run recorded (no {RUN_RECORD}); "
+                             "they would be read as part of this dataset: choose an empty output directory or pass "
+                             "--overwrite to delete them")
+        _clear(out)
+    _write_atomically(record, (json.dumps(run, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _run_difference(earlier: dict, run: dict) -> str | None:
+    """How an earlier run's record differs from this run in what decides the shards' bytes, or None."""
+    if earlier.get("format_version") != run["format_version"]:
+        return f"{RUN_RECORD} has format version {earlier.get('format_version')}, this tool writes {FORMAT_VERSION}"
+    old, new = earlier.get("input", {}), run["input"]
+    if (old.get("sha256"), old.get("bytes")) != (new["sha256"], new["bytes"]):
+        return (f"its JSON {old.get('json')} had sha256 {str(old.get('sha256'))[:12]}.. ({old.get('bytes')} bytes), "
+                f"this one has {new['sha256'][:12]}.. ({new['bytes']} bytes)")
+    for name, value in run["arguments"].items():
+        if earlier.get("arguments", {}).get(name) != value:
+            return f"{name} was {earlier.get('arguments', {}).get(name)!r}, now {value!r}"
+    return None
+
+
+def _clear(out: Path) -> None:
+    for pattern in ("*.tar", f"*{_TEMPORARY}", "*_stats.json", FAILURES_FILE, RUN_RECORD):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+def _stats_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
+
+
+def _finished(task: ShardTask) -> dict | None:
+    """The shard's stats if its tar is complete (a stats file describing the tar that is there), else None."""
+    shard = Path(task.path)
+    try:
+        stats = json.loads(_stats_path(shard).read_text())
+        return stats if stats.get("bytes") == shard.stat().st_size else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    temporary = path.with_name(path.name + _TEMPORARY)
+    temporary.write_bytes(payload)
+    os.replace(temporary, path)
+
+
+def _write_failures(out: Path, stats: list[dict]) -> None:
+    rows = sorted((f for s in stats for f in s["failures"]), key=lambda f: f["record"])
+    temporary = out / (FAILURES_FILE + _TEMPORARY)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), temporary)
+    os.replace(temporary, out / FAILURES_FILE)
+
+
+def _summarise(out: Path, tasks: list[ShardTask], stats: list[dict], run: dict, *, duplicate_ids: int,
+               written: int) -> ShardingSummary:
+    total = Counter()
+    for s in stats:
+        total.update({k: s[k] for k in ("samples", "images", "text_only", "captions", "lying_extensions")})
+    return ShardingSummary(
+        out=out, shards=tuple(Path(task.path) for task in tasks), records=run["input"]["records"],
+        samples=total["samples"], images=total["images"], text_only=total["text_only"], captions=total["captions"],
+        failures=dict(Counter(f["reason"] for s in stats for f in s["failures"])),
+        lying_extensions=total["lying_extensions"], duplicate_ids=duplicate_ids,
+        shards_written=written, shards_skipped=len(tasks) - written,
+    )
+
+
+# --- workers -------------------------------------------------------------------------------------------------------
+def _write_all(tasks: list[ShardTask], workers: int | None):
+    """Write every task's shard; yields each task when its shard is finished (completion order)."""
+    count = _default_workers() if workers is None else workers
+    count = max(1, min(count, len(tasks)))
+    if count == 1:
+        for task in tasks:
+            write_shard(task)
+            yield task
+        return
+    # spawn, not fork: the caller may hold threads (tqdm's monitor, Ray's) that a forked child inherits broken.
+    # At most two tasks per worker are queued, so the pickled records of the whole JSON are never in flight at once.
+    queue = iter(tasks)
+    with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(write_shard, task): task for task in itertools.islice(queue, 2 * count)}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+                    yield pending.pop(future)
+                    for task in itertools.islice(queue, 1):
+                        pending[pool.submit(write_shard, task)] = task
+        except BrokenProcessPool as exc:
+            raise JobError(f"a process writing shards died ({exc}); out of memory? rerun (finished shards are "
+                           "kept), or pass fewer workers") from None
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write one shard (tar, then its stats file) and return its stats. Runs in worker processes."""
+    shard = Path(task.path)
+    temporary = shard.with_name(shard.name + _TEMPORARY)
+    stats = {"shard": shard.name, "samples": 0, "images": 0, "text_only": 0, "captions": 0, "lying_extensions": 0,
+             "failures": []}
+    with open(temporary, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, (position, record) in enumerate(task.records):
+                try:
+                    members, lied = _sample_members(record, task.images)
+                except _Failure as failure:
+                    stats["failures"].append(_failure_row(position, record, failure))
+                    continue
+                key = f"{task.index:05d}{i:0{task.key_digits}d}"
+                for extension, payload in members:
+                    add_member(tar, f"{key}.{extension}", payload)
+                extensions = [extension for extension, _ in members]
+                stats["samples"] += 1
+                stats["images"] += len(extensions) > 1
+                stats["text_only"] += len(extensions) == 1
+                stats["captions"] += "txt" in extensions
+                stats["lying_extensions"] += lied
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(temporary, shard)  # a reader never sees a half-written shard under its final name
+    stats["bytes"] = shard.stat().st_size
+    _write_atomically(_stats_path(shard), (json.dumps(stats, indent=1) + "\n").encode())
+    return stats
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """Add a file member whose header holds nothing of this machine or moment (fixed mtime, mode, no owner)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = TAR_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _sample_members(record, images: str) -> tuple[list[tuple[str, bytes]], bool]:
+    """The sample's members [(extension, bytes)] in tar order, and whether its image file's extension lied."""
+    _check_record(record)
+    members, lied = [], False
+    if "image" in record:
+        data, extension, lied = _read_image(images, record["image"])
+        members.append((extension, data))
+        caption = caption_of(record)
+        if caption:
+            members.append(("txt", caption.encode("utf-8")))
+    payload = {"id": record["id"], **({"image": record["image"]} if "image" in record else {}),
+               "conversations": record["conversations"], **record}
+    members.append(("json", json.dumps(payload, ensure_ascii=False).encode("utf-8")))
+    return members, lied
+
+
+def _check_record(record) -> None:
+    if not isinstance(record, dict):
+        raise _Failure("bad record", f"a JSON {type(record).__name__}, not an object")
+    if not isinstance(record.get("id"), (str, int)) or isinstance(record.get("id"), bool):
+        raise _Failure("bad record", "no `id` (a string or an integer)")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _Failure("bad record", "`conversations` is missing or not a non-empty list")
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise _Failure("bad record", f"conversations[{i}] is not {{\"from\": str, \"value\": str}}")
+    if "image" in record and not (isinstance(record["image"], str) and record["image"]):
+        raise _Failure("bad record", "`image` is not a non-empty path")
+
+
+def _read_image(images: str, relative: str) -> tuple[bytes, str, bool]:
+    """(bytes, extension of their real format, whether the file's own extension names another format)."""
+    path = os.path.join(images, relative)
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise _Failure("missing", f"no file {path}") from None
+    except OSError as exc:
+        raise _Failure("unreadable", f"{path}: {type(exc).__name__}: {exc.strerror or exc}") from None
+    if not data:
+        raise _Failure("empty", f"{path} is 0 bytes")
+    extension = image_extension(data)
+    if extension is None:
+        raise _Failure("not an image", f"{path} starts with {data[:8]!r}: not JPEG, PNG, GIF, WebP, BMP or TIFF")
+    named = posixpath.splitext(relative)[1].lstrip(".").lower()
+    named = _EXTENSION_ALIASES.get(named, named)
+    return data, extension, bool(named) and named != extension
+
+
+def image_extension(data: bytes) -> str | None:
+    """The extension of the image format `data` is in (jpg, png, gif, webp, bmp, tiff), from its first bytes;
+    None for anything else. A file's name is not consulted: some datasets' names lie."""
+    for signature, extension in _SIGNATURES:
+        if data.startswith(signature):
+            return extension
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM" and len(data) >= 18 and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
+        return "bmp"
+    return None
+
+
+def caption_of(record: dict) -> str | None:
+    """The record's caption (see the module docstring's rule), or None: its own `caption` string, else the gpt
+    answer of a single-turn image record whose human turn is `<image>` plus a one-line instruction, no question."""
+    if "image" not in record:
+        return None
+    own = record.get("caption")
+    if isinstance(own, str):
+        return own.strip() or None
+    turns = record["conversations"]
+    if [turn["from"] for turn in turns] != ["human", "gpt"] or IMAGE_PLACEHOLDER not in turns[0]["value"]:
+        return None
+    instruction = turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+    if "\n" in instruction or instruction.endswith("?"):
+        return None
+    return turns[1]["value"].strip() or None
+
+
+def _failure_row(position: int, record, failure: _Failure) -> dict:
+    fields = record if isinstance(record, dict) else {}
+    image = fields.get("image")
+    return {"record": position, "id": None if fields.get("id") is None else str(fields["id"]),
+            "image": image if isinstance(image, str) else None, "reason": failure.reason, "detail": failure.detail}

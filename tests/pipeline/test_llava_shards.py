@@ -1,0 +1,289 @@
+"""`pipeline shards llava`: LLaVA JSON + images folder -> img2dataset-layout shards, on real files and real tars."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.errors import UsageError
+from pipeline.images import decode_rgb
+from pipeline.index import build_index
+from pipeline.llava_shards import FAILURES_FILE, caption_of, image_extension, write_llava_shards
+from tests.conftest import REPO
+from tests.pipeline.llava_fixtures import LlavaSet, mix_665k, pretrain_558k
+
+MIX_PER_SHARD = 8  # 30 records -> 4 shards, the last one short
+PRETRAIN_PER_SHARD = 10
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory) -> LlavaSet:
+    return mix_665k(tmp_path_factory.mktemp("mix"))
+
+
+@pytest.fixture(scope="module")
+def pretrain(tmp_path_factory) -> LlavaSet:
+    return pretrain_558k(tmp_path_factory.mktemp("pretrain"))
+
+
+@pytest.fixture(scope="module")
+def mix_shards(mix, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mix_shards")
+    return write_llava_shards(mix.json_path, mix.images, out, samples_per_shard=MIX_PER_SHARD, workers=1,
+                              progress=False)
+
+
+def _shard(mix: LlavaSet, out: Path, **options):
+    return write_llava_shards(mix.json_path, mix.images, out, samples_per_shard=MIX_PER_SHARD, workers=1,
+                              progress=False, **options)
+
+
+def _samples(paths) -> list[dict]:
+    """Every sample of the shards in order: {"shard", "key", ext: bytes, ...}."""
+    samples = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                if not samples or (samples[-1]["shard"], samples[-1]["key"]) != (path.name, key):
+                    samples.append({"shard": path.name, "key": key})
+                samples[-1][ext] = tar.extractfile(member).read()
+    return samples
+
+
+def _digests(paths) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
+
+
+def _image(sample: dict) -> tuple[str, bytes] | None:
+    return next(((ext, data) for ext, data in sample.items() if ext not in ("shard", "key", "json", "txt")), None)
+
+
+def test_every_record_lands_in_exactly_one_shard(mix, mix_shards):
+    found = Counter(json.loads(s["json"])["id"] for s in _samples(mix_shards.shards))
+    expected = Counter(r["id"] for r in mix.records if r["id"] not in mix.left_out)
+    assert found == expected  # text-only records included, the duplicate id twice
+    assert found["2354786"] == 2
+    assert mix_shards.duplicate_ids == mix.duplicate_ids == 1
+    assert (mix_shards.samples, mix_shards.text_only) == (sum(expected.values()), len(mix.text_only))
+    assert [p.name for p in mix_shards.shards] == [f"llava_v1_5_mix665k-{i:05d}.tar" for i in range(4)]
+
+
+def test_keys_come_from_position_and_are_unique(mix_shards):
+    samples = _samples(mix_shards.shards)
+    keys = [s["key"] for s in samples]
+    assert len(set(keys)) == len(keys) and keys == sorted(keys)
+    for sample in samples:
+        shard = int(sample["shard"].rsplit("-", 1)[1].removesuffix(".tar"))
+        assert sample["key"][:5] == f"{shard:05d}" and int(sample["key"][5:]) < MIX_PER_SHARD
+
+
+def test_left_out_records_are_listed_with_their_reason(mix, mix_shards):
+    table = pq.read_table(mix_shards.out / FAILURES_FILE).to_pylist()
+    assert {row["id"]: row["reason"] for row in table} == mix.left_out
+    by_id = {r["id"]: (position, r) for position, r in enumerate(mix.records)}
+    for row in table:
+        position, record = by_id[row["id"]]
+        assert (row["record"], row["image"]) == (position, record["image"])
+        assert record["image"] in row["detail"]
+    assert mix_shards.failures == dict(Counter(mix.left_out.values()))
+
+
+def test_image_bytes_are_the_source_files(mix, mix_shards):
+    with_image = 0
+    for sample in _samples(mix_shards.shards):
+        record = json.loads(sample["json"])
+        found = _image(sample)
+        if record["id"] in mix.text_only:
+            assert found is None and set(sample) == {"shard", "key", "json"}
+            continue
+        ext, data = found
+        assert data == (mix.images / record["image"]).read_bytes(), record["id"]
+        assert ext == image_extension(data)
+        with_image += 1
+    assert with_image == mix_shards.images == len(mix.records) - len(mix.left_out) - len(mix.text_only)
+
+
+def test_an_image_whose_extension_lies_is_stored_under_its_real_format(mix, mix_shards):
+    (liar,) = mix.lying
+    sample = next(s for s in _samples(mix_shards.shards) if json.loads(s["json"])["id"] == liar)
+    assert json.loads(sample["json"])["image"].endswith(".jpg")
+    assert "png" in sample and "jpg" not in sample
+    assert decode_rgb(sample["png"]).mode == "RGB"
+    assert mix_shards.lying_extensions == 1
+
+
+def test_json_member_is_the_record(mix, mix_shards):
+    records = {r["id"]: r for r in mix.records}
+    for sample in _samples(mix_shards.shards):
+        stored = json.loads(sample["json"])
+        if stored["id"] != "2354786":  # the duplicate id: either of two records
+            assert stored == records[stored["id"]]
+        assert list(stored)[:2] == ["id", "image"] or stored["id"] in mix.text_only
+
+
+def test_captions_are_the_answers_of_single_turn_caption_records(pretrain, tmp_path):
+    summary = write_llava_shards(pretrain.json_path, pretrain.images, tmp_path, samples_per_shard=PRETRAIN_PER_SHARD,
+                                 workers=1, progress=False)
+    samples = _samples(summary.shards)
+    assert [len(s) for s in (summary.shards, samples)] == [3, 24] and summary.captions == 24
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert sample["txt"].decode() == record["conversations"][1]["value"]
+        assert sample["jpg"] == (pretrain.images / record["image"]).read_bytes()
+
+
+@pytest.mark.parametrize("turns, caption", [
+    ([("human", "Render a clear and concise summary of the photo.\n<image>"), ("gpt", "a cat")], "a cat"),
+    ([("human", "<image>\nWhat is this?"), ("gpt", "a cat")], None),  # a question: VQA, not a caption
+    ([("human", "<image>\nwhat is it?\nAnswer the question using a single word or phrase."), ("gpt", "cat")], None),
+    ([("human", "<image>\nDescribe it."), ("gpt", "a cat"), ("human", "Colour?"), ("gpt", "ginger")], None),
+    ([("human", "Describe a cat."), ("gpt", "a cat")], None),  # no <image> in the instruction
+])
+def test_caption_rule(turns, caption):
+    record = {"id": "1", "image": "a.jpg", "conversations": [{"from": f, "value": v} for f, v in turns]}
+    assert caption_of(record) == caption
+    assert caption_of({**record, "caption": " its own "}) == "its own"
+    assert caption_of({k: v for k, v in record.items() if k != "image"}) is None
+
+
+@pytest.mark.parametrize("fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp"),
+                                      ("BMP", "bmp"), ("TIFF", "tiff")])
+def test_image_format_is_read_from_content(fmt, ext):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buffer, format=fmt)
+    assert image_extension(buffer.getvalue()) == ext
+    assert image_extension(b"BM not a bitmap header at all") is None
+
+
+def test_shards_are_readable_by_the_index(mix, mix_shards):
+    index = build_index(str(mix_shards.out), progress=False)
+    rows = index.table.to_pylist()
+    assert len(rows) == mix_shards.samples and not index.shard_errors
+    samples = {(s["shard"], s["key"]): json.loads(s["json"])["id"] for s in _samples(mix_shards.shards)}
+    for row in rows:
+        text_only = samples[(row["shard"], row["key"])] in mix.text_only
+        assert (row["image_sha1"] == "") == text_only
+        assert row["caption_present"]  # every sample carries a conversation
+
+
+def test_a_rerun_skips_finished_shards_and_changes_no_byte(mix, tmp_path):
+    first = _shard(mix, tmp_path)
+    before = _digests(first.shards)
+    again = _shard(mix, tmp_path)
+    assert (again.shards_written, again.shards_skipped) == (0, len(first.shards))
+    assert _digests(again.shards) == before
+    assert again.report().split("\n")[1:] == first.report().split("\n")[1:]  # same counts, read from stats files
+
+
+def test_a_killed_run_is_finished_by_a_rerun(mix, tmp_path):
+    first = _shard(mix, tmp_path)
+    before = _digests(first.shards)
+    killed_after_tar = first.shards[1]  # tar renamed, stats file not yet written
+    (tmp_path / killed_after_tar.name.replace(".tar", "_stats.json")).unlink()
+    killed_while_writing = first.shards[3]  # only a partial tar, cut short, and no stats file
+    partial = killed_while_writing.with_name(killed_while_writing.name + ".partial")
+    partial.write_bytes(killed_while_writing.read_bytes()[:700])
+    killed_while_writing.unlink()
+    (tmp_path / killed_while_writing.name.replace(".tar", "_stats.json")).unlink()
+
+    again = _shard(mix, tmp_path)
+    assert (again.shards_written, again.shards_skipped) == (2, 2)
+    assert _digests(again.shards) == before
+    assert not list(tmp_path.glob("*.partial"))
+    assert pq.read_table(tmp_path / FAILURES_FILE).num_rows == len(mix.left_out)
+
+
+def test_two_workers_write_the_same_bytes_as_one(mix, mix_shards, tmp_path):
+    parallel = write_llava_shards(mix.json_path, mix.images, tmp_path, samples_per_shard=MIX_PER_SHARD, workers=2,
+                                  progress=False)
+    assert _digests(parallel.shards) == _digests(mix_shards.shards)
+    assert (tmp_path / FAILURES_FILE).read_bytes() == (mix_shards.out / FAILURES_FILE).read_bytes()
+
+
+def test_shuffle_is_seeded(mix, mix_shards, tmp_path):
+    def ids(summary):
+        return [json.loads(s["json"])["id"] for s in _samples(summary.shards)]
+
+    seed0 = _shard(mix, tmp_path / "a", shuffle=True, seed=0)
+    assert _digests(_shard(mix, tmp_path / "b", shuffle=True, seed=0).shards) == _digests(seed0.shards)
+    seed1 = _shard(mix, tmp_path / "c", shuffle=True, seed=1)
+    plain = ids(mix_shards)
+    assert len({tuple(plain), tuple(ids(seed0)), tuple(ids(seed1))}) == 3
+    assert sorted(ids(seed0)) == sorted(ids(seed1)) == sorted(plain)
+
+
+def test_exact_shard_count_splits_evenly(mix, tmp_path):
+    write_llava_shards(mix.json_path, mix.images, tmp_path, num_shards=4, prefix="mix", workers=1, progress=False)
+    stats = [json.loads((tmp_path / f"mix-{i:05d}_stats.json").read_text()) for i in range(4)]
+    assert [s["samples"] + len(s["failures"]) for s in stats] == [8, 8, 7, 7]  # records per shard, left out or not
+
+
+def test_another_run_in_the_same_directory_is_refused_or_replaced(mix, pretrain, tmp_path):
+    _shard(mix, tmp_path)
+    with pytest.raises(UsageError, match="samples_per_shard was 8, now 5"):
+        write_llava_shards(mix.json_path, mix.images, tmp_path, samples_per_shard=5, workers=1, progress=False)
+    with pytest.raises(UsageError, match="its JSON .* had sha256"):
+        write_llava_shards(pretrain.json_path, pretrain.images, tmp_path, samples_per_shard=8,
+                           prefix="llava_v1_5_mix665k", workers=1, progress=False)
+    replaced = write_llava_shards(mix.json_path, mix.images, tmp_path, samples_per_shard=5, overwrite=True,
+                                  workers=1, progress=False)
+    assert sorted(tmp_path.glob("*.tar")) == list(replaced.shards) and len(replaced.shards) == 6
+
+
+def test_unrecorded_tars_in_the_output_are_refused(mix, tmp_path):
+    (tmp_path / "old-00000.tar").write_bytes(b"")
+    with pytest.raises(UsageError, match="no `pipeline shards llava` run recorded"):
+        _shard(mix, tmp_path)
+    _shard(mix, tmp_path, overwrite=True)
+    assert not (tmp_path / "old-00000.tar").exists()
+
+
+def test_records_that_are_not_llava_shaped_are_left_out(mix, tmp_path):
+    bad = [{"image": "x.jpg", "conversations": []}, ["not", "an", "object"],
+           {"id": "t", "conversations": [{"from": 1}]}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad + [mix.records[0]]))
+    summary = write_llava_shards(path, mix.images, tmp_path / "out", workers=1, progress=False)
+    assert summary.samples == 1 and summary.failures == {"bad record": 3}
+    details = pq.read_table(tmp_path / "out" / FAILURES_FILE).column("detail").to_pylist()
+    assert "id" in details[0] and "object" in details[1] and "conversations[0]" in details[2]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", "shards", "llava", *args], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_cli_help_explains_the_layout():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for words in ("--images", "--samples-per-shard", "--shuffle", "--workers", "failures.parquet", "558k"):
+        assert words in result.stdout
+
+
+def test_cli_missing_json_is_one_line_and_exit_2(tmp_path):
+    result = _cli(str(tmp_path / "nope.json"), "--images", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "nope.json does not exist" in result.stderr
+
+
+def test_cli_writes_shards_and_reports(mix, mix_shards, tmp_path):
+    shutil.copy(mix.json_path, tmp_path / "mix.json")
+    result = _cli(str(tmp_path / "mix.json"), "--images", str(mix.images), "--out", str(tmp_path / "out"),
+                  "--samples-per-shard", str(MIX_PER_SHARD), "--prefix", "llava_v1_5_mix665k", "--workers", "1",
+                  "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "27 samples" in result.stdout and "1 missing" in result.stdout and "lying extensions: 1" in result.stdout
+    assert _digests(sorted((tmp_path / "out").glob("*.tar"))) == _digests(mix_shards.shards)
