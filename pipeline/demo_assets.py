@@ -5,6 +5,9 @@ scikit-image ships inside its wheel, and every checkpoint is a real `transformer
 the hub teachers and the student use) shrunk to a few hundred thousand parameters and saved with
 `save_pretrained`, so the rest of the pipeline exercises exactly the code paths it uses on real weights.
 
+The demo data takes the path real data takes: the photographs are written as a LLaVA-format dataset (a JSON and
+its image files, like LLaVA-558K's), which `pipeline shards llava` (pipeline/llava_shards.py) turns into shards.
+
 The whole build is seeded: the same `seed` gives byte-identical shards (and identical weights), so a demo store
 built twice has the same dataset fingerprint.
 
@@ -13,7 +16,12 @@ built twice has the same dataset fingerprint.
 
 Layout under OUT::
 
-    shards/demo-00000.tar ...          img2dataset layout: KEY.jpg, KEY.txt and, for every third sample, KEY.json
+    llava/demo.json                    the demo data in LLaVA format, one record per sample (see write_demo_llava)
+    llava/images/PHOTO/ID.jpg          its JPEG files
+    shards/demo-00000.tar ...          `pipeline shards llava` of llava/: KEY.jpg, KEY.txt (a caption for every
+                                       sample) and KEY.json (the record: for every third sample an instruction
+                                       conversation, for the others a LLaVA-558K-style caption conversation)
+    shards/sharding.json, demo-00000_stats.json ..., failures.parquet    the sharder's records of its run
     assets/teachers/depth/             DepthAnythingForDepthEstimation (DINOv2 backbone) + DPT image processor
     assets/teachers/seg/               OneFormerForUniversalSegmentation (Swin backbone) + OneFormerProcessor
     assets/teachers/gen/image_encoder/     CLIPVisionModelWithProjection (the unCLIP image encoder layout)
@@ -30,17 +38,15 @@ import contextlib
 import io
 import json
 import os
-import tarfile
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
-# Fixed tar metadata: any wall-clock time, user or group name in a member header would make two builds differ.
-_TAR_MTIME = 1_700_000_000
-_SHARD_PATTERN = "demo-{:05d}.tar"
+_SHARD_PREFIX = "demo"
 
 # --- student tokenizer -------------------------------------------------------------------------------------------
 PAD_TOKEN = "<|pad|>"
@@ -126,6 +132,9 @@ _FOLLOW_UPS = (
     ("Is this a colour image?", "Yes, it is in colour.", "No, it is in black and white."),
     ("How large is the image?", "It is {width} by {height} pixels.", "It is {width} by {height} pixels."),
 )
+# The instruction of the caption records. It is student.conversation.DEFAULT_CAPTION_PROMPT, the one the student
+# pairs with a bare caption, so a caption record trains on exactly the tokens its caption alone would.
+CAPTION_PROMPT = "Describe the image briefly."
 
 # Texts that the tokenizer should know whatever the number of demo samples.
 PROMPT_TEXTS: tuple[str, ...] = (
@@ -144,11 +153,12 @@ class DemoAssets:
     """Where `build_demo_assets` put everything, and how much data it wrote."""
 
     root: Path
+    source_json: Path  # the LLaVA-format JSON the shards were made from
     shards_dir: Path
     shards: tuple[Path, ...]
     num_samples: int
     num_shards: int
-    num_conversations: int
+    num_conversations: int  # samples with an instruction conversation; the others hold a caption record
     depth: Path
     seg: Path
     gen: Path  # holds image_encoder/ and feature_extractor/, like the unCLIP hub repo
@@ -161,10 +171,19 @@ class DemoAssets:
 
 @dataclass(frozen=True)
 class _Sample:
-    key: str
     jpeg: bytes
     caption: str
-    conversation: dict | None
+    turns: list[dict] | None  # an instruction conversation, for every third sample
+
+
+@dataclass(frozen=True)
+class DemoSource:
+    """The demo data as `write_demo_llava` wrote it, and the texts the demo tokenizer learns from."""
+
+    json_path: Path
+    images: Path
+    texts: list[str]  # per sample: its caption, then its instruction conversation's turns if it has one
+    num_conversations: int
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -552,8 +571,8 @@ def _caption(rng: np.random.Generator, subject: str, area: float, mirrored: bool
 
 
 def _conversation(
-    rng: np.random.Generator, key: str, caption: str, mirrored: bool, grey: bool, width: int, height: int
-) -> dict:
+    rng: np.random.Generator, caption: str, mirrored: bool, grey: bool, width: int, height: int
+) -> list[dict]:
     question = str(rng.choice(_QUESTIONS))
     answer = str(rng.choice(_ANSWERS)).format(caption=caption)
     turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
@@ -563,12 +582,10 @@ def _conversation(
         holds = (mirrored, not grey, True)[index]
         reply = (if_true if holds else if_false).format(width=width, height=height)
         turns += [{"from": "human", "value": follow_up}, {"from": "gpt", "value": reply}]
-    return {"id": key, "image": f"{key}.jpg", "conversations": turns}
+    return turns
 
 
-def _make_sample(
-    seed: int, global_index: int, key: str, source_index: int, cache: dict[str, np.ndarray]
-) -> _Sample:
+def _make_sample(seed: int, global_index: int, source_index: int, cache: dict[str, np.ndarray]) -> _Sample:
     from PIL import Image
 
     # One generator per sample, keyed by (seed, global index): a sample does not depend on how many came before it.
@@ -598,90 +615,77 @@ def _make_sample(
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=int(rng.integers(80, 96)))
     caption = _caption(rng, subject, frac_w * frac_h, mirrored, short_side, greyscale)
-    conversation = None
+    turns = None
     if global_index % 3 == 0:
-        conversation = _conversation(rng, key, caption, mirrored, greyscale, *image.size)
-    return _Sample(key=key, jpeg=buffer.getvalue(), caption=caption, conversation=conversation)
+        turns = _conversation(rng, caption, mirrored, greyscale, *image.size)
+    return _Sample(jpeg=buffer.getvalue(), caption=caption, turns=turns)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = _TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(payload))
+def _record(sample_id: str, image: str, sample: _Sample) -> dict:
+    """The sample's LLaVA record. A caption record is shaped like LLaVA-558K's, whose gpt answer the sharder takes
+    as the caption; an instruction record has no such turn, so it names its caption itself."""
+    if sample.turns is None:
+        turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+                 {"from": "gpt", "value": sample.caption}]
+        return {"id": sample_id, "image": image, "conversations": turns}
+    return {"id": sample_id, "image": image, "conversations": sample.turns, "caption": sample.caption}
 
 
-def _shard_sizes(num_samples: int, num_shards: int) -> list[int]:
-    base, extra = divmod(num_samples, num_shards)
-    return [base + (1 if shard < extra else 0) for shard in range(num_shards)]
+def write_demo_llava(
+    out_dir: str | os.PathLike, num_samples: int = 200, seed: int = 0, *, progress: bool = True
+) -> DemoSource:
+    """Write `num_samples` demo photographs as a LLaVA-format dataset: `out_dir/images/PHOTO/ID.jpg` (RGB or
+    greyscale JPEG crops of the bundled photos, shorter side 160-480 px) and `out_dir/demo.json`.
+
+    Record i has id `f"{i:06d}"`. Every third record (i % 3 == 0) is an instruction conversation whose first human
+    turn starts with `<image>\\n` (some have a follow-up question), with its caption in a `caption` field; the
+    others are LLaVA-558K-style caption records (`<image>\\n` + CAPTION_PROMPT, answered by the caption).
+    Same arguments, same bytes.
+    """
+    from tqdm.auto import tqdm
+
+    out = _prepare_dir(out_dir)
+    images = out / "images"
+    # Cycle through the photographs in a seeded order so that even a handful of samples covers several subjects.
+    order = np.random.default_rng(seed).permutation(len(_SOURCES))
+    cache: dict[str, np.ndarray] = {}
+    records, texts = [], []
+    for global_index in tqdm(range(num_samples), desc="demo photos", unit="img", disable=not progress):
+        source_index = int(order[global_index % len(_SOURCES)])
+        sample = _make_sample(seed, global_index, source_index, cache)
+        sample_id = f"{global_index:06d}"
+        relative = f"{_SOURCES[source_index][0]}/{sample_id}.jpg"
+        (images / relative).parent.mkdir(parents=True, exist_ok=True)
+        (images / relative).write_bytes(sample.jpeg)
+        records.append(_record(sample_id, relative, sample))
+        texts += [sample.caption, *(turn["value"] for turn in sample.turns or ())]
+    json_path = out / "demo.json"
+    json_path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+    return DemoSource(json_path=json_path, images=images, texts=texts,
+                      num_conversations=sum(1 for r in records if "caption" in r))
+
+
+def shard_demo_llava(source: DemoSource, out_dir: str | os.PathLike, num_shards: int, *,
+                     progress: bool = True) -> list[Path]:
+    """`pipeline shards llava` of the demo data: `num_shards` shards `demo-00000.tar`... of near-equal size (earlier
+    shards first) under `out_dir`, keys `f"{shard:05d}{i:04d}"`. A rerun of the same build resumes; the shards of
+    a different earlier build there are replaced. Returns the shard paths in order."""
+    from pipeline.llava_shards import write_llava_shards
+
+    summary = write_llava_shards(source.json_path, source.images, out_dir, prefix=_SHARD_PREFIX,
+                                 num_shards=num_shards, workers=1, overwrite=True, progress=progress)
+    return list(summary.shards)
 
 
 def write_demo_shards(
     out_dir: str | os.PathLike, num_samples: int = 200, num_shards: int = 4, seed: int = 0, *, progress: bool = True
 ) -> list[Path]:
-    """Write `num_shards` WebDataset tars `demo-00000.tar`... holding `num_samples` samples in img2dataset layout.
-
-    Keys are `f"{shard:05d}{i:04d}"`; members per sample, in this order: `KEY.jpg` (RGB or greyscale JPEG, shorter
-    side 160-480 px), `KEY.txt` (UTF-8 caption) and, for every third sample, `KEY.json` (a LLaVA conversation
-    whose first human turn starts with `<image>\\n`). Samples are split as evenly as possible, earlier shards first.
-    Same arguments, same bytes. Stale `demo-*.tar` files from an earlier, larger build are removed.
-    Returns the shard paths in order.
-    """
-    if num_shards < 1 or num_samples < num_shards:
-        raise ValueError(
-            f"write_demo_shards needs 1 <= num_shards <= num_samples, got num_shards={num_shards}, "
-            f"num_samples={num_samples}; ask for fewer shards or more samples"
-        )
-    sizes = _shard_sizes(num_samples, num_shards)
-    if max(sizes) > 10_000:
-        raise ValueError(f"at most 10000 samples fit a shard's 4-digit key suffix; use more than {num_shards} shards")
-    from tqdm.auto import tqdm
-
-    out = _prepare_dir(out_dir)
-    paths = [out / _SHARD_PATTERN.format(shard) for shard in range(num_shards)]
-    for stale in sorted(set(out.glob("demo-*.tar")) - set(paths)):
-        stale.unlink()
-    # Cycle through the photographs in a seeded order so that even a handful of samples covers several subjects.
-    order = np.random.default_rng(seed).permutation(len(_SOURCES))
-    cache: dict[str, np.ndarray] = {}
-    global_index = 0
-    with tqdm(total=num_samples, desc="demo shards", unit="img", disable=not progress) as bar:
-        for shard, (path, size) in enumerate(zip(paths, sizes)):
-            partial = path.with_name(path.name + ".partial")
-            with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in range(size):
-                    key = f"{shard:05d}{i:04d}"
-                    source_index = int(order[global_index % len(_SOURCES)])
-                    sample = _make_sample(seed, global_index, key, source_index, cache)
-                    _add_member(tar, f"{key}.jpg", sample.jpeg)
-                    _add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
-                    if sample.conversation is not None:
-                        payload = json.dumps(sample.conversation, ensure_ascii=False, indent=None)
-                        _add_member(tar, f"{key}.json", payload.encode("utf-8"))
-                    global_index += 1
-                    bar.update(1)
-            # A reader never sees a half-written shard under its final name.
-            os.replace(partial, path)
-    return paths
-
-
-def _shard_texts(paths: Sequence[Path]) -> tuple[list[str], int]:
-    """Captions and conversation turns read back from the written shards, and the number of conversations."""
-    texts: list[str] = []
-    conversations = 0
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    texts.append(tar.extractfile(member).read().decode("utf-8"))
-                elif member.name.endswith(".json"):
-                    conversations += 1
-                    turns = json.loads(tar.extractfile(member).read())["conversations"]
-                    texts.extend(turn["value"] for turn in turns)
-    return texts, conversations
+    """Write `num_shards` demo shards holding `num_samples` samples under `out_dir`, through a LLaVA-format copy of
+    the data in a temporary directory (`write_demo_llava`, then `shard_demo_llava`: see both for the content).
+    Same arguments, same bytes. Returns the shard paths in order."""
+    with tempfile.TemporaryDirectory(prefix="demo-llava-") as source_dir:
+        source = write_demo_llava(source_dir, num_samples, seed, progress=progress)
+        return shard_demo_llava(source, out_dir, num_shards, progress=progress)
 
 
 # --- everything --------------------------------------------------------------------------------------------------
@@ -703,9 +707,9 @@ def build_demo_assets(
         if progress:
             print(f"[demo-assets {time.perf_counter() - start:5.1f}s] {message}", flush=True)
 
-    say(f"writing {num_samples} samples into {num_shards} shards")
-    shards = write_demo_shards(root / "shards", num_samples, num_shards, seed, progress=progress)
-    texts, num_conversations = _shard_texts(shards)
+    say(f"writing {num_samples} samples as LLaVA-format data, then into {num_shards} shards")
+    source = write_demo_llava(root / "llava", num_samples, seed, progress=progress)
+    shards = shard_demo_llava(source, root / "shards", num_shards, progress=progress)
 
     say("depth teacher (Depth Anything, DINOv2 backbone)")
     depth = build_tiny_depth_anything(assets_dir / "teachers" / "depth", seed=seed)
@@ -716,7 +720,7 @@ def build_demo_assets(
     say("student vision encoder (CLIP ViT, 336 px, patch 14)")
     vision = build_tiny_student_vision(assets_dir / "student" / "vision", seed=seed + 3)
     say("student tokenizer (byte-level BPE)")
-    tokenizer_dir = train_demo_tokenizer(texts, assets_dir / "student" / "tokenizer")
+    tokenizer_dir = train_demo_tokenizer(source.texts, assets_dir / "student" / "tokenizer")
 
     from transformers import AutoTokenizer
 
@@ -734,11 +738,12 @@ def build_demo_assets(
 
     assets = DemoAssets(
         root=root,
+        source_json=source.json_path,
         shards_dir=root / "shards",
         shards=tuple(shards),
         num_samples=num_samples,
         num_shards=num_shards,
-        num_conversations=num_conversations,
+        num_conversations=source.num_conversations,
         depth=depth,
         seg=seg,
         gen=gen,
@@ -758,5 +763,6 @@ def build_demo_assets(
         },
     }
     (root / "demo_assets.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    say(f"done: {num_samples} samples ({num_conversations} with conversations), checkpoints under {assets_dir}")
+    say(f"done: {num_samples} samples ({source.num_conversations} with instruction conversations), checkpoints "
+        f"under {assets_dir}")
     return assets

@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from PIL import Image
 
 from pipeline import demo_assets
 from pipeline.demo_assets import IMAGE_TOKEN, build_demo_assets, write_demo_shards
+from pipeline.errors import UsageError
+from tests.conftest import REPO
 
 NUM_SAMPLES = 12
 NUM_SHARDS = 3
@@ -72,10 +76,8 @@ def test_shards_have_img2dataset_layout(assets):
             names = tar.getnames()
         keys = list(dict.fromkeys(name.split(".")[0] for name in names))
         assert keys == [f"{shard_index:05d}{i:04d}" for i in range(NUM_SAMPLES // NUM_SHARDS)]
-        expected = []
-        for key in keys:
-            expected += [f"{key}.jpg", f"{key}.txt"] + ([f"{key}.json"] if f"{key}.json" in names else [])
-        assert names == expected, "members must come in the order jpg, txt, [json] per sample"
+        expected = [f"{key}.{ext}" for key in keys for ext in ("jpg", "txt", "json")]
+        assert names == expected, "members must come in the order jpg, txt, json per sample"
 
 
 def test_webdataset_reads_every_sample(assets):
@@ -93,12 +95,36 @@ def test_webdataset_reads_every_sample(assets):
     # Single-channel JPEGs are in the demo on purpose (the pipeline must convert them); seed 0 has some.
     assert modes == {"RGB", "L"}
     conversations = _conversations(assets.shards)
-    assert len(conversations) == assets.num_conversations == NUM_SAMPLES // 3
+    assert len(conversations) == NUM_SAMPLES
+    # Every third sample holds an instruction conversation; the others a LLaVA-558K-style caption record.
+    instructions = [c for c in conversations if "caption" in c]
+    assert len(instructions) == assets.num_conversations == NUM_SAMPLES // 3
+    images = assets.source_json.parent / "images"
     for conversation in conversations:
-        assert conversation["image"] == f"{conversation['id']}.jpg"
+        assert (images / conversation["image"]).is_file()
         turns = conversation["conversations"]
         assert turns[0]["from"] == "human" and turns[0]["value"].startswith(IMAGE_TOKEN + "\n")
         assert [turn["from"] for turn in turns] == ["human", "gpt"] * (len(turns) // 2)
+
+
+def test_caption_records_train_as_their_bare_captions(assets):
+    """The PT stage sees the same chat for a caption record as for its caption alone (as before the demo was
+    LLaVA-format data): the record's instruction is the student's caption prompt."""
+    from student.conversation import messages_from_sample
+
+    captions = [s for s in _read_samples(assets.shards) if "caption" not in s["json"]]
+    assert len(captions) == NUM_SAMPLES - NUM_SAMPLES // 3
+    for sample in captions:
+        assert messages_from_sample(None, sample["json"]["conversations"]) == messages_from_sample(sample["txt"], None)
+
+
+def test_the_demo_shards_are_what_the_cli_makes_of_the_demo_json(assets, tmp_path):
+    images = assets.source_json.parent / "images"
+    command = ["shards", "llava", str(assets.source_json), "--images", str(images), "--out", str(tmp_path),
+               "--shards", str(NUM_SHARDS), "--workers", "1", "--quiet"]
+    result = subprocess.run([sys.executable, "-m", "pipeline", *command], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("*.tar"))] == [p.read_bytes() for p in assets.shards]
 
 
 def test_two_builds_are_byte_identical(assets, tmp_path):
@@ -116,7 +142,7 @@ def test_fewer_shards_than_before_removes_stale_ones(tmp_path):
 
 
 def test_bad_shard_counts_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="num_shards"):
+    with pytest.raises(UsageError, match="num_shards"):
         write_demo_shards(tmp_path, 2, 3, 0, progress=False)
 
 
