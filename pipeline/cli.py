@@ -35,6 +35,35 @@ def _cmd_demo_assets(args) -> int:
     return 0
 
 
+def _cmd_shards_llava(args) -> int:
+    from pipeline.llava_shards import write_llava_shards
+
+    summary = write_llava_shards(args.json, args.images, args.out, prefix=args.prefix,
+                                 samples_per_shard=args.samples_per_shard, num_shards=args.shards,
+                                 shuffle=args.shuffle, seed=args.seed, workers=args.workers,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    print(summary.report())
+    return 0
+
+
+SHARDS_LLAVA_HELP = """\
+Write a LLaVA-format JSON (a list of {"id", "image" (optional, relative to --images), "conversations"}) and its
+images as WebDataset shards in img2dataset layout: OUT/PREFIX-00000.tar, ... with per sample KEY.<ext> (the image
+file's bytes unchanged, ext from its real format, whatever its file name says), KEY.txt (the caption: the answer
+of a single-turn record whose human turn is <image> plus a one-line instruction, not a question, as in LLaVA-558K)
+and KEY.json (the record). Keys are f"{shard:05d}{i:04d}", from position, never from the id (ids repeat in the
+665K mix).
+Text-only records become samples with KEY.json alone. Records whose image is missing, empty, unreadable or not an
+image are left out and listed in OUT/failures.parquet. Rerunning the same command resumes: finished shards (those
+with a PREFIX-NNNNN_stats.json) are kept; a different input or different arguments are refused.
+
+examples (the LLaVA-1.5 training data, as downloaded):
+  pipeline shards llava LLaVA-Pretrain/blip_laion_cc_sbu_558k.json --images LLaVA-Pretrain/images --out shards/pt
+  pipeline shards llava llava_v1_5_mix665k.json --images data --out shards/ift --shuffle --seed 0
+    (data/ holds coco/train2017, gqa/images, ocr_vqa/images, textvqa/train_images, vg/VG_100K, vg/VG_100K_2)
+"""
+
+
 def _cmd_index(args) -> int:
     import pyarrow.parquet as pq
 
@@ -209,6 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-load", action="store_true", help="do not load weights; show declared shapes only")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=_cmd_teachers_show)
+
+    p = sub.add_parser("shards", help="write WebDataset shards from a dataset's own files (LLaVA JSON + images)")
+    shards_sub = p.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    q = shards_sub.add_parser("llava", help="LLaVA-format JSON + images folder -> img2dataset-layout tar shards",
+                              description=SHARDS_LLAVA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("json", help="the LLaVA JSON, e.g. blip_laion_cc_sbu_558k.json or llava_v1_5_mix665k.json")
+    q.add_argument("--images", required=True, help="the folder the records' `image` paths are relative to")
+    q.add_argument("--out", required=True, help="output directory for the shards (created if missing)")
+    q.add_argument("--prefix", default=None, help="shard file names are PREFIX-00000.tar... (default: the JSON's stem)")
+    size = q.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, default=None,
+                      help="records per shard (default 10000, as img2dataset: LLaVA-558K makes 56 shards)")
+    size.add_argument("--shards", type=int, default=None, help="instead: exactly this many shards of near-equal size")
+    q.add_argument("--shuffle", action="store_true", help="shuffle the records (seeded by --seed) before sharding")
+    q.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
+    q.add_argument("--workers", type=int, default=None,
+                   help="processes writing shards, one shard each at a time (default: one per CPU)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="if OUT holds shards of another input or other arguments, delete them and start over "
+                        "(default: refuse; a rerun of the same command always resumes)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_shards_llava)
 
     p = sub.add_parser("index", help="list the samples of a shard set into index.parquet")
     p.add_argument("shards", help="directory, brace pattern (shard-{00000..00009}.tar) or fsspec URL")
