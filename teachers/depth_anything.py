@@ -3,6 +3,10 @@
 Target per image: mean over the blocks in `spec.layers` of the backbone's final LayerNorm applied to that block's
 output, prefix tokens (CLS, registers) dropped -> [(S/14)^2, hidden] (576 x 1024 for ViT-L at S = 336).
 Only the backbone is kept; the DPT neck and depth head are discarded after loading.
+
+With `pos_embed_interpolation: reference` the position embeddings are resized once, at load, to the fixed patch grid
+of `image_size` as the DINOv2 code of the reference does it, and replace the checkpoint's grid; transformers then
+adds them as they are, since their count matches the patches (its own resize only runs when it does not).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
+from torch.nn import functional as F
 
 from teachers.base import Teacher
 from teachers.pixels import BGR, RGB, Preprocessor, stack_pixels
@@ -22,6 +28,28 @@ from teachers.spec import DepthAnythingSpec
 # holds exactly those float32 values, so the device lookup gives the reference's pixel_values bit for bit.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
+# DINOv2's `interpolate_offset`, kept by Depth-Anything and the reference: added to the target grid before the scale
+# factor is computed, so that floating-point error cannot floor the output size below the grid (DINO's work-around;
+# DINOv2 with registers sets it to 0). It also shifts where the grid is sampled, which is why it matters here.
+REFERENCE_INTERPOLATE_OFFSET = 0.1
+
+
+def reference_position_embeddings(position_embeddings: torch.Tensor, grid: int) -> torch.Tensor:
+    """[1, 1 + N*N, C] -> [1, 1 + grid*grid, C] (same dtype) as the reference's DINOv2 resizes them: the patch grid in
+    float32, bicubic by the scale factor (grid + 0.1) / N (align_corners=False, no antialias), [CLS] kept. A grid of
+    the native size N is returned as it is, as the reference does."""
+    native = round((position_embeddings.shape[1] - 1) ** 0.5)
+    if grid == native:
+        return position_embeddings
+    dim = position_embeddings.shape[-1]
+    patch = position_embeddings[:, 1:].float().reshape(1, native, native, dim).permute(0, 3, 1, 2)
+    scale = (grid + REFERENCE_INTERPOLATE_OFFSET) / native
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic", align_corners=False, antialias=False)
+    if patch.shape[-2:] != (grid, grid):
+        raise RuntimeError(f"resizing the {native}x{native} position grid by {scale} gave {tuple(patch.shape[-2:])}, "
+                           f"not {grid}x{grid}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(position_embeddings.dtype)
+    return torch.cat([position_embeddings[:, :1], patch], dim=1)
 
 
 class DepthPreprocessor(Preprocessor):
@@ -66,6 +94,11 @@ class DepthAnythingTeacher(Teacher):
                              f"indices are 0..{num_blocks - 1}")
         self.num_patches = (spec.image_size // patch) ** 2
         self._target_shape = (self.num_patches, config.hidden_size)
+        if spec.pos_embed_interpolation == "reference":
+            embeddings = self.backbone.embeddings
+            with torch.no_grad():
+                resized = reference_position_embeddings(embeddings.position_embeddings, spec.image_size // patch)
+            embeddings.position_embeddings = nn.Parameter(resized, requires_grad=False)
 
     @classmethod
     def build_preprocessor(cls, spec: DepthAnythingSpec) -> DepthPreprocessor:

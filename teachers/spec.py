@@ -85,6 +85,10 @@ class DepthAnythingSpec(TeacherSpecBase):
 
     `layers` are 0-indexed transformer blocks (block i is hidden_states[i + 1]); they are stored sorted since the
     mean does not depend on their order. `channel_order: bgr` reproduces the reference's swapped colour channels.
+    `pos_embed_interpolation` says how the backbone's position-embedding grid (37 x 37 for the hub models) is
+    resized to the `image_size / 14` patch grid: `transformers` resizes to that size (bicubic); `reference`, as the
+    DINOv2 code vendored by Depth-Anything and OLA-VLM, resizes by the scale factor (grid + 0.1) / 37 (bicubic, no
+    antialias), which samples the grid up to about 0.15 of a cell apart. Both leave a grid of the native size as is.
     """
 
     kind: Literal["depth_anything_v2"] = "depth_anything_v2"
@@ -92,6 +96,7 @@ class DepthAnythingSpec(TeacherSpecBase):
     image_size: int = Field(default=336, gt=0)
     layers: tuple[int, ...] = (4, 11, 17, 23)
     channel_order: Literal["rgb", "bgr"] = "rgb"
+    pos_embed_interpolation: Literal["transformers", "reference"] = "transformers"
 
     @field_validator("layers")
     @classmethod
@@ -103,6 +108,13 @@ class DepthAnythingSpec(TeacherSpecBase):
         if len(set(layers)) != len(layers):
             raise ValueError(f"block indices must be unique, got {list(layers)}")
         return tuple(sorted(layers))
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        payload = super().fingerprint_payload()
+        # Left out at its default, so that adding the field moved no existing fingerprint (as `tf32`).
+        if payload.get("pos_embed_interpolation") == "transformers":
+            payload.pop("pos_embed_interpolation")
+        return payload
 
 
 class OneFormerSpec(TeacherSpecBase):

@@ -19,7 +19,8 @@ def test_list_kinds_covers_every_kind_with_fields_and_defaults():
     text = list_kinds()
     for kind in teachers.known_kinds():
         assert f"\n{kind}: " in f"\n{text}"
-    assert 'layers         list[int] = [4, 11, 17, 23]' in text
+    assert re.search(r"\n    layers +list\[int\] = \[4, 11, 17, 23\]\n", text)
+    assert re.search(r"\n    pos_embed_interpolation +transformers \| reference = \"transformers\"\n", text)
     assert "prefix_tokens  drop | keep | cls = \"drop\"" in text
     assert "model              str = (required)" in text
     assert re.search(r"target_shape +\[int, int\] \| null = null +\(not in the fingerprint\)", text)
