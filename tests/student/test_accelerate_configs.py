@@ -1,5 +1,6 @@
 """The accelerate configs documented for GPU clusters load with accelerate's own config reader (which refuses
-unknown keys). Running them needs GPUs; the two-process CPU run is tested in test_multiprocess.py."""
+unknown keys). Training: DDP over two CPU processes in test_multiprocess.py, under fsdp.yaml in test_fsdp.py;
+zero2.yaml needs deepspeed and GPUs."""
 
 from __future__ import annotations
 
