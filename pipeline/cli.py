@@ -145,7 +145,10 @@ def _cmd_train(args) -> int:
     overrides = list(args.set) + (["data.online_teachers=true"] if args.online_teachers else []) \
         + ([f"train.resume={args.resume}"] if args.resume else [])
     result = train_from_config(args.config, overrides=overrides, progress=not args.quiet)
-    print(result.summary())
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch` every rank returns a result: one summary per run
+        print(result.summary())
     return 0
 
 

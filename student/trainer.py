@@ -110,6 +110,21 @@ def _has_accelerator_device() -> bool:
     return probe.is_available() if probe is not None else torch.cuda.is_available()
 
 
+def _check_sharded(accelerator) -> None:
+    """Refuse a launch configured for FSDP that accelerate did not shard."""
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate picks FSDP only for accelerator devices; on CPU processes it wraps the model in DDP instead,
+        # without a word, and every rank would then hold the whole student and its optimizer state.
+        raise UsageError(f"the accelerate config asks for FSDP, but accelerate runs this launch as "
+                         f"{accelerator.distributed_type.value} on {accelerator.device.type}: it shards with FSDP "
+                         "only on GPUs (and other accelerators). Launch on GPUs, or train unsharded on CPU "
+                         "processes with `accelerate launch --multi_gpu --num_processes N` and no FSDP config")
+
+
 def _load_student(cfg: ExperimentConfig, store_info: dict):
     """(model, tokenizer, image_processor): a new student from vision + LLM, or an earlier stage's student."""
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -170,6 +185,7 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=os.path.join(cfg.output_dir, TENSORBOARD_DIR)),
     )
+    _check_sharded(accelerator)
     set_seed(cfg.seed)
     store_info = check_store(cfg) if cfg.data.store is not None else {"store": None, "teachers": {}}
     model, tokenizer, image_processor = _load_student(cfg, store_info)
@@ -414,10 +430,13 @@ def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[st
     """`save_pretrained` student + tokenizer + image processor, and the provenance of the run beside them."""
     acc = parts.accelerator
     acc.wait_for_everyone()
+    # Sharded (FSDP, ZeRO-3), each rank holds a piece of the weights: gathering them is collective, so every rank
+    # takes part; the main one receives the full tensors on the CPU and writes them.
+    weights = acc.get_state_dict(parts.model)
     if not acc.is_main_process:
         return
     out = parts.cfg.output_dir
-    acc.unwrap_model(parts.model).save_pretrained(out)
+    acc.unwrap_model(parts.model).save_pretrained(out, state_dict=weights)
     parts.tokenizer.save_pretrained(out)
     parts.image_processor.save_pretrained(out)
     provenance = {
@@ -426,6 +445,7 @@ def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[st
         "steps": state.step,
         "samples": state.samples,
         "world_size": acc.num_processes,
+        "distributed_type": acc.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
         "resumed_from": resumed_from,
         # The store rows this invocation trained on (every rank), as [start, stop) ranges: a checkpoint names its data.
         "rows": {"count": len(set(rows)), "ranges": _row_ranges(rows)},
