@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="number of worker actors (default: one per CPU)")
     p.add_argument("--rows-per-block", type=int, default=64,
                    help="rows per unit of work = per Zarr shard file (new stores only; default 64)")
-    p.add_argument("--rows-per-chunk", type=int, default=8,
-                   help="rows per compressed chunk inside a shard, the unit of reading (default 8)")
+    p.add_argument("--rows-per-chunk", type=int, default=1,
+                   help="rows per compressed chunk inside a shard, the unit of decoding; training reads rows in "
+                        "random order, so more than 1 decodes rows it does not use (default 1)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"larger images are recorded as errors, not decoded (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--feed", choices=("auto", "inline", "tasks"), default="auto",
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", required=True, help="teacher manifest (manifests/teachers/*.yaml)")
     p.add_argument("--rows", type=int, required=True, help="number of samples, e.g. 558128 for LLaVA-558K")
     p.add_argument("--rows-per-block", type=int, default=64, help="as for precompute (default 64)")
-    p.add_argument("--rows-per-chunk", type=int, default=8, help="as for precompute (default 8)")
+    p.add_argument("--rows-per-chunk", type=int, default=1, help="as for precompute (default 1)")
     p.add_argument("--shards", default=None,
                    help="measure compression on the first images of these shards (default: bundled sample photos)")
     p.add_argument("--sample-images", type=int, default=16, help="images to measure compression on (default 16)")

@@ -208,7 +208,7 @@ def _measure(teacher, images: list, rows_per_chunk: int) -> tuple[dict[str, floa
     return ratios, scale_ratios, int(counter.get_total_flops())
 
 
-def estimate(manifest_path: str, rows: int, *, rows_per_block: int = 64, rows_per_chunk: int = 8,
+def estimate(manifest_path: str, rows: int, *, rows_per_block: int = 64, rows_per_chunk: int = 1,
              shards: str | None = None, sample_count: int = DEFAULT_SAMPLE_IMAGES, load: bool = True) -> Estimate:
     """Bytes per teacher and option for a store of `rows` rows built from `manifest_path` (see the module doc).
 

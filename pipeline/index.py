@@ -4,7 +4,11 @@ Row `i` of every target array is the sample in row `i` here. Columns (the first 
 contract of DESIGN.md; the rest let workers read an image without scanning its tar again):
 
     row int64 | shard str | key str | image_sha1 str | caption_present bool |
-    has_conversation bool | image_member str | image_offset int64 | image_size int64
+    has_conversation bool | image_member str | image_offset int64 | image_size int64 |
+    sample_offset int64 | sample_size int64
+
+(`sample_offset`, `sample_size`: the byte span of all the sample's members, so that training reads any sample,
+text-only ones included, in one read and in any order.)
 
 `image_sha1` is "" for a sample without an image member; such rows get `valid = 0` downstream.
 
@@ -45,6 +49,8 @@ INDEX_SCHEMA = pa.schema(
         ("image_member", pa.string()),
         ("image_offset", pa.int64()),
         ("image_size", pa.int64()),
+        ("sample_offset", pa.int64()),  # the sample's byte span in its tar (all its members): training reads it
+        ("sample_size", pa.int64()),
     ]
 )
 
@@ -226,6 +232,8 @@ def index_shard(url: str) -> dict:
         columns["image_member"].append(sample.image_member or "")
         columns["image_offset"].append(sample.image_offset)
         columns["image_size"].append(sample.image_size)
+        columns["sample_offset"].append(sample.offset)
+        columns["sample_size"].append(sample.end - sample.offset)
     return {"table": pa.table(columns, schema=INDEX_SCHEMA), "error": listing.error,
             "error_key": (listing.broken_key or "") if listing.error else ""}
 

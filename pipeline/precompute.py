@@ -37,10 +37,9 @@ from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.index import ShardIndex, build_index, duplicate_rows, first_difference
 from pipeline.local_ray import ray_session
 from pipeline.shards import shard_name
-from pipeline.store import BlockRange, Storage, TargetStore
+from pipeline.store import DEFAULT_ROWS_PER_CHUNK, BlockRange, Storage, TargetStore
 
 DEFAULT_ROWS_PER_BLOCK = 64
-DEFAULT_ROWS_PER_CHUNK = 8
 BLOCKS_IN_FLIGHT_PER_WORKER = 2
 HEARTBEAT_SECONDS = 10.0
 WARM_HOLD_SECONDS = 0.5
@@ -193,6 +192,11 @@ def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int
         store.create(index.table, index.fingerprint, rows_per_block=rows_per_block, shards=index.shards)
         return store
     stored = store.read_index()  # refused if it is not the index the store was made with
+    missing = [c for c in index.table.column_names if c not in stored.column_names]
+    if missing:
+        raise UsageError(f"store {store_path} was made by an older version: its index.parquet has no {missing} "
+                         "column(s), which training needs to read samples in random order; precompute into a new "
+                         "--store")
     # Every column, not only the fingerprint's: workers seek by the stored offsets and sizes.
     if store.dataset_fingerprint != index.fingerprint or not stored.equals(index.table):
         raise UsageError(

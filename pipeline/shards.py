@@ -12,6 +12,7 @@ pattern (`shards/demo-{00000..00003}.tar`), a single tar, or any of those as an 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import tarfile
@@ -150,6 +151,11 @@ class SampleMembers:
     """Where one sample's parts lie inside its tar (byte offsets of the member data)."""
 
     key: str
+    # The sample's bytes in the tar: from its first member's header to the end of its last member's data (padded to
+    # the tar block, as tarfile reads it). One read of this span gives every member (image, caption,
+    # conversation), which is how training reads a sample.
+    offset: int = -1
+    end: int = -1
     image_member: str | None = None
     image_offset: int = -1
     image_size: int = -1
@@ -187,8 +193,9 @@ def scan_shard(url: str) -> ShardListing:
                     continue
                 key, ext = split_member_name(member.name)
                 if current is None or current.key != key:
-                    current = SampleMembers(key=key)
+                    current = SampleMembers(key=key, offset=member.offset)
                     samples.append(current)
+                current.end = member.offset_data + -(-member.size // _TAR_BLOCK) * _TAR_BLOCK  # data + its padding
                 if ext in IMAGE_EXTENSIONS and current.image_member is None:
                     current.image_member = member.name
                     current.image_offset = member.offset_data
@@ -246,6 +253,19 @@ def read_indexed_image(file, offset: int, size: int, sha1: str) -> bytes:
     if hashlib.sha1(data).hexdigest() != sha1:
         raise ImageDecodeError("image bytes changed since the shards were indexed (sha1 differs)")
     return data
+
+
+def split_sample_span(data: bytes) -> dict[str, bytes]:
+    """The members of one sample's byte span (`SampleMembers.offset` to `.end`) as {extension: bytes}."""
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+            for member in tar:
+                if member.isfile():
+                    members.setdefault(split_member_name(member.name)[1], tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError) as exc:
+        raise ImageDecodeError(f"the sample's tar members are damaged ({exc})") from None
+    return members
 
 
 def read_member_bytes(file, offset: int, size: int) -> bytes:
