@@ -1,10 +1,21 @@
-"""Training-time reading: stream shards, fetch each sample's targets from the store by row.
+"""Training-time reading: any sample of the shards, in any order, with its targets from the store.
 
-Shards are split across ranks, then across DataLoader workers (each worker streams whole shards,
-so reads are sequential). Targets are fetched one inner Zarr chunk at a time: consecutive rows of a
-shard are consecutive rows of the store, so one read serves `rows_per_chunk` samples. Each sample's
-image bytes are checked against the sha1 in `index.parquet` before it is trained on. Every sample carries
-its stream position, so a trainer can checkpoint the data position and resume it exactly.
+`index.parquet` knows every sample's byte span in its tar (`sample_offset`, `sample_size`), so one read gives a
+sample's image, caption and conversation wherever it lies: `TrainingSamples` is a map-style dataset over the rows
+of the index, and `EpochOrder` visits them in a seeded random order over all of this rank's data, a new order
+every epoch, as LLaVA samples its data (uniformly, without replacement). The order is a pure function of (seed,
+epoch, rank, world size), so "how many samples this rank has drawn" is the whole data position: a resumed run
+continues the exact order, whatever the number of DataLoader workers.
+
+Targets are read by row. The store decodes a whole inner chunk (`rows_per_chunk` rows) to give one row, so a
+random order decodes `rows_per_chunk` rows per sample; stores are made with one row per chunk by default for
+that reason (`pipeline precompute --rows-per-chunk`), and every sample reports the bytes decoded to deliver it.
+
+Which samples a stage trains on is decided from the index before any read (`SampleRules`): duplicate keys (only
+the first occurrence counts, as in precompute), samples with no text, and samples without an image when the
+stage reads targets (PT) are left out of the order and counted. What only reading can tell (an image whose bytes
+changed, one that does not decode, a broken conversation) becomes a `Skipped` record in its batch: counted, logged,
+never fatal.
 """
 
 from __future__ import annotations
@@ -12,23 +23,53 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, Sampler
 
 from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError, decode_rgb
-from pipeline.index import duplicate_rows
-from pipeline.shards import IMAGE_EXTENSIONS, list_shards, shard_name
-from pipeline.store import TargetStore
+from pipeline.index import PreviousIndex, build_index, duplicate_rows
+from pipeline.shards import IMAGE_EXTENSIONS, list_shards, read_member_bytes, shard_name, split_sample_span
+from pipeline.store import Storage, TargetStore
 
 log = logging.getLogger(__name__)
+
+# Why a sample is not trained on; the counts reach the metrics and the run's summary under these names.
+DUPLICATE = "duplicate key in its shard (only the first occurrence is used)"
+NO_TEXT = "no caption or conversation"
+NO_IMAGE = "no image"
+NO_IMAGE_FOR_TARGETS = "no image (this stage trains on targets, which need one)"
+IMAGE_CHANGED = "image differs from the one the targets were computed on (sha1 mismatch)"
+NOT_IN_STORE = "not in the store's index"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What a sample that cannot be trained on becomes in its batch: its row and why."""
+
+    row: int
+    reason: str
+
+
+@dataclass
+class _TeacherArrays:
+    """One teacher group, opened once per process: its arrays, storage and every valid flag (a byte per row)."""
+
+    target: object
+    scale: object | None
+    valid: np.ndarray
+    storage: Storage
+    tokens: int
+    chunk_rows: int
 
 
 class TargetReader:
@@ -37,55 +78,71 @@ class TargetReader:
     def __init__(self, store_path: str, teachers: list[str]):
         self.store_path = store_path
         self.teachers = list(teachers)
-        self._store: TargetStore | None = None
-        self._chunk_rows: dict[str, int] = {}
-        self._cache: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[str, _TeacherArrays] = {}
+        self._cache: dict[str, tuple[int, np.ndarray]] = {}
 
-    def read(self, name: str, row: int) -> tuple[np.ndarray, bool]:
-        """Decoded target float32 [T, C] and its valid flag for global `row`."""
-        if self._store is None:
-            self._store = TargetStore(self.store_path)
-            self._chunk_rows = {n: int(self._store.teacher_attrs(n).get("rows_per_chunk", 1)) for n in self.teachers}
-        chunk_rows = self._chunk_rows[name]
-        chunk = row // chunk_rows
+    def _open(self) -> None:
+        # Opening a Zarr array reads its metadata: done once, not at every row (that cost more than the row).
+        store = TargetStore(self.store_path)
+        for name in self.teachers:
+            group = store.group[name]
+            attrs = dict(group.attrs)
+            self._arrays[name] = _TeacherArrays(
+                target=group["target"], scale=group["scale"] if "scale" in group else None,
+                valid=group["valid"][:].astype(bool), storage=store.storage(name),
+                tokens=int(attrs["target_shape"][0]), chunk_rows=int(attrs.get("rows_per_chunk", 1)))
+
+    def read(self, name: str, row: int) -> tuple[np.ndarray, bool, int]:
+        """Decoded target float32 [T, C], its valid flag and the bytes decoded for it (0 from the cache)."""
+        if not self._arrays:
+            self._open()
+        arrays = self._arrays[name]
+        chunk = row // arrays.chunk_rows
         cached = self._cache.get(name)
+        decoded = 0
         if cached is None or cached[0] != chunk:
-            start = chunk * chunk_rows
-            stop = min(start + chunk_rows, self._store.num_rows)
-            cached = (chunk, *self._store.read_rows(name, start, stop))
+            start = chunk * arrays.chunk_rows
+            stop = min(start + arrays.chunk_rows, arrays.valid.shape[0])
+            scale = arrays.scale[start:stop] if arrays.scale is not None else None
+            cached = (chunk, arrays.storage.decode(arrays.target[start:stop], scale, arrays.tokens))
             self._cache[name] = cached
-        offset = row - chunk * chunk_rows
-        return cached[1][offset], bool(cached[2][offset])
+            decoded = cached[1].nbytes
+        return cached[1][row - chunk * arrays.chunk_rows], bool(arrays.valid[row]), decoded
 
 
-@dataclass(frozen=True)
-class StreamPosition:
-    """Where a worker's stream stands: `index` records of its `epoch` stream have been consumed."""
+def training_index(shards: str, cache_dir: str | None, *, previous: PreviousIndex | None = None,
+                   progress: bool = True) -> pa.Table:
+    """The index of SHARDS as they are now, kept in `cache_dir` (index.parquet + shards.parquet) so that the next
+    run, or a resumed one, re-reads only the shards that changed. Without a cache, `previous` (a store's record of
+    its shards) spares the shards it recorded unchanged; with neither, every shard is read."""
+    if cache_dir is not None and os.path.exists(os.path.join(cache_dir, "shards.parquet")):
+        previous = PreviousIndex(index=pq.read_table(os.path.join(cache_dir, "index.parquet")),
+                                 shards=pq.read_table(os.path.join(cache_dir, "shards.parquet")))
+    index = build_index(shards, previous=previous, progress=progress)
+    if cache_dir is not None and (previous is None or index.scanned):
+        os.makedirs(cache_dir, exist_ok=True)
+        for name, table in (("index.parquet", index.table), ("shards.parquet", index.shards)):
+            pq.write_table(table, os.path.join(cache_dir, name + ".tmp"))
+            os.replace(os.path.join(cache_dir, name + ".tmp"), os.path.join(cache_dir, name))
+    return index.table
 
-    worker: int
-    epoch: int
-    index: int
 
+class TrainingSamples(Dataset):
+    """Map-style dataset: `dataset[row]` is `transform(sample)` for that row of the index, or a `Skipped`.
 
-def _keep_all(urls):
-    """Ranks and workers are split by `TrainingSamples` itself, so webdataset must not split again."""
-    return urls
+    `sample` is a dict: row (int), key, image (RGB PIL, or None for a text-only sample), caption (str | None),
+    conversations (list | None), targets {teacher: np.ndarray [T, C]}, valid {teacher: bool} and decoded_bytes
+    (image bytes read plus target bytes decoded for this sample).
 
-
-class TrainingSamples(IterableDataset):
-    """Yields `transform(sample)` for every usable sample of this rank's share of the shards, forever.
-
-    `sample` is a dict: row (int; -1 without a store), key, image (RGB PIL), caption (str | None), conversations
-    (list | None), targets {teacher: np.ndarray [T, C]}, valid {teacher: bool}, stream: the `StreamPosition`
-    just after this sample, and skipped: {reason: count} of the samples this worker has left out so far (a
-    DataLoader worker's counters live in its own process; this is how they reach the trainer).
-
-    `teachers` are the groups whose targets are read; with `store_path` set and `teachers=[]`, samples are still
-    aligned with (and hash-checked against) the store's index, but no target is read (online teachers).
-
-    The order is a pure function of (seed, rank, worker, epoch), so a position is enough to resume exactly:
-    `resume(positions, next_worker)` makes each worker skip the records it had already delivered, without decoding
-    them. `store_path=None` streams shards without targets (next-token-only training).
+    Samples are numbered by their row in `index`, the shards as they are now (see `training_index`; default: the
+    store's own index.parquet, or indexing SHARDS now when there is no store). With `store_path` set, each sample
+    is matched to its store row by (shard, key, occurrence) and its image hash compared with the store's, so a
+    shard rewritten since precompute loses only the samples that changed; `teachers` are the groups whose targets
+    are read (with `teachers=[]` samples are still matched and hash-checked, but no target is read: online
+    teachers, or a stage without embedding losses). `sample["row"]` is the store row (the index row without a
+    store). `rows` are the samples this stage may train on, in index order; `excluded` counts the others by
+    reason. Iterating the dataset yields the usable samples in index order (tools, tests); `skipped` then counts
+    what reading left out.
     """
 
     def __init__(
@@ -95,148 +152,209 @@ class TrainingSamples(IterableDataset):
         teachers: list[str],
         transform: Callable[[dict], dict],
         *,
-        rank: int = 0,
-        world_size: int = 1,
+        index: pa.Table | None = None,
         check_image_hash: bool = True,
-        epochs: int | None = None,
-        shuffle_shards: bool = False,
-        seed: int = 0,
+        text_only: bool | None = None,
     ):
-        self.urls = list_shards(shards)
         self.store_path = store_path
         self.teachers = list(teachers)
         self.transform = transform
-        self.rank, self.world_size = rank, world_size
         self.check_image_hash = check_image_hash
-        self.epochs = epochs
-        self.shuffle_shards, self.seed = shuffle_shards, seed
+        # Text-only samples train where no target is needed; a stage that reads targets leaves them out.
+        self.text_only = not self.teachers if text_only is None else text_only
         self.skipped: Counter = Counter()
-        self._positions: dict[int, StreamPosition] = {}
-        self._worker_offset = 0
-        if len(self.urls) < world_size:
-            raise UsageError(f"{len(self.urls)} shard(s) cannot feed {world_size} ranks; use more shards")
+        self.urls = {shard_name(u): u for u in list_shards(shards)}
         if store_path is None:
             if self.teachers:
                 raise UsageError(f"teachers {self.teachers} need targets, but no store was given")
-            self._rows, self._reader = None, None
-            return
-        store = TargetStore(store_path)
-        index = store.read_index()
-        known = set(index.column("shard").to_pylist())
-        unknown = [shard_name(u) for u in self.urls if shard_name(u) not in known]
+            index = index if index is not None else training_index(shards, None, progress=False)
+            stored, self._reader = index, None
+        else:
+            stored = TargetStore(store_path).read_index()
+            index = stored if index is None else index
+            self._reader = TargetReader(store_path, self.teachers)
+        missing = [c for c in ("sample_offset", "sample_size") if c not in index.column_names]
+        if missing:
+            raise UsageError(f"the index of {store_path or shards} has no {missing[0]} column (made by an older "
+                             "version, which could only stream samples in shard order); build the store again with "
+                             "`pipeline precompute` into a new --store")
+        unknown = sorted(set(self.urls) - set(stored.column("shard").to_pylist()))
         if unknown:
-            raise UsageError(
-                f"store {store_path} was not built for shard {unknown[0]}; run `pipeline precompute` on these shards"
-            )
-        # (shard, key) -> its rows in index order: the n-th time a key comes up in its shard is its n-th row.
-        self._rows: dict[tuple[str, str], list[tuple[int, str]]] = {}
-        for s, k, r, h in zip(*(index.column(c).to_pylist() for c in ("shard", "key", "row", "image_sha1"))):
-            self._rows.setdefault((s, k), []).append((r, h))
-        self._duplicates = duplicate_rows(index)  # the rule precompute applies: later occurrences are not used
-        self._reader = TargetReader(store_path, self.teachers)
+            raise UsageError(f"store {store_path} was not built for shard {unknown[0]}; run `pipeline precompute` "
+                             "on these shards")
+        self._columns = {c: index.column(c).to_pylist() for c in (
+            "shard", "key", "image_sha1", "caption_present", "has_conversation", "sample_offset", "sample_size")}
+        self._target_rows, self._expected_sha1 = _match(index, stored)
+        self.rows, self.excluded = self._select(stored)
+        self._files: dict[str, object] = {}
 
-    def rank_urls(self) -> list[str]:
-        """The shards this rank streams (every epoch, split further across its workers)."""
-        return self.urls[self.rank :: self.world_size]
+    def _select(self, stored: pa.Table) -> tuple[np.ndarray, Counter]:
+        """This stage's samples (of the given shards, in index order) and the count of the others by reason."""
+        c = self._columns
+        duplicates = duplicate_rows(stored)  # precompute's rule, on the store's rows
+        rows, excluded = [], Counter()
+        for i, shard in enumerate(c["shard"]):
+            if shard not in self.urls:
+                continue
+            has_image = bool(c["image_sha1"][i])
+            target_row = self._target_rows[i]
+            reason = None
+            if target_row < 0:
+                reason = NOT_IN_STORE
+            elif target_row in duplicates:
+                reason = DUPLICATE
+            elif c["image_sha1"][i] != self._expected_sha1[i]:
+                reason = IMAGE_CHANGED
+            elif not c["caption_present"][i]:
+                reason = NO_TEXT
+            elif not has_image and not self.text_only:
+                reason = NO_IMAGE_FOR_TARGETS
+            elif not has_image and not c["has_conversation"][i]:
+                reason = NO_IMAGE  # a bare caption without its image describes nothing
+            if reason is None:
+                rows.append(i)
+                continue
+            excluded[reason] += 1
+            if reason in (NOT_IN_STORE, IMAGE_CHANGED) and excluded[reason] <= 3:
+                log.warning("skipping %s/%s: %s", shard, c["key"][i], reason)
+        return np.asarray(rows, dtype=np.int64), excluded
 
-    def _worker(self) -> tuple[int, int]:
-        # A resumed DataLoader asks worker 0 first; renumbering the workers makes that the worker whose batch was
-        # due next, so batches arrive in the uninterrupted order.
-        info = get_worker_info()
-        if info is None:
-            return 0, 1
-        return (info.id + self._worker_offset) % info.num_workers, info.num_workers
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    def epoch_urls(self, worker: int, num_workers: int, epoch: int) -> list[str]:
-        """The shards `worker` streams in `epoch`, in order."""
-        urls = self.rank_urls()[worker::num_workers]
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}:{self.rank}:{worker}:{epoch}").shuffle(urls)
-        return urls
-
-    def resume(self, positions: dict[int, "StreamPosition"], next_worker: int) -> None:
-        """Continue from `positions` (worker -> position after its last delivered sample). Call before iterating."""
-        self._positions = dict(positions)
-        self._worker_offset = next_worker
+    def __getitem__(self, row: int) -> dict | Skipped:
+        try:
+            sample = self._read(int(row))
+        except (ImageDecodeError, OSError, EOFError, ValueError) as exc:
+            return Skipped(int(row), str(exc) if isinstance(exc, ImageDecodeError) else f"unreadable sample: {exc}")
+        if isinstance(sample, Skipped):
+            return sample
+        try:
+            return self.transform(sample)
+        except Exception as exc:  # noqa: BLE001 - whatever one sample's text raises is that sample's failure
+            # (roles that do not alternate, two <image> placeholders, turns that are not dicts...); a bug that
+            # fails every sample still stops training: the trainer refuses a whole epoch of skips.
+            return Skipped(int(row), f"bad conversation: {type(exc).__name__}: {exc}")
 
     def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = self._worker()
-        if not self.rank_urls()[worker::num_workers]:
-            return
-        start = self._positions.get(worker, StreamPosition(worker, 0, 0))
-        epoch, skip = start.epoch, start.index
-        while self.epochs is None or epoch < self.epochs:
-            urls = self.epoch_urls(worker, num_workers, epoch)
-            stream = wds.WebDataset(
-                urls, shardshuffle=False, nodesplitter=_keep_all,
-                workersplitter=_keep_all, empty_check=False, handler=wds.warn_and_continue,
-            )
-            delivered = seen = 0
-            occurrences: Counter = Counter()
-            for index, raw in enumerate(stream):
-                location = (shard_name(raw["__url__"]), raw["__key__"])
-                occurrence = occurrences[location]
-                occurrences[location] += 1
-                if index < skip:
-                    continue
-                seen += 1
-                sample = self._prepare(raw, location, occurrence)
-                if sample is not None:
-                    delivered += 1
-                    sample["stream"] = StreamPosition(worker, epoch, index + 1)
-                    sample["skipped"] = dict(self.skipped)
-                    yield self.transform(sample)
-            if seen and not delivered and not skip:
-                # Otherwise an endless stream would look for a usable sample forever (e.g. shards rewritten under
-                # the same names, so that every image hash differs from the store's index).
-                reasons = ", ".join(f"{n} x {r}" for r, n in self.skipped.most_common())
-                raise UsageError(f"none of the {seen} samples of shard(s) {', '.join(map(shard_name, urls))} can be "
-                                 f"trained on ({reasons}); were these shards rewritten after the store was built?")
-            epoch, skip = epoch + 1, 0
+        for row in self.rows:
+            item = self[row]
+            if isinstance(item, Skipped):
+                self.note_skipped(item)
+            else:
+                yield item
 
-    def _skip(self, reason: str, raw: dict) -> None:
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= 3:
-            log.warning("skipping %s/%s: %s", shard_name(raw.get("__url__", "?")), raw.get("__key__"), reason)
+    def note_skipped(self, item: Skipped) -> None:
+        self.skipped[item.reason] += 1
+        if self.skipped[item.reason] <= 3:
+            c = self._columns
+            log.warning("skipping %s/%s: %s", c["shard"][item.row], c["key"][item.row], item.reason)
 
-    def _prepare(self, raw: dict, location: tuple[str, str], occurrence: int) -> dict | None:
-        if self._rows is None:
-            row, sha1 = -1, None
-        elif occurrence >= len(self._rows.get(location, ())):
-            self._skip("not in the store's index", raw)
-            return None
-        else:
-            row, sha1 = self._rows[location][occurrence]
-            if row in self._duplicates:
-                self._skip("duplicate key in its shard (only the first occurrence is used)", raw)
-                return None
-        data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if data is None:
-            self._skip("no image", raw)
-            return None
-        if sha1 is not None and self.check_image_hash and hashlib.sha1(data).hexdigest() != sha1:
-            self._skip("image differs from the one the targets were computed on (sha1 mismatch)", raw)
-            return None
-        try:
+    def _file(self, shard: str):
+        # One open file per shard and worker process: a random order touches every shard again and again.
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = fsspec.open(self.urls[shard], "rb").open()
+        return f
+
+    def _read(self, row: int) -> dict | Skipped:
+        c = self._columns
+        span = read_member_bytes(self._file(c["shard"][row]), c["sample_offset"][row], c["sample_size"][row])
+        members = split_sample_span(span)
+        data = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+        sha1 = self._expected_sha1[row]
+        if sha1 and data is None:
+            return Skipped(row, NO_IMAGE)
+        image = None
+        if data is not None:
+            if self.check_image_hash and hashlib.sha1(data).hexdigest() != sha1:
+                return Skipped(row, IMAGE_CHANGED)
             image = decode_rgb(data)
-        except ImageDecodeError as exc:
-            self._skip(str(exc), raw)
-            return None
-        caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else None
-        conversations = None
-        if "json" in raw:
-            try:
-                conversations = json.loads(raw["json"]).get("conversations")
-            except (ValueError, AttributeError, RecursionError):  # deeply nested json raises RecursionError
-                conversations = None
+        caption = members["txt"].decode("utf-8", errors="replace").strip() if "txt" in members else None
+        conversations = _conversations(members.get("json"))
         if not caption and not conversations:
-            self._skip("no caption or conversation", raw)
-            return None
-        targets, valid = {}, {}
+            return Skipped(row, NO_TEXT)
+        if image is None and not conversations:
+            return Skipped(row, NO_IMAGE)
+        targets, valid, decoded = {}, {}, len(span)
+        target_row = self._target_rows[row]
         for name in self.teachers:
-            targets[name], valid[name] = self._reader.read(name, row)
-        return {"row": row, "key": raw["__key__"], "image": image, "caption": caption or None,
-                "conversations": conversations, "targets": targets, "valid": valid}
+            targets[name], valid[name], n = self._reader.read(name, target_row)
+            decoded += n
+        return {"row": target_row, "key": c["key"][row], "image": image, "caption": caption or None,
+                "conversations": conversations, "targets": targets, "valid": valid, "decoded_bytes": decoded}
+
+
+def _match(index: pa.Table, stored: pa.Table) -> tuple[list[int], list[str]]:
+    """For each row of `index`: its row in `stored` (-1 if none) and the image sha1 recorded there. A key met for
+    the n-th time in its shard is that key's n-th row of the shard in both."""
+    if index is stored:
+        return index.column("row").to_pylist(), index.column("image_sha1").to_pylist()
+    rows: dict[tuple[str, str, int], tuple[int, str]] = {}
+    seen: Counter = Counter()
+    for shard, key, row, sha1 in zip(*(stored.column(c).to_pylist() for c in ("shard", "key", "row", "image_sha1"))):
+        rows[(shard, key, seen[(shard, key)])] = (row, sha1)
+        seen[(shard, key)] += 1
+    seen.clear()
+    target_rows, sha1s = [], []
+    for shard, key in zip(index.column("shard").to_pylist(), index.column("key").to_pylist()):
+        row, sha1 = rows.get((shard, key, seen[(shard, key)]), (-1, ""))
+        seen[(shard, key)] += 1
+        target_rows.append(row)
+        sha1s.append(sha1)
+    return target_rows, sha1s
+
+
+def _conversations(raw: bytes | None) -> list | None:
+    if raw is None:
+        return None
+    try:
+        turns = json.loads(raw).get("conversations")
+    except (ValueError, AttributeError, RecursionError):  # deeply nested json raises RecursionError
+        return None
+    return turns if isinstance(turns, list) and turns else None
+
+
+class EpochOrder(Sampler[int]):
+    """The rows one rank trains on, epoch after epoch, each epoch in a new seeded random order.
+
+    Every epoch shuffles all the stage's rows with the generator seeded by (seed, epoch) and deals them out to
+    the ranks (rank r takes every world_size-th); each rank gets the same count, the remainder sits the epoch out
+    (a different remainder every epoch). `start` samples are skipped first: a resumed run's position.
+    `shuffle=False` deals the rows out in index order instead (A/B comparisons, tests).
+    """
+
+    def __init__(self, rows: np.ndarray, *, seed: int, rank: int = 0, world_size: int = 1,
+                 epochs: int | None = None, start: int = 0, shuffle: bool = True):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.seed, self.rank, self.world_size, self.epochs = seed, rank, world_size, epochs
+        self.shuffle = shuffle
+        self.per_rank = len(self.rows) // world_size
+        self.start = start
+        if self.per_rank == 0:
+            raise UsageError(f"{len(self.rows)} trainable sample(s) cannot feed {world_size} rank(s)")
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        else:
+            order = np.arange(len(self.rows))
+        return self.rows[order[self.rank :: self.world_size][: self.per_rank]]
+
+    def position(self, drawn: int) -> tuple[int, int]:
+        """(epoch, index in it) after `drawn` samples."""
+        return divmod(drawn, self.per_rank)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, index = self.position(self.start)
+        while self.epochs is None or epoch < self.epochs:
+            yield from self.epoch_rows(epoch)[index:].tolist()
+            epoch, index = epoch + 1, 0
+
+    def __len__(self) -> int:
+        if self.epochs is None:
+            raise TypeError("an endless EpochOrder has no length")
+        return max(self.per_rank * self.epochs - self.start, 0)
 
 
 def stack_targets(samples: list[dict], teachers: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -244,3 +362,4 @@ def stack_targets(samples: list[dict], teachers: list[str]) -> tuple[dict[str, t
     targets = {n: torch.from_numpy(np.stack([s["targets"][n] for s in samples])) for n in teachers}
     valid = {n: torch.tensor([s["valid"][n] for s in samples], dtype=torch.bool) for n in teachers}
     return targets, valid
+

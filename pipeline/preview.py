@@ -192,7 +192,7 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     """
     import torch
 
-    from pipeline.loader import TrainingSamples
+    from pipeline.loader import Skipped, TrainingSamples
     from pipeline.shards import list_shards, shard_name
     from pipeline.store import TargetStore
     from student.data import BatchCollator, SampleEncoder
@@ -214,12 +214,9 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     if missing:
         raise UsageError(f"rows {rows} need shard(s) {missing}, which are not among {shards}")
     encoder = SampleEncoder(image_processor, tokenizer, checkpoint_max_length(checkpoint))
-    wanted, found = set(rows), {}
-    # Only the shards that hold the rows are streamed: a preview of row 5 must not read a whole dataset.
-    for shard in dict.fromkeys(shard_of_row[r] for r in rows):
-        for sample in TrainingSamples(urls[shard], store_path, names, lambda s: s, epochs=1):
-            if sample["row"] in wanted:
-                found[sample["row"]] = sample
+    # Each row is read by its byte range: a preview of row 5 does not read a whole dataset.
+    samples = TrainingSamples(shards, store_path, names, lambda s: s)
+    found = {r: sample for r in rows if not isinstance(sample := samples[r], Skipped) and sample["image"] is not None}
     lost = [r for r in rows if r not in found]
     if lost:
         raise UsageError(f"rows {lost} could not be read as training samples (no caption, bad image or a changed "

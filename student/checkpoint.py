@@ -3,12 +3,13 @@
 One checkpoint holds, written in this order:
 - accelerate `save_state`: `model.safetensors` (the whole student, logit scales included), `optimizer.bin`,
   `scheduler.bin`, `random_states_<rank>.pkl` (python, numpy and torch RNG of every process);
-- `data-rank<R>.json`: where each rank's loader workers stand in their streams (`pipeline.loader.StreamPosition`);
+- `data-rank<R>.json`: how many samples each rank has drawn from its epoch order (`pipeline.loader.EpochOrder`),
+  which is its whole data position, and its counts of text-only and skipped samples;
 - `trainer_state.json`, last: the step, the sample count and the settings the data position depends on. A
   directory without it is an interrupted save: `resume: auto` ignores it and the next save at that step redoes it.
 
-Resuming = `accelerate.load_state` + each rank's loader skipping what it had delivered, so on CPU the losses after a
-resume are the losses the uninterrupted run would have logged.
+Resuming = `accelerate.load_state` + each rank's epoch order starting after what it had drawn, so on CPU the losses
+after a resume are the losses the uninterrupted run would have logged.
 
 `load_student` opens the other kind of checkpoint: a finished student (`output_dir`, `save_pretrained`), for the
 next stage's `model.init_from`, `pipeline probe` and `pipeline generate`.
@@ -23,8 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from pipeline.errors import UsageError
-from pipeline.loader import StreamPosition
-from student.loading import from_pretrained_safetensors
+from student.loading import from_pretrained_safetensors, load_image_processor
 from student.model import OlaStudent
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -34,23 +34,24 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 @dataclass
 class TrainState:
-    """The loop's position: optimizer steps done, global samples trained on, and this rank's data position."""
+    """The loop's position: optimizer steps done, global samples trained on, and this rank's data position: how
+    many samples it has drawn from its `pipeline.loader.EpochOrder` (used or skipped), plus its running counts."""
 
     step: int = 0
     samples: int = 0
     batches: int = 0
-    positions: dict[int, StreamPosition] = field(default_factory=dict)
+    drawn: int = 0
+    text_only: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def consumed(self, batch: dict) -> None:
-        """Record that `batch` (from `student.data.BatchCollator`) was trained on."""
-        position = batch.get("stream")
-        if position is not None:
-            self.positions[position.worker] = position
+        """Record that `batch` (from `student.data.BatchCollator`) was taken from the loader."""
         self.batches += 1
-
-    def next_worker(self, num_workers: int) -> int:
-        # The DataLoader takes batches from its workers in strict rotation.
-        return self.batches % max(num_workers, 1)
+        self.drawn += batch["drawn"]
+        if batch["size"]:
+            self.text_only += int((~batch["has_image"]).sum())
+        for reason, n in batch["skipped"].items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -96,7 +97,8 @@ def save_training_state(accelerator, output_dir: str, state: TrainState, layout:
     accelerator.wait_for_everyone()
     accelerator.save_state(path)
     with open(os.path.join(path, f"data-rank{accelerator.process_index}.json"), "w") as f:
-        json.dump({"batches": state.batches, "positions": [vars(p) for p in state.positions.values()]}, f)
+        json.dump({"batches": state.batches, "drawn": state.drawn, "text_only": state.text_only,
+                   "skipped": state.skipped}, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         record = {"step": state.step, "samples": state.samples, "layout": layout}
@@ -126,8 +128,8 @@ def load_training_state(accelerator, path: str, layout: dict) -> TrainState:
     with open(data_file) as f:
         data = json.load(f)
     accelerator.load_state(path)
-    positions = {p["worker"]: StreamPosition(**p) for p in data["positions"]}
-    return TrainState(step=record["step"], samples=record["samples"], batches=data["batches"], positions=positions)
+    return TrainState(step=record["step"], samples=record["samples"], batches=data["batches"], drawn=data["drawn"],
+                      text_only=data["text_only"], skipped=data["skipped"])
 
 
 def load_student(path: str, *, field: str = "checkpoint"):
@@ -136,7 +138,7 @@ def load_student(path: str, *, field: str = "checkpoint"):
     The model comes back as `from_pretrained` leaves it (eval mode, gradients on); callers that need it frozen say
     so themselves. `field` names `path` in errors (`model.init_from`, `checkpoint`).
     """
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -144,4 +146,4 @@ def load_student(path: str, *, field: str = "checkpoint"):
                          "`pipeline train`")
     hf_logging.disable_progress_bar()
     model = from_pretrained_safetensors(OlaStudent, path, field=field)
-    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path), load_image_processor(path)

@@ -24,11 +24,17 @@ class DataConfig(BaseModel):
         "(next-token-only stages such as VPT/IFT, where model.tasks is empty)"
     )
     batch_size: int = Field(default=4, gt=0, description="samples per process per step")
-    num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank")
+    num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes per rank (each reads, decodes "
+                             "and tokenizes samples on one CPU core)")
     max_length: int = Field(default=256, gt=8, description="text tokens per sample (image tokens come on top)")
     check_image_hash: bool = Field(default=True, description="skip samples whose image bytes differ from the index")
-    shuffle_shards: bool = Field(
-        default=True, description="visit each worker's shards in a seeded order that changes every epoch"
+    shuffle: bool = Field(
+        default=True, description="visit the samples in a seeded random order, a new one every epoch, as LLaVA does; "
+        "false: index order (shard, then file order), for A/B comparisons"
+    )
+    image_aspect_ratio: Literal["processor", "pad"] = Field(
+        default="processor", description="'pad': expand each image to a square of the processor's mean colour "
+        "before the processor, as the reference's VPT and IFT do; 'processor': its own resize and centre crop (PT)"
     )
     expected_fingerprints: dict[str, str] = Field(
         default_factory=dict, description="teacher name -> teacher_fingerprint the store must have"
@@ -52,7 +58,7 @@ class TaskConfig(BaseModel):
     predictor_dim: int | Literal["hidden"] | None = Field(
         default=None, description="predictor width: None = target channels (reference gen/seg), 'hidden' = LLM width"
     )
-    out_mlp: bool = Field(default=False, description="extra Linear-GELU-Linear after the predictor (reference depth)")
+    out_mlp: bool = Field(default=False, description="extra Linear-ReLU-Linear after the predictor (reference depth)")
 
     @field_validator("layers")
     @classmethod

@@ -37,8 +37,10 @@ def messages_from_sample(
     prompt: str = DEFAULT_CAPTION_PROMPT,
     *,
     system: str | None = None,
+    image: bool = True,
 ) -> list[dict[str, str]]:
-    """Chat messages ``[{"role", "content"}, ...]`` for one sample, with ``<image>`` exactly once.
+    """Chat messages ``[{"role", "content"}, ...]`` for one sample, with ``<image>`` exactly once (or, with
+    ``image=False``, a text-only sample's, with no ``<image>`` at all).
 
     Args:
         caption: a bare caption, used when ``conversations`` is empty: it becomes
@@ -47,6 +49,8 @@ def messages_from_sample(
             A leading assistant turn is dropped (as LLaVA does); roles must then alternate user/assistant.
         prompt: the instruction paired with a bare caption.
         system: optional system message prepended to the chat.
+        image: whether the sample has an image. A text-only sample (LLaVA's IFT mix has about 40K) trains as LLaVA
+            trains it: its conversation as it is, with no image and no task tokens.
 
     The placeholder is moved to the start of the turn that holds it (``"<image>\\n" + rest``, LLaVA's rule) or, when
     absent, put at the start of the first user turn. More than one placeholder is an error.
@@ -76,6 +80,10 @@ def messages_from_sample(
             raise ValueError(f"conversation turn {i} is {turn['role']!r}, expected {expected!r} (turns alternate)")
 
     count = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if not image:
+        if count:
+            raise ValueError(f"sample has no image but its conversation holds {IMAGE_PLACEHOLDER}")
+        return ([{"role": "system", "content": system}] if system is not None else []) + turns
     if count > 1:
         raise ValueError(f"sample has {count} {IMAGE_PLACEHOLDER} placeholders; the student takes exactly one image")
     holder = next((t for t in turns if IMAGE_PLACEHOLDER in t["content"]), turns[0])
@@ -99,6 +107,7 @@ def tokenize_messages(
     max_length: int,
     *,
     image_token: str = IMAGE_PLACEHOLDER,
+    images: int = 1,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of a chat; labels only on assistant turns (their text and end-of-turn), -100 elsewhere.
 
@@ -107,10 +116,11 @@ def tokenize_messages(
         messages: from ``messages_from_sample``.
         max_length: keep at most this many text tokens (the image token counts as one); the tail is cut.
         image_token: the placeholder string.
+        images: how many image tokens the chat must hold: 1, or 0 for a text-only sample.
 
     Returns:
         ``(input_ids, labels)``, lists of equal length ``<= max_length``; ``input_ids`` holds the image token's id
-        exactly once.
+        exactly ``images`` times.
 
     Raises:
         ValueError: the template lacks the prefix property, the tokenizer is not fast, the image token is not a
@@ -146,10 +156,11 @@ def tokenize_messages(
             labels[k] = ids[k]
 
     n_image = ids.count(image_id)
-    if n_image != 1:
-        raise ValueError(f"the rendered chat holds {n_image} image tokens ({image_token!r}, id {image_id}); need 1")
+    if n_image != images:
+        raise ValueError(f"the rendered chat holds {n_image} image tokens ({image_token!r}, id {image_id}); "
+                         f"need {images}")
     if len(ids) > max_length:
-        if ids.index(image_id) >= max_length:
+        if images and ids.index(image_id) >= max_length:
             raise ValueError(
                 f"truncating to max_length={max_length} would cut the image token at position "
                 f"{ids.index(image_id)}; raise max_length or shorten the system prompt"

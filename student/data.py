@@ -2,53 +2,99 @@
 
 from __future__ import annotations
 
-import torch
+from collections import Counter
 
-from pipeline.loader import stack_targets
+import torch
+from PIL import Image
+
+from pipeline.loader import Skipped, stack_targets
 from student.conversation import messages_from_sample, tokenize_messages
+
+IMAGE_ASPECT_RATIOS = ("processor", "pad")
+
+
+def expand_to_square(image: Image.Image, image_mean) -> Image.Image:
+    """The image centred on a square canvas filled with the processor's mean colour (LLaVA's `pad`): the whole image
+    reaches the vision encoder instead of a centre crop, and the padding normalises to zero."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    fill = tuple(int(x * 255) for x in image_mean)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 class SampleEncoder:
-    """Per-sample work done in DataLoader workers: image processor and chat template."""
+    """Per-sample work done in DataLoader workers: image processor and chat template.
 
-    def __init__(self, image_processor, tokenizer, max_length: int, *, keep_image: bool = False):
+    `image_aspect_ratio`: "processor" hands the image to the processor as it is (its own resize and centre crop;
+    the reference's PT), "pad" expands it to a square first (`expand_to_square`; the reference's VPT and IFT).
+    A text-only sample gets zero pixels of the processor's output size, which the student never looks at (LLaVA
+    does the same), so every batch stacks into one tensor.
+    """
+
+    def __init__(self, image_processor, tokenizer, max_length: int, *, keep_image: bool = False,
+                 image_aspect_ratio: str = "processor"):
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.image_aspect_ratio = image_aspect_ratio
         # Online teachers take the decoded image itself, not the student's pixels (other size and normalisation).
         self.keep_image = keep_image
+        self._blank: torch.Tensor | None = None
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        if self.image_aspect_ratio == "pad":
+            image = expand_to_square(image, self.image_processor.image_mean)
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def blank(self) -> torch.Tensor:
+        if self._blank is None:  # the output size, whatever the processor's size/crop settings
+            self._blank = torch.zeros_like(self.pixels(Image.new("RGB", (32, 32))))
+        return self._blank
 
     def __call__(self, sample: dict) -> dict:
-        pixel_values = self.image_processor(images=sample["image"], return_tensors="pt")["pixel_values"][0]
-        messages = messages_from_sample(sample["caption"], sample["conversations"])
-        input_ids, labels = tokenize_messages(self.tokenizer, messages, self.max_length)
+        image = sample["image"]
+        messages = messages_from_sample(sample["caption"], sample["conversations"], image=image is not None)
+        input_ids, labels = tokenize_messages(self.tokenizer, messages, self.max_length, images=int(image is not None))
         encoded = {
             "row": sample["row"],
-            "pixel_values": pixel_values,
+            "has_image": image is not None,
+            "pixel_values": self.pixels(image) if image is not None else self.blank(),
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "targets": sample["targets"],
             "valid": sample["valid"],
-            "stream": sample.get("stream"),
-            "skipped": sample.get("skipped", {}),
+            "decoded_bytes": sample.get("decoded_bytes", 0),
         }
         if self.keep_image:
-            encoded["image"] = sample["image"]
+            encoded["image"] = image
         return encoded
 
 
 class BatchCollator:
     """Right-pads token sequences and stacks pixels and targets into one batch.
 
-    A batch comes from one loader worker, so its last sample's stream position (and skip counts) are the batch's.
-    With `SampleEncoder(keep_image=True)` the batch also carries `images`, the decoded RGB PIL images.
+    `Skipped` items (samples the loader could not use) are left out of the batch and counted under `skipped`
+    {reason: n}; a batch may therefore hold fewer samples than asked, or none (`size` 0). With
+    `SampleEncoder(keep_image=True)` the batch also carries `images`, the decoded RGB PIL images.
     """
 
     def __init__(self, pad_token_id: int, teachers: list[str]):
         self.pad_token_id = pad_token_id
         self.teachers = list(teachers)
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, items: list) -> dict:
+        samples = [s for s in items if not isinstance(s, Skipped)]
+        skipped = [s for s in items if isinstance(s, Skipped)]
+        batch = {"size": len(samples), "drawn": len(items), "skipped": Counter(s.reason for s in skipped),
+                 "skipped_items": skipped}
+        if not samples:
+            return batch
         length = max(len(s["input_ids"]) for s in samples)
         input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), length), -100, dtype=torch.long)
@@ -59,16 +105,17 @@ class BatchCollator:
             labels[i, :n] = s["labels"]
             attention_mask[i, :n] = 1
         targets, valid = stack_targets(samples, self.teachers)
-        extra = {"images": [s["image"] for s in samples]} if "image" in samples[0] else {}
-        return {
-            **extra,
+        if "image" in samples[0]:
+            batch["images"] = [s["image"] for s in samples]
+        batch.update({
             "rows": torch.tensor([s["row"] for s in samples], dtype=torch.long),
+            "has_image": torch.tensor([s["has_image"] for s in samples], dtype=torch.bool),
             "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "targets": targets,
             "valid": valid,
-            "stream": samples[-1].get("stream"),
-            "skipped": samples[-1].get("skipped", {}),
-        }
+            "decoded_bytes": sum(s["decoded_bytes"] for s in samples),
+        })
+        return batch

@@ -14,6 +14,8 @@ from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError, decode_rgb
 from student.checkpoint import load_student
 from student.conversation import messages_from_sample
+from student.data import expand_to_square
+from student.probe import training_data_config
 
 
 def load_for_inference(checkpoint: str):
@@ -33,6 +35,8 @@ def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int 
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # The chat template already holds the special tokens, as in training (student.conversation).
     enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    if training_data_config(checkpoint).get("image_aspect_ratio") == "pad":
+        image = expand_to_square(image, image_processor.image_mean)  # the pixels the student was trained on
     pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
     new_tokens = model.generate(
         pixel_values, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False,

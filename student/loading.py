@@ -45,3 +45,11 @@ def from_pretrained_safetensors(model_class, path: str, *, field: str, **kwargs)
             raise UsageError(f"{field}={path} has no safetensors weights ({exc}); convert the weights to "
                              f"safetensors and point {field} at them") from None
         raise
+
+
+def load_image_processor(path: str):
+    """The student's image processor from `path`, on the numpy/PIL backend: the one the reference (LLaVA) used.
+    transformers 5 picks the torchvision backend by default, whose resize differs by up to 0.03 in pixel values."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path, backend="pil")

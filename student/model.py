@@ -473,7 +473,8 @@ class OlaStudent(PreTrainedModel):
         """Splice image and task tokens in place of each row's image placeholder and right-pad.
 
         Returns ``inputs_embeds [B, L', H]``, ``attention_mask [B, L']`` long, ``labels [B, L']`` or None, and
-        ``task_positions {task: LongTensor[B, seq_tokens]}`` (absolute positions in the expanded sequence).
+        ``task_positions {task: LongTensor[B, seq_tokens]}`` (absolute positions in the expanded sequence; meaningless
+        for a text-only row, which has no task tokens).
         """
         image_token_id = self.config.image_token_id
         if image_token_id is None:
@@ -495,17 +496,26 @@ class OlaStudent(PreTrainedModel):
         for b in range(input_ids.shape[0]):
             ids_b = input_ids[b][keep[b]]
             where = (ids_b == image_token_id).nonzero().flatten()
+            emb_b = text_embeds[b][keep[b]]
+            lab_b = labels[b][keep[b]] if labels is not None else None
+            if where.numel() == 0:
+                # A text-only sample: no image and no task tokens. The empty slices keep the image path in the
+                # graph, as LLaVA does, so a batch without any image still gives the projector a (zero) gradient
+                # and DDP/FSDP find every trainable parameter used.
+                seqs.append(torch.cat([emb_b, image_embeds[b][:0], task_seq[:0]], dim=0))
+                image_starts.append(0)
+                if lab_b is not None:
+                    labs.append(lab_b)
+                continue
             if where.numel() != 1:
                 raise ValueError(
                     f"row {b} of input_ids has {where.numel()} image tokens (id {image_token_id}); each row must "
-                    f"contain exactly one"
+                    f"contain one, or none for a text-only sample"
                 )
             p = int(where.item())
-            emb_b = text_embeds[b][keep[b]]
             seqs.append(torch.cat([emb_b[:p], image_embeds[b], task_seq, emb_b[p + 1:]], dim=0))
             image_starts.append(p)
-            if labels is not None:
-                lab_b = labels[b][keep[b]]
+            if lab_b is not None:
                 fill = lab_b.new_full((image_embeds.shape[1] + task_seq.shape[0],), IGNORE_INDEX)
                 labs.append(torch.cat([lab_b[:p], fill, lab_b[p + 1:]]))
 
@@ -541,7 +551,8 @@ class OlaStudent(PreTrainedModel):
 
         Args:
             pixel_values: ``[B, 3, H, W]`` float, preprocessed for the vision encoder.
-            input_ids: ``[B, L]`` long; each row holds exactly one ``config.image_token_id``.
+            input_ids: ``[B, L]`` long; each row holds one ``config.image_token_id``, or none for a text-only sample
+                (whose ``pixel_values`` row is then ignored).
             attention_mask: ``[B, L]`` (1 = token). Padding may be on either side; the output is right-padded.
             labels: ``[B, L]`` long with -100 where no loss applies, or None.
             output_hidden_states: also return every LLM hidden state.
@@ -554,6 +565,11 @@ class OlaStudent(PreTrainedModel):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if compute_predictions and self.config.task_specs():
+            text_only = ~(input_ids == self.config.image_token_id).any(dim=1)
+            if bool(text_only.any()):
+                raise ValueError(f"rows {text_only.nonzero().flatten().tolist()} have no image, so no task tokens "
+                                 "to predict embeddings from; leave text-only samples out of stages with targets")
         image_embeds = self.encode_images(pixel_values)
         inputs_embeds, mask, new_labels, task_positions = self._expand(
             image_embeds, input_ids, attention_mask, labels

@@ -169,8 +169,7 @@ def cache_hidden_states(model, tokenizer, image_processor, shards: str, store: s
 
     index = TargetStore(store).read_index()
     shard_of_row = dict(zip(index.column("row").to_pylist(), index.column("shard").to_pylist()))
-    samples = TrainingSamples(shards, store, teachers, SampleEncoder(image_processor, tokenizer, max_length),
-                              epochs=1)
+    samples = TrainingSamples(shards, store, teachers, SampleEncoder(image_processor, tokenizer, max_length))
     collate = BatchCollator(tokenizer.pad_token_id, teachers)
     device = next(model.parameters()).device
     parts = {"train": _Collected(layers, teachers), "test": _Collected(layers, teachers)}

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -30,17 +31,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError, UsageError
-from pipeline.loader import TrainingSamples
+from pipeline.loader import IMAGE_CHANGED, EpochOrder, TrainingSamples, training_index
 from pipeline.store import TargetStore
 from student.checkpoint import TrainState, load_student, load_training_state, resolve_resume, save_training_state
 from student.config import ExperimentConfig, load_experiment
 from student.data import BatchCollator, SampleEncoder
+from student.loading import load_image_processor
 from student.loss import CoupledLossConfig, coupled_loss
 from student.model import OlaStudent, TaskLayersError
 
 DEFAULT_TASK_ORDER = ("gen", "depth", "seg")
 PROVENANCE_FILE = "training_provenance.json"
 METRICS_FILE = "metrics.jsonl"
+DATA_INDEX_DIR = "data_index"  # a stage without a store keeps its index of the shards here
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -53,6 +56,7 @@ class TrainResult:
     samples_seen: int
     seconds: float
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> samples left out (this rank)
+    text_only: int = 0  # text-only samples trained on (this rank)
     resumed_from: str | None = None
 
     def summary(self) -> str:
@@ -60,6 +64,8 @@ class TrainResult:
         resumed = f" (resumed from {self.resumed_from})" if self.resumed_from else ""
         text = (f"trained {self.steps} steps{resumed}, {self.samples_seen} samples in all, in {self.seconds:.1f}s "
                 f"-> {self.output_dir}\n  final losses: {terms}")
+        if self.text_only:
+            text += f"\n  text-only samples trained on: {self.text_only}"
         if self.skipped:
             text += "\n  skipped samples: " + ", ".join(f"{n} x {reason}" for reason, n in self.skipped.items())
         return text
@@ -76,6 +82,7 @@ class TrainingParts:
     scheduler: object
     loader: DataLoader
     dataset: TrainingSamples
+    order: EpochOrder
     tokenizer: object
     image_processor: object
     loss_cfg: CoupledLossConfig
@@ -127,7 +134,7 @@ def _check_sharded(accelerator) -> None:
 
 def _load_student(cfg: ExperimentConfig, store_info: dict):
     """(model, tokenizer, image_processor): a new student from vision + LLM, or an earlier stage's student."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if cfg.model.init_from is not None:
         source = cfg.model.init_from
@@ -144,7 +151,7 @@ def _load_student(cfg: ExperimentConfig, store_info: dict):
         tokenizer.add_special_tokens({"additional_special_tokens": [cfg.model.image_token]})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    image_processor = AutoImageProcessor.from_pretrained(cfg.model.vision)
+    image_processor = load_image_processor(cfg.model.vision)
     names = list(cfg.model.tasks)
     order = cfg.model.task_order or [t for t in DEFAULT_TASK_ORDER if t in names] + [
         t for t in names if t not in DEFAULT_TASK_ORDER]
@@ -198,19 +205,26 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
     # Online, the loader still aligns samples with the store's index but reads no target; it hands over the
     # decoded images instead, and the teachers turn them into targets in this process (see compute_loss).
     read = [] if online else names
-    dataset = TrainingSamples(
-        cfg.data.shards, cfg.data.store, read,
-        SampleEncoder(image_processor, tokenizer, cfg.data.max_length, keep_image=online),
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        check_image_hash=cfg.data.check_image_hash, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.seed,
-    )
-    if len(dataset.rank_urls()) < max(cfg.data.num_workers, 1):
-        raise UsageError(f"data.num_workers={cfg.data.num_workers} but rank {accelerator.process_index} streams "
-                         f"{len(dataset.rank_urls())} shard(s); every worker needs one: lower num_workers or use "
-                         "more shards")
+    # The shards as they are now: only shards whose size or mtime moved since the store (or an earlier run of this
+    # experiment) recorded them are read again, by one rank; the others find its index.
+    previous = TargetStore(cfg.data.store).previous_index() if cfg.data.store is not None else None
+    with accelerator.main_process_first():
+        index = training_index(cfg.data.shards, os.path.join(cfg.output_dir, DATA_INDEX_DIR), previous=previous,
+                               progress=accelerator.is_main_process)
+    encoder = SampleEncoder(image_processor, tokenizer, cfg.data.max_length, keep_image=online,
+                            image_aspect_ratio=cfg.data.image_aspect_ratio)
+    dataset = TrainingSamples(cfg.data.shards, cfg.data.store, read, encoder, index=index,
+                              check_image_hash=cfg.data.check_image_hash, text_only=not names)
+    if len(dataset.rows) < accelerator.num_processes:
+        reasons = ", ".join(f"{n} x {r}" for r, n in dataset.excluded.most_common()) or "no samples"
+        hint = "; were the shards rewritten after the store was built?" if IMAGE_CHANGED in dataset.excluded else ""
+        raise UsageError(f"{len(dataset.rows)} of the samples in {cfg.data.shards} can be trained on in this stage "
+                         f"({reasons}); {accelerator.num_processes} rank(s) need at least one each{hint}")
+    order = EpochOrder(dataset.rows, seed=cfg.seed, rank=accelerator.process_index,
+                       world_size=accelerator.num_processes, shuffle=cfg.data.shuffle)
     # Its own generator: creating the loader's iterator must not draw from the global RNG, which a resumed run
     # restores from the checkpoint.
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=order, num_workers=cfg.data.num_workers,
                         collate_fn=BatchCollator(tokenizer.pad_token_id, read),
                         persistent_workers=cfg.data.num_workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -232,8 +246,8 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
         logit_scale_max=cfg.loss.logit_scale_max, task_weights={n: t.weight for n, t in cfg.model.tasks.items()},
     )
     teachers = _online_teachers(cfg, accelerator, store_info) if online else None
-    return TrainingParts(cfg, accelerator, model, optimizer, scheduler, loader, dataset, tokenizer, image_processor,
-                         loss_cfg, store_info, teachers)
+    return TrainingParts(cfg, accelerator, model, optimizer, scheduler, loader, dataset, order, tokenizer,
+                         image_processor, loss_cfg, store_info, teachers)
 
 
 def _online_teachers(cfg: ExperimentConfig, accelerator, store_info: dict):
@@ -295,9 +309,10 @@ def train_step(parts: TrainingParts, batch: dict) -> dict[str, float]:
 def _data_layout(parts: TrainingParts) -> dict:
     """The settings a saved data position is only valid under."""
     cfg = parts.cfg
-    return {"world_size": parts.accelerator.num_processes, "num_workers": cfg.data.num_workers,
-            "batch_size": cfg.data.batch_size, "grad_accum": cfg.train.grad_accum, "shards": cfg.data.shards,
-            "shuffle_shards": cfg.data.shuffle_shards, "seed": cfg.seed}
+    # Not the number of loader workers: the order is the sampler's, whoever reads the samples.
+    return {"world_size": parts.accelerator.num_processes, "batch_size": cfg.data.batch_size,
+            "grad_accum": cfg.train.grad_accum, "shards": cfg.data.shards, "shuffle": cfg.data.shuffle,
+            "seed": cfg.seed, "samples": len(parts.dataset.rows)}
 
 
 def _hparams(cfg: ExperimentConfig) -> dict:
@@ -326,7 +341,7 @@ def _open_metrics(path: str, resumed_step: int):
     return f
 
 
-def _next_batch(data) -> dict:
+def _fetch(data) -> dict:
     try:
         return next(data)
     except PipelineError as exc:
@@ -335,6 +350,37 @@ def _next_batch(data) -> dict:
         if "Original Traceback" in message:
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         raise type(exc)(message) from None
+
+
+def _next_batch(parts: TrainingParts, data, state: TrainState) -> dict:
+    """The next batch with at least one usable sample; every batch taken, used or not, moves the data position."""
+    unusable = Counter()
+    while True:
+        batch = _fetch(data)
+        state.consumed(batch)
+        for item in batch["skipped_items"]:
+            parts.dataset.note_skipped(item)
+        if batch["size"]:
+            return batch
+        unusable.update(batch["skipped"])
+        if sum(unusable.values()) >= parts.order.per_rank:
+            # Otherwise training would look for a usable sample forever (e.g. shards rewritten under the same
+            # names, so that every image hash differs from the store's index).
+            reasons = ", ".join(f"{n} x {r}" for r, n in unusable.most_common())
+            raise UsageError(f"{sum(unusable.values())} samples in a row could not be trained on ({reasons}); were "
+                             "the shards rewritten after the store was built?")
+
+
+def _data_counts(parts: TrainingParts, state: TrainState) -> dict[str, int]:
+    """Text-only samples trained on and samples skipped so far (all ranks), and samples the stage left out; the
+    reasons are in the run's summary."""
+    counts = torch.tensor([state.text_only, sum(state.skipped.values())], dtype=torch.float64)
+    if parts.accelerator.num_processes > 1:
+        counts = parts.accelerator.reduce(counts.to(parts.accelerator.device), reduction="sum").cpu()
+    # Left out before any read (text-only samples in a stage with targets, duplicates, no text): the same on every
+    # rank, since every rank sees the whole index.
+    return {"text_only_samples": int(counts[0]), "skipped_samples": int(counts[1]),
+            "excluded_samples": sum(parts.dataset.excluded.values())}
 
 
 def _mean_terms(parts: TrainingParts, sums: dict[str, float], count: int) -> dict[str, float]:
@@ -356,14 +402,13 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
     state = TrainState()
     if resume_dir is not None:
         state = load_training_state(acc, resume_dir, layout)
-        parts.dataset.resume(state.positions, state.next_worker(cfg.data.num_workers))
+        parts.order.start = state.drawn
         if acc.is_main_process:
             print(f"resuming from {resume_dir} (step {state.step})", flush=True)
     if cfg.train.trackers:
         acc.init_trackers(cfg.name, config=_hparams(cfg))
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     rows_seen: list[int] = []
-    skipped_by_worker: dict[int, dict[str, int]] = {}
     first, last = {}, {}
     per_step = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
     start_step = state.step
@@ -377,14 +422,11 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
             sums: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 fetch_started = time.perf_counter()
-                batch = _next_batch(data)
+                batch = _next_batch(parts, data, state)
                 waited += time.perf_counter() - fetch_started
-                if batch["stream"] is not None:
-                    skipped_by_worker[batch["stream"].worker] = batch["skipped"]
                 rows_seen.extend(batch["rows"].tolist())
                 for k, v in train_step(parts, batch).items():
                     sums[k] = sums.get(k, 0.0) + v
-                state.consumed(batch)
             state.step += 1
             state.samples += per_step
             terms = _mean_terms(parts, sums, cfg.train.grad_accum)
@@ -393,7 +435,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
             last = terms
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 record = {"step": state.step, **terms, "lr": parts.scheduler.get_last_lr()[0],
-                          "samples_per_s": per_step / seconds, "data_wait_fraction": waited / seconds}
+                          "samples_per_s": per_step / seconds, "data_wait_fraction": waited / seconds,
+                          **_data_counts(parts, state)}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if cfg.train.trackers:
@@ -414,15 +457,8 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
         acc.end_training()
     return TrainResult(output_dir=cfg.output_dir, steps=state.step - start_step, first_loss=first, final_loss=last,
                        samples_seen=state.samples, seconds=time.perf_counter() - started,
-                       skipped=_total_skipped(skipped_by_worker), resumed_from=resume_dir)
-
-
-def _total_skipped(by_worker: dict[int, dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for counts in by_worker.values():
-        for reason, n in counts.items():
-            total[reason] = total.get(reason, 0) + n
-    return total
+                       skipped=dict(parts.dataset.excluded + Counter(state.skipped)), text_only=state.text_only,
+                       resumed_from=resume_dir)
 
 
 def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[str, float],

@@ -311,13 +311,13 @@ def test_item7_a_duplicate_key_is_the_first_occurrence_in_precompute_and_in_trai
     depth = TargetStore(str(store)).read_rows("depth", 0, 1)[0][0]
 
     for check_hash in (True, False):
-        samples = TrainingSamples(str(shards), str(store), ["depth"], transform=lambda s: s, epochs=1,
+        samples = TrainingSamples(str(shards), str(store), ["depth"], transform=lambda s: s,
                                   check_image_hash=check_hash)
         delivered = list(samples)
         assert [(s["key"], s["row"]) for s in delivered] == [(a, 0), (b, 1)]
         first = delivered[0]
         assert first["valid"]["depth"] and np.array_equal(first["targets"]["depth"], depth)
-        assert samples.skipped == {"duplicate key in its shard (only the first occurrence is used)": 1}
+        assert samples.excluded == {"duplicate key in its shard (only the first occurrence is used)": 1}
 
 
 # ---- 8. batch size: recorded per block, mixed sizes reported -----------------------------------------------------

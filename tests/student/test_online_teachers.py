@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 def settings(tmp_path, *extra: str) -> list[str]:
     return [f"output_dir={tmp_path / 'out'}", "train.max_steps=2", "data.num_workers=0", "data.batch_size=3",
-            "data.shuffle_shards=false", "train.trackers=[]", *extra]
+            "data.shuffle=false", "train.trackers=[]", *extra]
 
 
 def first_batch_losses(store, tmp_path, *extra: str):
