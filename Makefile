@@ -41,7 +41,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/feed.py
 	$(BIN)/python benchmarks/indexing.py
 	$(BIN)/python benchmarks/precision.py
+	$(BIN)/python benchmarks/pos_embed.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/loader.py
 
 # On a machine with CUDA GPUs: the paper's teachers at real size (random weights), bare forward vs pipeline rows/s.
 bench-gpu: $(STAMP)

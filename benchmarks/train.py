@@ -4,15 +4,15 @@ P3        = step time with targets read from the store / step time of the same m
             targets from memory (the store's overhead; goal <= 1.05)
 P3 online = step time with online teachers (`data.online_teachers`) / step time with the store (what
             precomputing saves at every step of every run)
-P4        = loader samples/s (the DataLoader alone) / trainer samples/s (goal >= 3: the GPU, here the CPU, never
-            waits for data)
+P4 demo   = loader samples/s (the DataLoader alone) / trainer samples/s on the demo (goal >= 3: the trainer never
+            waits for data); P4 at the paper's target sizes against a GPU's pace is benchmarks/loader.py
 P6        = peak RSS of a short training run, cached vs online teachers, each in its own process
 
 A "step" is everything one optimizer step costs the training loop: waiting for the batch, then forward, backward
 and the optimizer. All three modes run the same loader (same worker count, decoding, image processing,
 tokenizing); they differ only in where the targets come from. Everything is built offline into --out.
 
-P3, P3 online and P4 are medians of `--repeats` interleaved rounds (benchmarks/measure.py) with the min-max over
+P3, P3 online and P4 demo are medians of `--repeats` interleaved rounds (benchmarks/measure.py) with the min-max over
 rounds. The three modes are built once, each with its own loader worker, and warmed up; a round then runs, in
 turn (forwards in even rounds, backwards in odd ones):
 
@@ -20,7 +20,7 @@ turn (forwards in even rounds, backwards in odd ones):
     loader                  a fresh DataLoader like the trainer's (store mode), alone: mean seconds per batch over
                             `--loader-batches` batches (its first batch, the worker starting, not counted)
 
-so each round gives one P3 (store / memory), one P3 online (online / store) and one P4 (store step / loader
+so each round gives one P3 (store / memory), one P3 online (online / store) and one P4 demo (store step / loader
 batch, i.e. loader samples/s / trainer samples/s). P6 is measured once per mode, in a process of its own.
 Defaults take about 6 minutes on 2 CPU cores (see benchmarks/RESULTS.md):
 
@@ -72,7 +72,7 @@ def build_demo(out: Path, rows: int) -> tuple[Path, float]:
     os.environ["DEMO_DIR"] = str(demo.root)
     started = time.perf_counter()
     run_precompute(str(demo.shards_dir), str(TEACHERS), str(demo.root / "store"), rows_per_block=32,
-                   rows_per_chunk=8, progress=False)
+                   progress=False)
     return demo.root, time.perf_counter() - started
 
 
@@ -136,9 +136,11 @@ def loader_seconds(parts, batches: int) -> float:
     start-up, not counted)."""
     from torch.utils.data import DataLoader
 
+    from pipeline.loader import EpochOrder
+
     cfg = parts.cfg
     loader = DataLoader(parts.dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                        collate_fn=parts.loader.collate_fn)
+                        sampler=EpochOrder(parts.dataset.rows, seed=cfg.seed), collate_fn=parts.loader.collate_fn)
     data = iter(loader)
     next(data)
     started = time.perf_counter()
@@ -234,7 +236,7 @@ def report(r: dict) -> str:
         f"{sum(x <= P3_GOAL for x in p3)}/{repeats} |",
         f"| P3 online = online-teacher / store step time | {ratio(rounds['online'], rounds['store']):.3f} | "
         "(what precomputing saves) | |",
-        f"| P4 = loader samples/s alone / trainer samples/s (store) | {ratio(rounds['store'], rounds['loader']):.2f} "
+        f"| P4 demo = loader samples/s alone / trainer samples/s (store) | {ratio(rounds['store'], rounds['loader']):.2f} "
         f"| >= {P4_GOAL:g} | {sum(x >= P4_GOAL for x in p4)}/{repeats} |",
         "",
         f"P6 = peak RSS of {PEAK_RSS_STEPS} steps, once per mode, each in a process of its own:",
@@ -273,8 +275,8 @@ def main() -> None:
         return child(args.child, out, args.batch_size)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
-    # Every mode's loader streams one epoch at most, so no round pays for reopening the shards; a fresh loader
-    # for the loader-alone measurement starts at the first sample again.
+    # Every mode's loader draws one epoch at most, so every round reads samples no earlier round left in a cache;
+    # a fresh loader for the loader-alone measurement starts the epoch again.
     total = WARMUP_STEPS + args.repeats * (SETTLE_STEPS + args.steps)
     rows = args.rows or args.batch_size * max(total, args.loader_batches + 1)
 
