@@ -14,8 +14,8 @@ Decisions:
 - Order: the JSON's, or with `shuffle` a permutation seeded by `seed`; then cut into shards of
   `samples_per_shard` records (default 10000, img2dataset's: LLaVA-558K makes 56 shards of about 0.5 GB, each a
   unit of resume), or into exactly `num_shards` shards of near-equal size
-  (earlier shards take the extra record). Training streams whole shards per rank and loader worker, so ask for
-  smaller shards when ranks x workers come near the shard count.
+  (earlier shards take the extra record). Training reads samples by their byte range in a random order over all
+  shards, so the shard size does not limit how many ranks and loader workers read them.
 - Keys come from position, never from the record's id (ids repeat in the 665K mix): `f"{shard:05d}{i:04d}"` for
   the i-th record of the shard, img2dataset's own scheme, so keys sort in dataset order and are unique. The
   suffix has more than 4 digits only when a shard holds more than 10000 records. The id is kept in KEY.json;
