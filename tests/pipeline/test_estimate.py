@@ -60,10 +60,13 @@ def test_offline_manifest_sizes_come_from_declared_shapes():
     for teacher in result.teachers:
         t, c = teacher.target_shape
         assert teacher.shape_source == "declared" and teacher.flops_per_image is None
+        # Uncompressed: an upper bound with small overheads. One row per chunk gives each 1-2 KiB gen row a zstd
+        # frame and a shard-index entry (two with int8's scales): 1.5% (float16) to 5.5% (int8) of a 1 GB array.
+        slack = 1.06 if t * c < 4096 else 1.01
         raw = 558_128 * t * c * 2
-        assert raw < teacher.bytes["float16"] < raw * 1.01  # uncompressed: an upper bound with small overheads
+        assert raw < teacher.bytes["float16"] < raw * slack
         int8 = 558_128 * t * (c + 2)  # codes + a float16 scale per token
-        assert int8 < teacher.bytes["int8"] < int8 * 1.01
+        assert int8 < teacher.bytes["int8"] < int8 * slack
     gen = next(t for t in result.teachers if t.name == "gen")
     assert gen.bytes["pool2"] is None  # one token has no grid to pool
     assert result.totals["pool2"] == sum(t.bytes["pool2"] or t.bytes["float16"] for t in result.teachers)
