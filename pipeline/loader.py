@@ -187,6 +187,7 @@ class TrainingSamples(Dataset):
         self._target_rows, self._expected_sha1 = _match(index, stored)
         self.rows, self.excluded = self._select(stored)
         self._files: dict[str, object] = {}
+        self._files_pid = os.getpid()
 
     def _select(self, stored: pa.Table) -> tuple[np.ndarray, Counter]:
         """This stage's samples (of the given shards, in index order) and the count of the others by reason."""
@@ -251,7 +252,10 @@ class TrainingSamples(Dataset):
             log.warning("skipping %s/%s: %s", c["shard"][item.row], c["key"][item.row], item.reason)
 
     def _file(self, shard: str):
-        # One open file per shard and worker process: a random order touches every shard again and again.
+        # One open file per shard and worker process: a random order touches every shard again and again. A forked
+        # worker must not share its parent's file offsets, so a new process opens its own.
+        if self._files_pid != os.getpid():
+            self._files, self._files_pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = fsspec.open(self.urls[shard], "rb").open()
