@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench bench-gpu clean-demo
+.PHONY: install demo test bench bench-gpu clean-demo docs-pictures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 # On a machine with CUDA GPUs: the paper's teachers at real size (random weights), bare forward vs pipeline rows/s.
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/gpu.py
+
+# The README's pictures are committed under docs/ because runs/ is git-ignored; this refreshes them from a demo run.
+docs-pictures: demo
+	cp $(DEMO_DIR)/preview.png $(DEMO_DIR)/probe.png docs/
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
