@@ -5,6 +5,8 @@ One checkpoint holds, written in this order:
   `scheduler.bin`, `random_states_<rank>.pkl` (python, numpy and torch RNG of every process);
 - `data-rank<R>.json`: how many samples each rank has drawn from its epoch order (`pipeline.loader.EpochOrder`),
   which is its whole data position, and its counts of text-only and skipped samples;
+- `training_provenance.json`: config, store, step and the rows trained on so far, every invocation included (what
+  the finished student carries too);
 - `trainer_state.json`, last: the step, the sample count and the settings the data position depends on. A
   directory without it is an interrupted save: `resume: auto` ignores it and the next save at that step redoes it.
 
@@ -85,11 +87,14 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     return resume
 
 
-def save_training_state(accelerator, output_dir: str, state: TrainState, layout: dict, keep: int = 0) -> str:
+def save_training_state(accelerator, output_dir: str, state: TrainState, layout: dict, keep: int = 0,
+                        files: dict[str, dict] | None = None) -> str:
     """Write a resumable checkpoint of the current step on every rank (collective); returns its directory.
 
-    `layout`: the settings a data position is only valid under (world size, workers, batch size, ...).
+    `layout`: the settings a data position is only valid under (world size, batch size, ...).
     `keep`: keep the newest `keep` complete checkpoints (0 = all).
+    `files`: {name: JSON object} the main process writes into the checkpoint before its completion record (the
+    run's provenance).
     """
     path = checkpoint_dir(output_dir, state.step)
     if accelerator.is_main_process and os.path.exists(os.path.join(path, STATE_FILE)):
@@ -101,6 +106,9 @@ def save_training_state(accelerator, output_dir: str, state: TrainState, layout:
                    "skipped": state.skipped}, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, content in (files or {}).items():
+            with open(os.path.join(path, name), "w") as f:
+                json.dump(content, f, indent=1, sort_keys=True)
         record = {"step": state.step, "samples": state.samples, "layout": layout}
         tmp = os.path.join(path, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:

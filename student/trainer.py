@@ -398,8 +398,11 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
     acc = parts.accelerator
     os.makedirs(cfg.output_dir, exist_ok=True)
     layout = _data_layout(parts)
+    from accelerate.utils import gather_object
+
     resume_dir = resolve_resume(cfg.train.resume, cfg.output_dir)
     state = TrainState()
+    earlier_rows = _rows_of(resume_dir) if resume_dir is not None else []
     if resume_dir is not None:
         state = load_training_state(acc, resume_dir, layout)
         parts.order.start = state.drawn
@@ -443,16 +446,16 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
                     acc.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
             if cfg.train.save_every and (state.step % cfg.train.save_every == 0
                                          or state.step == cfg.train.max_steps):
-                save_training_state(acc, cfg.output_dir, state, layout, keep=cfg.train.keep_checkpoints)
+                provenance = _provenance(parts, state, terms, resume_dir, earlier_rows + gather_object(rows_seen))
+                save_training_state(acc, cfg.output_dir, state, layout, keep=cfg.train.keep_checkpoints,
+                                    files={PROVENANCE_FILE: provenance})
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
     bar.close()
     if cfg.train.record_rows:
         with open(os.path.join(cfg.output_dir, f"rows-rank{acc.process_index}.json"), "w") as f:
             json.dump(rows_seen, f)
-    from accelerate.utils import gather_object
-
-    save_checkpoint(parts, state, last, resumed_from=resume_dir, rows=gather_object(rows_seen))
+    save_checkpoint(parts, state, last, resumed_from=resume_dir, rows=earlier_rows + gather_object(rows_seen))
     if cfg.train.trackers:
         acc.end_training()
     return TrainResult(output_dir=cfg.output_dir, steps=state.step - start_step, first_loss=first, final_loss=last,
@@ -475,7 +478,15 @@ def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[st
     acc.unwrap_model(parts.model).save_pretrained(out, state_dict=weights)
     parts.tokenizer.save_pretrained(out)
     parts.image_processor.save_pretrained(out)
-    provenance = {
+    with open(os.path.join(out, PROVENANCE_FILE), "w") as f:
+        json.dump(_provenance(parts, state, final_loss, resumed_from, rows), f, indent=1, sort_keys=True)
+
+
+def _provenance(parts: TrainingParts, state: TrainState, loss: dict[str, float], resumed_from: str | None,
+                rows: list[int]) -> dict:
+    """What made a checkpoint (the finished student, and every resumable `step-N/`): config, store, progress."""
+    acc = parts.accelerator
+    return {
         "config": parts.cfg.model_dump(mode="json"),
         "store": parts.store_info,
         "steps": state.step,
@@ -483,13 +494,22 @@ def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[st
         "world_size": acc.num_processes,
         "distributed_type": acc.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
         "resumed_from": resumed_from,
-        # The store rows this invocation trained on (every rank), as [start, stop) ranges: a checkpoint names its data.
+        # The store rows trained on (every rank, every invocation since the first), as [start, stop) ranges: a
+        # checkpoint names its data.
         "rows": {"count": len(set(rows)), "ranges": _row_ranges(rows)},
-        "final_loss": final_loss,
+        "final_loss": loss,
         "created_by": "teacher-targets-pipeline",
     }
-    with open(os.path.join(out, PROVENANCE_FILE), "w") as f:
-        json.dump(provenance, f, indent=1, sort_keys=True)
+
+
+def _rows_of(checkpoint: str) -> list[int]:
+    """The rows a resumable checkpoint's provenance names ([] for one saved before step provenance existed)."""
+    try:
+        with open(os.path.join(checkpoint, PROVENANCE_FILE)) as f:
+            ranges = json.load(f)["rows"]["ranges"]
+    except FileNotFoundError:
+        return []
+    return [row for start, stop in ranges for row in range(start, stop)]
 
 
 def _row_ranges(rows: list[int]) -> list[list[int]]:

@@ -67,6 +67,12 @@ def test_kill_9_then_resume_continues_with_the_uninterrupted_losses(demo_store, 
         assert got[step] == want[step], f"step {step} after resuming at {resumed_at}"
     provenance = json.loads((killed / "training_provenance.json").read_text())
     assert provenance["steps"] == steps and provenance["resumed_from"] == resumed.resumed_from
+    # The rows of both invocations, the ones the uninterrupted run trained on; every step-N/ carries its provenance.
+    uninterrupted = json.loads((reference / "training_provenance.json").read_text())
+    assert provenance["rows"] == uninterrupted["rows"] and provenance["rows"]["count"] > 0
+    step_provenance = json.loads((killed / "checkpoints" / f"step-{resumed_at}" / "training_provenance.json")
+                                 .read_text())
+    assert step_provenance["steps"] == resumed_at and step_provenance["config"] == provenance["config"]
 
 
 def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
