@@ -187,7 +187,7 @@ def _scan(infos: list[ShardInfo], workers: int | None):
     """(position in `infos`, indexed shard) for every shard, in completion order."""
     if workers is None:
         worth_it = len(infos) >= 2 and sum(max(info.size, 0) for info in infos) >= PARALLEL_MIN_BYTES
-        count = min(len(infos), _cpu_count()) if worth_it else 1
+        count = min(len(infos), available_cpus()) if worth_it else 1
     else:
         count = max(1, min(workers, len(infos)))
     if count <= 1:
@@ -208,7 +208,8 @@ def _scan(infos: list[ShardInfo], workers: int | None):
                 future.cancel()  # after an error, do not read the shards nobody will use
 
 
-def _cpu_count() -> int:
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.errors import JobError, UsageError
+from pipeline.index import available_cpus
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 RUN_RECORD = "sharding.json"
@@ -352,7 +353,7 @@ def _summarise(out: Path, tasks: list[ShardTask], stats: list[dict], run: dict, 
 # --- workers -------------------------------------------------------------------------------------------------------
 def _write_all(tasks: list[ShardTask], workers: int | None):
     """Write every task's shard; yields each task when its shard is finished (completion order)."""
-    count = _default_workers() if workers is None else workers
+    count = available_cpus() if workers is None else workers
     count = max(1, min(count, len(tasks)))
     if count == 1:
         for task in tasks:
@@ -378,13 +379,6 @@ def _write_all(tasks: list[ShardTask], workers: int | None):
         finally:
             for future in pending:
                 future.cancel()
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def write_shard(task: ShardTask) -> dict:
