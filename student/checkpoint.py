@@ -30,6 +30,7 @@ from student.loading import from_pretrained_safetensors, load_image_processor
 from student.model import OlaStudent
 
 CHECKPOINTS_DIR = "checkpoints"
+PROVENANCE_FILE = "training_provenance.json"  # in every step-N/ and beside every finished student
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from student.conversation import IGNORE_INDEX
 from student.loading import from_pretrained_safetensors
 from student.predictor import EmbeddingPredictor
 
@@ -41,7 +42,7 @@ __all__ = [
     "TRAINABLE_PARTS",
 ]
 
-IGNORE_INDEX = -100
+DEFAULT_TASK_ORDER = ("gen", "depth", "seg")  # the reference's order of task tokens
 
 # Parts addressable by ``OlaStudent.set_trainable``. The logit scales belong to the predictors' loss, so
 # "predictors" includes them (the reference trains them whenever its heads train).
@@ -181,7 +182,7 @@ class StudentConfig(PretrainedConfig):
         vision_config: PretrainedConfig | dict | None = None,
         text_config: PretrainedConfig | dict | None = None,
         tasks: Iterable[TaskSpec | dict] | None = None,
-        task_order: Iterable[str] = ("gen", "depth", "seg"),
+        task_order: Iterable[str] = DEFAULT_TASK_ORDER,
         image_token_id: int | None = None,
         vision_feature_layer: int = -2,
         vision_feature_select: str = "patch",

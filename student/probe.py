@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UsageError
-from student.checkpoint import load_student
+from student.checkpoint import PROVENANCE_FILE, load_student
 from student.predictor import EmbeddingPredictor
 
-PROVENANCE_FILE = "training_provenance.json"  # written by student.trainer.save_checkpoint
 PLOT_SIZE_INCHES = (6.4, 4.0)
 PLOT_DPI = 100
 TABLE_COLUMNS = ("checkpoint", "teacher", "layer", "cosine", "untrained_cosine", "train_loss", "train_images",

@@ -33,15 +33,20 @@ from tqdm.auto import tqdm
 from pipeline.errors import PipelineError, UsageError
 from pipeline.loader import IMAGE_CHANGED, EpochOrder, TrainingSamples, training_index
 from pipeline.store import TargetStore
-from student.checkpoint import TrainState, load_student, load_training_state, resolve_resume, save_training_state
+from student.checkpoint import (
+    PROVENANCE_FILE,
+    TrainState,
+    load_student,
+    load_training_state,
+    resolve_resume,
+    save_training_state,
+)
 from student.config import ExperimentConfig, load_experiment
 from student.data import BatchCollator, SampleEncoder
 from student.loading import load_image_processor
 from student.loss import CoupledLossConfig, coupled_loss
-from student.model import OlaStudent, TaskLayersError
+from student.model import DEFAULT_TASK_ORDER, OlaStudent, TaskLayersError
 
-DEFAULT_TASK_ORDER = ("gen", "depth", "seg")
-PROVENANCE_FILE = "training_provenance.json"
 METRICS_FILE = "metrics.jsonl"
 DATA_INDEX_DIR = "data_index"  # a stage without a store keeps its index of the shards here
 TENSORBOARD_DIR = "tensorboard"
