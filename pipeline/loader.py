@@ -11,9 +11,9 @@ Targets are read by row. The store decodes a whole inner chunk (`rows_per_chunk`
 random order decodes `rows_per_chunk` rows per sample; stores are made with one row per chunk by default for
 that reason (`pipeline precompute --rows-per-chunk`), and every sample reports the bytes decoded to deliver it.
 
-Which samples a stage trains on is decided from the index before any read (`SampleRules`): duplicate keys (only
-the first occurrence counts, as in precompute), samples with no text, and samples without an image when the
-stage reads targets (PT) are left out of the order and counted. What only reading can tell (an image whose bytes
+Which samples a stage trains on is decided from the index before any read (`TrainingSamples._select`): duplicate
+keys (only the first occurrence counts, as in precompute), samples with no text, and samples without an image
+when the stage reads targets (PT) are left out of the order and counted. What only reading can tell (an image whose bytes
 changed, one that does not decode, a broken conversation) becomes a `Skipped` record in its batch: counted, logged,
 never fatal.
 """
