@@ -63,9 +63,9 @@ def bare_forward(manifest: Path, shards: Path, seconds: float) -> dict[str, floa
     import torch
 
     import teachers
-    from pipeline.images import decode_rgb
-    from pipeline.index import build_index
-    from pipeline.shards import read_member_bytes
+    from pipeline.data.images import decode_rgb
+    from pipeline.data.index import build_index
+    from pipeline.data.shards import read_member_bytes
 
     index = build_index(str(shards), progress=False).table.to_pylist()[:256]
     images = []

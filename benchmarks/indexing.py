@@ -29,7 +29,7 @@ ROWS_PER_BLOCK = 64
 
 
 def first_indexing(shards: str, store: Path) -> float:
-    from pipeline.index import build_index
+    from pipeline.data.index import build_index
     from pipeline.precompute import open_or_create_store
 
     shutil.rmtree(store, ignore_errors=True)
@@ -40,9 +40,9 @@ def first_indexing(shards: str, store: Path) -> float:
 
 
 def rerun_indexing(shards: str, store: Path) -> float:
-    from pipeline.index import build_index
+    from pipeline.data.index import build_index
     from pipeline.precompute import open_or_create_store
-    from pipeline.store import TargetStore
+    from pipeline.data.store import TargetStore
 
     started = time.perf_counter()
     index = build_index(shards, previous=TargetStore(str(store)).previous_index(), progress=False)
@@ -53,7 +53,7 @@ def rerun_indexing(shards: str, store: Path) -> float:
 
 
 def scan(shards: str, workers: int) -> float:
-    from pipeline.index import build_index
+    from pipeline.data.index import build_index
 
     started = time.perf_counter()
     build_index(shards, workers=workers, progress=False)
@@ -77,7 +77,7 @@ def main() -> None:
         parser.error("--repeats must be at least 5 (medians of fewer say little on a shared machine)")
 
     from pipeline.demo_assets import write_demo_shards
-    from pipeline.index import PARALLEL_MIN_BYTES
+    from pipeline.data.index import PARALLEL_MIN_BYTES
 
     out = Path(args.out)
     shards_dir = out / f"shards-{args.shards}x{args.samples_per_shard}"

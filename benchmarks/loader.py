@@ -48,8 +48,8 @@ P4_GOAL = 3.0
 def build_store(shards: Path, path: Path, rows_per_chunk: int) -> None:
     import numpy as np
 
-    from pipeline.index import build_index
-    from pipeline.store import Storage, TargetStore
+    from pipeline.data.index import build_index
+    from pipeline.data.store import Storage, TargetStore
 
     index = build_index(str(shards), progress=False)
     store = TargetStore(str(path))
@@ -78,7 +78,7 @@ def build_encoder(root: Path):
 def make_loader(shards: Path, store: Path, workers: int, encoder, tokenizer, seed: int):
     from torch.utils.data import DataLoader
 
-    from pipeline.loader import EpochOrder, TrainingSamples
+    from pipeline.data.loader import EpochOrder, TrainingSamples
     from student.data import BatchCollator
 
     dataset = TrainingSamples(str(shards), str(store), list(SHAPES), encoder)

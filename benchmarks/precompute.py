@@ -108,9 +108,9 @@ def decoded_images(shards: str) -> list:
     """Every image of the shards decoded once, the way precompute decodes them."""
     import fsspec
 
-    from pipeline.images import decode_rgb
-    from pipeline.index import build_index
-    from pipeline.shards import read_member_bytes
+    from pipeline.data.images import decode_rgb
+    from pipeline.data.index import build_index
+    from pipeline.data.shards import read_member_bytes
 
     index = build_index(shards, progress=False)
     urls = {Path(u).name: u for u in index.urls}
@@ -171,7 +171,7 @@ P5_OPTIONS = {"float16 (default)": ("float16", {}), "bfloat16": ("bfloat16", {"s
 
 
 def measure(label: str, shards: str, manifest: Path, work: Path, rows: int, repeats: int) -> dict:
-    from pipeline.store import TargetStore
+    from pipeline.data.store import TargetStore
 
     print(f"{label}: {rows} rows, {repeats} interleaved rounds of {' '.join(VARIANTS)}", flush=True)
     started = time.perf_counter()

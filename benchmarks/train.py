@@ -82,7 +82,7 @@ class InMemoryTargets:
     def __init__(self, store_path: str, names: list[str]):
         import torch
 
-        from pipeline.store import TargetStore
+        from pipeline.data.store import TargetStore
 
         store = TargetStore(store_path)
         self.targets, self.valid = {}, {}
@@ -136,7 +136,7 @@ def loader_seconds(parts, batches: int) -> float:
     start-up, not counted)."""
     from torch.utils.data import DataLoader
 
-    from pipeline.loader import EpochOrder
+    from pipeline.data.loader import EpochOrder
 
     cfg = parts.cfg
     loader = DataLoader(parts.dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -189,7 +189,7 @@ def child(mode: str, out: Path, batch_size: int) -> None:
 
 def teacher_weights_mib(store_path: Path) -> float:
     """Size of the safetensors files of the teachers the store recorded: what online mode holds in memory."""
-    from pipeline.store import TargetStore
+    from pipeline.data.store import TargetStore
 
     store = TargetStore(str(store_path))
     total = 0

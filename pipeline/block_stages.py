@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.images import ImageDecodeError, decode_rgb
-from pipeline.shards import read_indexed_image
-from pipeline.store import BlockRange, Storage, TargetStore
+from pipeline.data.images import ImageDecodeError, decode_rgb
+from pipeline.data.shards import read_indexed_image
+from pipeline.data.store import BlockRange, Storage, TargetStore
 
 _INDEX_COLUMNS = ("shard", "key", "image_member", "image_offset", "image_size", "image_sha1")
 
@@ -39,7 +39,7 @@ class BlockRows:
 
     block: BlockRange
     columns: dict[str, list]  # _INDEX_COLUMNS, each a list for rows block.start .. block.stop
-    duplicates: dict[int, str]  # global row -> why it is not used (pipeline.index.duplicate_rows)
+    duplicates: dict[int, str]  # global row -> why it is not used (pipeline.data.index.duplicate_rows)
 
     @classmethod
     def from_index(cls, index: pa.Table, block: BlockRange, duplicates: dict[int, str]) -> BlockRows:
@@ -286,7 +286,7 @@ def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fin
           batch_sizes: dict[str, int]) -> dict[str, dict]:
     """The last stage: each teacher's block files, then its completion record; returns the records.
 
-    Both writes happen only while the run named `token` holds the store (see pipeline/store_lock.py).
+    Both writes happen only while the run named `token` holds the store (see pipeline/data/store_lock.py).
     """
     block = computed.rows.block
     records = {}

@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from pipeline.errors import PipelineError, UsageError
-from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.data.errors import PipelineError, UsageError
+from pipeline.data.images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """\
 Precompute frozen-teacher targets once into Zarr v3 target stores, then train OLA-VLM students on them.
@@ -67,7 +67,7 @@ examples (the LLaVA-1.5 training data, as downloaded):
 def _cmd_index(args) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.index import build_index
+    from pipeline.data.index import build_index
 
     index = build_index(args.shards, progress=not args.quiet)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -10,11 +10,11 @@ bfloat16, int8, pool 2, int8 + pool 2), and the teacher's forward FLOPs per imag
   the manifest declares; with neither the teacher is reported as unknown.
 - Compression: when the model loads, it runs on `sample_images` images (the first ones of `shards`, else
   scikit-image's bundled photographs), its targets are encoded for each option and compressed chunk by chunk with
-  the store's own codec (zstd level `pipeline.store.ZSTD_LEVEL`, `rows_per_chunk` rows per chunk): the measured
+  the store's own codec (zstd level `pipeline.data.store.ZSTD_LEVEL`, `rows_per_chunk` rows per chunk): the measured
   ratio. Without the model nothing is assumed: sizes are uncompressed (plus zstd's few bytes of framing per
   chunk), an upper bound. Random tiny demo weights compress differently from real ones (float16 demo targets:
   0.77 to 1.0), so measure on the real model where it matters.
-- On-disk layout, as `pipeline.store` writes it: per array one shard file per block of `rows_per_block` rows with a
+- On-disk layout, as `pipeline.data.store` writes it: per array one shard file per block of `rows_per_block` rows with a
   16-byte index entry per chunk plus a 4-byte checksum, the int8 `scale` array ([rows, T'] float16), the `valid`
   flags and the JSON metadata (the group's attributes hold the per-channel mean and std). `index.parquet` and
   `errors.parquet` are not counted (about 100 bytes per row).
@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pipeline.errors import UsageError
-from pipeline.store import ZSTD_LEVEL, Storage
+from pipeline.data.errors import UsageError
+from pipeline.data.store import ZSTD_LEVEL, Storage
 
 OPTIONS: dict[str, Storage] = {
     "float16": Storage(),
@@ -146,12 +146,12 @@ def sample_images(shards: str | None, count: int) -> tuple[list, str]:
     """Up to `count` RGB images: the first decodable ones of `shards`, else scikit-image's bundled photographs."""
     from PIL import Image
 
-    from pipeline.images import ImageDecodeError, decode_rgb
+    from pipeline.data.images import ImageDecodeError, decode_rgb
 
     if shards:
         import fsspec
 
-        from pipeline.shards import IMAGE_EXTENSIONS, list_shards, split_member_name
+        from pipeline.data.shards import IMAGE_EXTENSIONS, list_shards, split_member_name
 
         images = []
         for url in list_shards(shards):

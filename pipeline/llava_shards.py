@@ -64,8 +64,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.errors import JobError, UsageError
-from pipeline.index import available_cpus
+from pipeline.data.errors import JobError, UsageError
+from pipeline.data.index import available_cpus
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 RUN_RECORD = "sharding.json"

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from pipeline.block_stages import run_teacher
-from pipeline.store import Storage, TargetStore
+from pipeline.data.store import Storage, TargetStore
 
 
 class OnlineTargets:
@@ -67,7 +67,7 @@ class OnlineTargets:
             self.fingerprints[name] = teacher.fingerprint
 
     def __call__(self, images: Sequence) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """RGB PIL images (decoded by `pipeline.images.decode_rgb`) -> ({teacher: [B, T, C] float32},
+        """RGB PIL images (decoded by `pipeline.data.images.decode_rgb`) -> ({teacher: [B, T, C] float32},
         {teacher: [B] bool}), rounded as the store rounds them; a failed or non-finite row is 0 and invalid, as in
         the store (precompute's batching and failure rules: `run_teacher`)."""
         targets, valid = {}, {}

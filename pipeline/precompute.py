@@ -29,15 +29,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config_io import describe_validation_error
+from pipeline.data.config import describe_validation_error
 from pipeline import block_stages as stages
-from pipeline.errors import JobError, UsageError
-from pipeline.failpoints import failpoint
-from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.index import ShardIndex, build_index, duplicate_rows, first_difference
+from pipeline.data.errors import JobError, UsageError
+from pipeline.data.failpoints import failpoint
+from pipeline.data.images import DEFAULT_MAX_PIXELS
+from pipeline.data.index import ShardIndex, build_index, duplicate_rows, first_difference
 from pipeline.local_ray import ray_session
-from pipeline.shards import shard_name
-from pipeline.store import DEFAULT_ROWS_PER_CHUNK, BlockRange, Storage, TargetStore
+from pipeline.data.shards import shard_name
+from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, BlockRange, Storage, TargetStore
 
 DEFAULT_ROWS_PER_BLOCK = 64
 BLOCKS_IN_FLIGHT_PER_WORKER = 2
@@ -110,7 +110,7 @@ class BlockWorker:
 
         torch.set_num_threads(max(1, threads))
         self.store = TargetStore(store_path)
-        self.token = token  # the run's lock token: checked before every write (see pipeline/store_lock.py)
+        self.token = token  # the run's lock token: checked before every write (see pipeline/data/store_lock.py)
         self.shard_urls = shard_urls
         self.max_pixels = max_pixels
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 
 CELL_INCHES = (2.2, 2.4)  # width, height of one panel
 DPI = 100
@@ -125,8 +125,8 @@ def read_images(store, shards: str, rows: list[int]) -> dict[int, object]:
     """{row: RGB PIL image} read by the index's byte offsets, each checked against the indexed sha1."""
     import fsspec
 
-    from pipeline.images import ImageDecodeError, decode_rgb
-    from pipeline.shards import list_shards, read_indexed_image, shard_name
+    from pipeline.data.images import ImageDecodeError, decode_rgb
+    from pipeline.data.shards import list_shards, read_indexed_image, shard_name
 
     index = store.read_index()
     columns = {c: index.column(c).to_pylist() for c in ("shard", "key", "image_sha1", "image_offset", "image_size")}
@@ -162,7 +162,7 @@ def preview_store(store_path: str, rows: str | list[int], out: str, *, shards: s
 
     Without `shards` the image column says so and only targets are drawn.
     """
-    from pipeline.store import TargetStore
+    from pipeline.data.store import TargetStore
 
     store = TargetStore(store_path)
     rows = parse_rows(rows, store.num_rows) if isinstance(rows, str) else rows
@@ -192,9 +192,9 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     """
     import torch
 
-    from pipeline.loader import Skipped, TrainingSamples
-    from pipeline.shards import list_shards, shard_name
-    from pipeline.store import TargetStore
+    from pipeline.data.loader import Skipped, TrainingSamples
+    from pipeline.data.shards import list_shards, shard_name
+    from pipeline.data.store import TargetStore
     from student.data import BatchCollator, SampleEncoder
     from student.probe import checkpoint_max_length, load_frozen_student, shards_from_checkpoint
 

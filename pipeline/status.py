@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.store import TargetStore
+from pipeline.data.store import TargetStore
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import UsageError
-from pipeline.index import PreviousIndex, build_index, dataset_fingerprint, first_difference
-from pipeline.store import TargetStore
+from pipeline.data.errors import UsageError
+from pipeline.data.index import PreviousIndex, build_index, dataset_fingerprint, first_difference
+from pipeline.data.store import TargetStore
 
 
 @dataclass

@@ -39,7 +39,7 @@ NEEDED_FLOORS = {
     # transformers 5.4: the image-processor backend refactor (transformers#43514) added the <Model>ImageProcessorPil
     # classes (CLIPImageProcessorPil, OneFormerImageProcessorPil) and AutoImageProcessor.from_pretrained(backend="pil").
     "transformers": "5.4",
-    # zarr 3.1.0: `zarr.core.dtype` (ZDType, data_type_registry, npy.float.BaseFloat) that pipeline/zarr_bfloat16.py
+    # zarr 3.1.0: `zarr.core.dtype` (ZDType, data_type_registry, npy.float.BaseFloat) that pipeline/data/zarr_bfloat16.py
     # subclasses and registers bfloat16 with.
     "zarr": "3.1",
     # timm 1.0.16: the `local-dir:PATH` model source that teachers/timm_features.py creates models from.

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.llava_shards import write_llava_shards
-from pipeline.loader import NO_IMAGE_FOR_TARGETS, TrainingSamples
+from pipeline.data.loader import NO_IMAGE_FOR_TARGETS, TrainingSamples
 from tests.conftest import DEMO_TEACHERS, REPO
 from tests.pipeline.llava_fixtures import mix_665k, pretrain_558k
 

@@ -21,7 +21,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_rgb
+from pipeline.data.images import ImageDecodeError, decode_rgb
 from tests.conftest import DEMO_TEACHERS
 
 TEACHERS = ("depth", "seg", "gen")
@@ -384,7 +384,7 @@ def test_precompute_records_every_undecodable_sample_and_keeps_the_rest(fuzz_sto
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_training_loader_skips_undecodable_samples_without_raising(fuzz_store):
-    from pipeline.loader import TrainingSamples
+    from pipeline.data.loader import TrainingSamples
 
     shards, store, samples, decodable = fuzz_store
     dataset = TrainingSamples(str(shards), str(store), ["depth"], transform=lambda s: s)
@@ -398,7 +398,7 @@ def test_training_loader_skips_undecodable_samples_without_raising(fuzz_store):
 @pytest.mark.timeout(300)
 def test_training_loader_without_a_store_skips_undecodable_samples_without_raising(fuzz_shards):
     """The same without a store (next-token-only training), so it does not depend on the precompute above."""
-    from pipeline.loader import TrainingSamples
+    from pipeline.data.loader import TrainingSamples
 
     shards, samples, decodable = fuzz_shards
     dataset = TrainingSamples(str(shards), None, [], transform=lambda s: s)

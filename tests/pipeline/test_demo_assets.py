@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline import demo_assets
 from pipeline.demo_assets import IMAGE_TOKEN, build_demo_assets, write_demo_shards
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from tests.conftest import REPO
 
 NUM_SAMPLES = 12

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.estimate import OPTIONS, estimate, teacher_bytes
-from pipeline.store import TargetStore
+from pipeline.data.store import TargetStore
 from tests.conftest import DEMO_SAMPLES, DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 
 pytestmark = [pytest.mark.timeout(300)]

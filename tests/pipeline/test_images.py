@@ -1,4 +1,4 @@
-"""`pipeline.images`: every Pillow mode becomes 8-bit RGB the one documented way; bad bytes fail readably."""
+"""`pipeline.data.images`: every Pillow mode becomes 8-bit RGB the one documented way; bad bytes fail readably."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb, to_rgb
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb, to_rgb
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:

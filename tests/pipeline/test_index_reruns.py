@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from pipeline.errors import UsageError
-from pipeline.index import PreviousIndex, build_index
+from pipeline.data.errors import UsageError
+from pipeline.data.index import PreviousIndex, build_index
 from pipeline.precompute import open_or_create_store, run_precompute
-from pipeline.store import TargetStore
+from pipeline.data.store import TargetStore
 from pipeline.verify import verify_store
 from tests.conftest import DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 from tests.pipeline.test_store_promises import store_files

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.errors import UsageError
-from pipeline.images import decode_rgb
-from pipeline.index import build_index
+from pipeline.data.errors import UsageError
+from pipeline.data.images import decode_rgb
+from pipeline.data.index import build_index
 from pipeline.llava_shards import FAILURES_FILE, caption_of, image_extension, write_llava_shards
 from tests.conftest import REPO
 from tests.pipeline.llava_fixtures import LlavaSet, mix_665k, pretrain_558k

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from pipeline.precompute import run_precompute
 from tests.conftest import DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 

@@ -20,7 +20,7 @@ import zarr
 from PIL import Image
 
 from pipeline.cli import main as cli
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from pipeline.precompute import run_precompute
 from pipeline.verify import verify_store
 from tests.conftest import DEMO_TEACHERS, REPO

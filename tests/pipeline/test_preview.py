@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from pipeline.preview import fit_pca, parse_rows, pca_colours, preview_size, run_preview, target_panel
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import DataLoader
 
-from pipeline.loader import EpochOrder, TrainingSamples
+from pipeline.data.loader import EpochOrder, TrainingSamples
 from tests.conftest import DEMO_EXPERIMENT, DEMO_SAMPLES
 
 

@@ -71,8 +71,8 @@ def test_item4_racing_runs_on_s3_get_the_lock_exactly_once(s3_env):
 
     import s3fs
 
-    from pipeline.errors import UsageError
-    from pipeline.store import TargetStore
+    from pipeline.data.errors import UsageError
+    from pipeline.data.store import TargetStore
 
     s3fs.S3FileSystem().mkdir("locks")
     trials, racers = 15, 4
@@ -107,9 +107,9 @@ def test_item4_an_s3_lock_is_taken_over_only_when_stale_and_a_lost_lock_stops_it
 
     import s3fs
 
-    from pipeline.errors import UsageError
-    from pipeline.store import TargetStore
-    from pipeline.store_lock import STALE_SECONDS, FencedOut
+    from pipeline.data.errors import UsageError
+    from pipeline.data.store import TargetStore
+    from pipeline.data.store_lock import STALE_SECONDS, FencedOut
 
     fs = s3fs.S3FileSystem()
     fs.mkdir("held")

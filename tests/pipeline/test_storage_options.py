@@ -10,7 +10,7 @@ import yaml
 import zarr
 
 from pipeline.precompute import run_precompute
-from pipeline.store import TargetStore
+from pipeline.data.store import TargetStore
 from tests.conftest import DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

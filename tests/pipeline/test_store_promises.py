@@ -25,13 +25,13 @@ import yaml
 import zarr
 
 from pipeline.cli import main as cli
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from pipeline.block_stages import BlockRows
-from pipeline.index import duplicate_rows
-from pipeline.loader import TrainingSamples
+from pipeline.data.index import duplicate_rows
+from pipeline.data.loader import TrainingSamples
 from pipeline.precompute import BlockWorker, run_precompute
-from pipeline.store import TargetStore
-from pipeline.store_lock import FencedOut
+from pipeline.data.store import TargetStore
+from pipeline.data.store_lock import FencedOut
 from pipeline.verify import verify_store
 from tests.conftest import DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 
@@ -124,8 +124,8 @@ def test_item2_a_run_killed_after_its_last_record_is_finished_by_the_rerun(demo_
 
 RACER = textwrap.dedent("""
     import sys, time
-    from pipeline.errors import UsageError
-    from pipeline.store import TargetStore
+    from pipeline.data.errors import UsageError
+    from pipeline.data.store import TargetStore
     trials, start, window = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
     held = {}
     for trial in range(trials):
@@ -145,7 +145,7 @@ RACER = textwrap.dedent("""
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from pipeline.store import TargetStore
+    from pipeline.data.store import TargetStore
     lock = TargetStore(sys.argv[1]).lock()
     lock.__enter__()
     print(lock.token, flush=True)

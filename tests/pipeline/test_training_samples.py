@@ -6,7 +6,7 @@ import io
 import json
 import tarfile
 
-from pipeline.loader import Skipped, TrainingSamples
+from pipeline.data.loader import Skipped, TrainingSamples
 from student.conversation import messages_from_sample
 
 

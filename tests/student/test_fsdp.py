@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from tests.conftest import REPO
 from tests.student.fsdp_cpu_worker import SEPARATOR
 from tests.student.test_multiprocess import free_port

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from student.config import load_experiment
 from tests.conftest import REPO
 

@@ -79,7 +79,7 @@ def test_online_teachers_round_like_an_int8_pooled_store(demo_dir, ray_local, tm
 
 
 def test_online_teachers_refuse_a_store_whose_teacher_weights_changed(store_copy):
-    from pipeline.errors import UsageError
+    from pipeline.data.errors import UsageError
     from pipeline.online_targets import OnlineTargets
 
     meta = store_copy / "gen" / "zarr.json"

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from student.probe import (
     PLOT_DPI,
     PLOT_SIZE_INCHES,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from student.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
 from tests.conftest import DEMO_EXPERIMENT, REPO
 

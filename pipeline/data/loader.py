@@ -35,11 +35,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.errors import UsageError
-from pipeline.images import ImageDecodeError, decode_rgb
-from pipeline.index import PreviousIndex, build_index, duplicate_rows
-from pipeline.shards import IMAGE_EXTENSIONS, list_shards, read_member_bytes, shard_name, split_sample_span
-from pipeline.store import Storage, TargetStore
+from pipeline.data.errors import UsageError
+from pipeline.data.images import ImageDecodeError, decode_rgb
+from pipeline.data.index import PreviousIndex, build_index, duplicate_rows
+from pipeline.data.shards import IMAGE_EXTENSIONS, list_shards, read_member_bytes, shard_name, split_sample_span
+from pipeline.data.store import Storage, TargetStore
 
 log = logging.getLogger(__name__)
 

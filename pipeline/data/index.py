@@ -13,7 +13,7 @@ text-only ones included, in one read and in any order.)
 `image_sha1` is "" for a sample without an image member; such rows get `valid = 0` downstream.
 
 Beside it, a store keeps `shards.parquet`, one row per shard in shard order (SHARDS_SCHEMA): the shard's
-identity when it was read (size, mtime or ETag: see `pipeline.shards.ShardInfo`), its rows in the index
+identity when it was read (size, mtime or ETag: see `pipeline.data.shards.ShardInfo`), its rows in the index
 and the damage reading it found (a truncated tar), which is in no row of the index. Indexing the shards of
 an existing store (`build_index(..., previous=...)`) re-reads only the shards whose identity changed or that
 are new, and takes the others' rows from the store; re-reading and re-hashing every shard is
@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pipeline.errors import JobError
-from pipeline.shards import SampleMembers, ShardInfo, list_shard_infos, scan_shard, shard_name
+from pipeline.data.errors import JobError
+from pipeline.data.shards import SampleMembers, ShardInfo, list_shard_infos, scan_shard, shard_name
 
 INDEX_SCHEMA = pa.schema(
     [

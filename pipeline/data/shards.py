@@ -23,8 +23,8 @@ import fsspec
 from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import UsageError
-from pipeline.images import ImageDecodeError
+from pipeline.data.errors import UsageError
+from pipeline.data.images import ImageDecodeError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_EXTENSION = "txt"
@@ -38,7 +38,7 @@ class ShardInfo:
     The identity is what changes when the file is rewritten: its size, plus its ETag on object stores (which
     change with every write) or else its modification time (`st_mtime_ns` for local files, the listing's
     last-modified time elsewhere). A store records it per shard so that a rerun re-reads only the shards whose
-    identity changed (see pipeline/index.py).
+    identity changed (see pipeline/data/index.py).
     """
 
     url: str
@@ -248,7 +248,7 @@ def _check_end_of_archive(raw, offset: int) -> tuple[str, str | None] | None:
 
 
 def read_indexed_image(file, offset: int, size: int, sha1: str) -> bytes:
-    """An indexed sample's image bytes (see pipeline/index.py), checked against the sha1 the index recorded."""
+    """An indexed sample's image bytes (see pipeline/data/index.py), checked against the sha1 the index recorded."""
     data = read_member_bytes(file, offset, size)
     if hashlib.sha1(data).hexdigest() != sha1:
         raise ImageDecodeError("image bytes changed since the shards were indexed (sha1 differs)")

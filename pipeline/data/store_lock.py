@@ -27,7 +27,7 @@ import secrets
 import socket
 import time
 
-from pipeline.errors import JobError, UsageError
+from pipeline.data.errors import JobError, UsageError
 
 LOCK_FILE = "_lock"
 STALE_SECONDS = 120.0

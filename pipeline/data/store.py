@@ -2,7 +2,7 @@
 
     STORE/                      Zarr v3 group; attributes: format, format_version, dataset_fingerprint,
                                 num_rows, rows_per_block, created_by
-    STORE/index.parquet         one row per sample (see pipeline/index.py); row i here = row i below
+    STORE/index.parquet         one row per sample (see pipeline/data/index.py); row i here = row i below
     STORE/shards.parquet        one row per shard, in shard order: shard (name), size, mtime_ns, etag (the shard's
                                 identity when indexed: a rerun re-reads only shards whose identity changed),
                                 row_start, row_stop (its rows above), error, error_key (damage reading it found)
@@ -46,10 +46,10 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import ZstdCodec
 
-from pipeline import zarr_bfloat16
-from pipeline.errors import UsageError
-from pipeline.failpoints import failpoint
-from pipeline.store_lock import LOCK_FILE, StoreLock, check_fence
+from pipeline.data import zarr_bfloat16
+from pipeline.data.errors import UsageError
+from pipeline.data.failpoints import failpoint
+from pipeline.data.store_lock import LOCK_FILE, StoreLock, check_fence
 
 zarr_bfloat16.register()
 
@@ -186,7 +186,7 @@ class TargetStore:
 
     def create(self, index: pa.Table, dataset_fingerprint: str, *, rows_per_block: int,
                shards: pa.Table | None = None) -> None:
-        """Create the group, write index.parquet and shards.parquet (`shards`: pipeline.index.SHARDS_SCHEMA, the
+        """Create the group, write index.parquet and shards.parquet (`shards`: pipeline.data.index.SHARDS_SCHEMA, the
         shards' identities), then the group's attributes (which mark the store as made)."""
         if rows_per_block < 1:
             raise UsageError(f"rows_per_block must be >= 1, got {rows_per_block}")
@@ -272,7 +272,7 @@ class TargetStore:
         return pq.read_table(pa.BufferReader(data))
 
     def read_shard_records(self) -> pa.Table | None:
-        """shards.parquet (see pipeline/index.py, SHARDS_SCHEMA), or None for a store made before it existed."""
+        """shards.parquet (see pipeline/data/index.py, SHARDS_SCHEMA), or None for a store made before it existed."""
         path = self._join(SHARDS_FILE)
         if not self.fs.exists(path):
             return None
@@ -291,9 +291,9 @@ class TargetStore:
         return True
 
     def previous_index(self):
-        """This store's record of its shards for `pipeline.index.build_index(previous=...)`: a rerun then re-reads
+        """This store's record of its shards for `pipeline.data.index.build_index(previous=...)`: a rerun then re-reads
         only shards that changed. None for a store made before shards.parquet existed (every shard is read)."""
-        from pipeline.index import PreviousIndex
+        from pipeline.data.index import PreviousIndex
 
         shards = self.read_shard_records()
         return None if shards is None else PreviousIndex(index=self.read_index(), shards=shards)
@@ -461,7 +461,7 @@ class TargetStore:
             return json.load(f)
 
     def lock(self) -> StoreLock:
-        """The store's job lock (see pipeline/store_lock.py); its `token` fences the run's workers."""
+        """The store's job lock (see pipeline/data/store_lock.py); its `token` fences the run's workers."""
         return StoreLock(self.fs, self._root, display=self.path)
 
     def check_fence(self, token: str | None) -> None:
@@ -501,7 +501,7 @@ class TargetStore:
         """Delete the temporary files of writes that a killed process never renamed into place; returns them.
 
         Only the holder of the store's lock may call this: a dead run's workers are fenced out by then (see
-        pipeline/store_lock.py), so no live writer owns such a file.
+        pipeline/data/store_lock.py), so no live writer owns such a file.
         """
         if not self._is_local():
             return []  # object-store writes are single PUTs: nothing partial is left behind
