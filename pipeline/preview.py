@@ -196,7 +196,7 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     from pipeline.data.shards import list_shards, shard_name
     from pipeline.data.store import TargetStore
     from student.data import BatchCollator, SampleEncoder
-    from student.probe import checkpoint_max_length, load_frozen_student, shards_from_checkpoint
+    from student.checkpoint import checkpoint_max_length, load_frozen_student, shards_from_checkpoint
 
     store = TargetStore(store_path)
     rows = parse_rows(rows, store.num_rows) if isinstance(rows, str) else rows

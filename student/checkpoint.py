@@ -3,7 +3,7 @@
 One checkpoint holds, written in this order:
 - accelerate `save_state`: `model.safetensors` (the whole student, logit scales included), `optimizer.bin`,
   `scheduler.bin`, `random_states_<rank>.pkl` (python, numpy and torch RNG of every process);
-- `data-rank<R>.json`: how many samples each rank has drawn from its epoch order (`pipeline.loader.EpochOrder`),
+- `data-rank<R>.json`: how many samples each rank has drawn from its epoch order (`pipeline.data.loader.EpochOrder`),
   which is its whole data position, and its counts of text-only and skipped samples;
 - `training_provenance.json`: config, store, step and the rows trained on so far, every invocation included (what
   the finished student carries too);
@@ -13,8 +13,10 @@ One checkpoint holds, written in this order:
 Resuming = `accelerate.load_state` + each rank's epoch order starting after what it had drawn, so on CPU the losses
 after a resume are the losses the uninterrupted run would have logged.
 
-`load_student` opens the other kind of checkpoint: a finished student (`output_dir`, `save_pretrained`), for the
-next stage's `model.init_from`, `pipeline probe` and `pipeline generate`.
+The other kind of checkpoint, a finished student (`output_dir`, `save_pretrained`), is read here too:
+`load_student` for the next stage's `model.init_from`, `load_frozen_student` for inference (`pipeline probe`,
+`preview` and `generate`), and `training_data_config` / `shards_from_checkpoint` / `checkpoint_max_length` for what
+its provenance says it was trained on.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 from student.loading import from_pretrained_safetensors, load_image_processor
 from student.model import OlaStudent
 
@@ -38,7 +40,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 @dataclass
 class TrainState:
     """The loop's position: optimizer steps done, global samples trained on, and this rank's data position: how
-    many samples it has drawn from its `pipeline.loader.EpochOrder` (used or skipped), plus its running counts."""
+    many samples it has drawn from its `pipeline.data.loader.EpochOrder` (used or skipped), plus its running counts."""
 
     step: int = 0
     samples: int = 0
@@ -156,3 +158,34 @@ def load_student(path: str, *, field: str = "checkpoint"):
     hf_logging.disable_progress_bar()
     model = from_pretrained_safetensors(OlaStudent, path, field=field)
     return model, AutoTokenizer.from_pretrained(path), load_image_processor(path)
+
+
+def load_frozen_student(path: str):
+    """(OlaStudent in eval mode without gradients, tokenizer, image processor) from a `pipeline train` output
+    directory: `load_student` for inference."""
+    model, tokenizer, image_processor = load_student(path)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer, image_processor
+
+
+def training_data_config(checkpoint: str) -> dict:
+    """The `data` section of the experiment that trained `checkpoint` (its provenance file), or {} if unknown."""
+    try:
+        with open(os.path.join(checkpoint, PROVENANCE_FILE)) as f:
+            data = json.load(f)["config"]["data"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def shards_from_checkpoint(checkpoint: str) -> str:
+    """The shards the checkpoint was trained on (its provenance), for when --shards is not given."""
+    shards = training_data_config(checkpoint).get("shards")
+    if not shards:
+        raise UsageError(f"{checkpoint} records no training shards ({PROVENANCE_FILE}); pass --shards")
+    return shards
+
+
+def checkpoint_max_length(checkpoint: str, override: int | None = None) -> int:
+    """Text tokens per sample: `override`, else what the checkpoint was trained with, else 96."""
+    return int(override or training_data_config(checkpoint).get("max_length") or 96)

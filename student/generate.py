@@ -10,23 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import UsageError
-from pipeline.images import ImageDecodeError, decode_rgb
-from student.checkpoint import load_student
+from pipeline.data.errors import UsageError
+from pipeline.data.images import ImageDecodeError, decode_rgb
+from student.checkpoint import load_frozen_student, training_data_config
 from student.conversation import messages_from_sample
 from student.data import expand_to_square
-from student.probe import training_data_config
-
-
-def load_for_inference(checkpoint: str):
-    """(model in eval mode, tokenizer, image processor) from a training output directory."""
-    model, tokenizer, image_processor = load_student(checkpoint)
-    return model.eval(), tokenizer, image_processor
 
 
 def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int = 64) -> str:
     """The student's greedy answer to `prompt` about the image at `image_path`, special tokens stripped."""
-    model, tokenizer, image_processor = load_for_inference(checkpoint)
+    model, tokenizer, image_processor = load_frozen_student(checkpoint)
     try:
         image = decode_rgb(Path(image_path).read_bytes())
     except (OSError, ImageDecodeError) as exc:

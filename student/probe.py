@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UsageError
-from student.checkpoint import PROVENANCE_FILE, load_student
+from pipeline.data.errors import UsageError
+from student.checkpoint import checkpoint_max_length, load_frozen_student, shards_from_checkpoint
 from student.predictor import EmbeddingPredictor
 
 PLOT_SIZE_INCHES = (6.4, 4.0)
@@ -111,40 +111,9 @@ class ProbeResult:
     extra: dict = field(default_factory=dict)
 
 
-def load_frozen_student(checkpoint: str):
-    """(model in eval mode without gradients, tokenizer, image processor) from a `pipeline train` directory."""
-    model, tokenizer, image_processor = load_student(checkpoint)
-    model.requires_grad_(False)
-    model.eval()
-    return model, tokenizer, image_processor
-
-
-def training_data_config(checkpoint: str) -> dict:
-    """The `data` section of the experiment that trained `checkpoint` (its provenance file), or {} if unknown."""
-    try:
-        with open(os.path.join(checkpoint, PROVENANCE_FILE)) as f:
-            data = json.load(f)["config"]["data"]
-    except (OSError, KeyError, TypeError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def shards_from_checkpoint(checkpoint: str) -> str:
-    """The shards the checkpoint was trained on (its provenance), for when --shards is not given."""
-    shards = training_data_config(checkpoint).get("shards")
-    if not shards:
-        raise UsageError(f"{checkpoint} records no training shards ({PROVENANCE_FILE}); pass --shards")
-    return shards
-
-
-def checkpoint_max_length(checkpoint: str, override: int | None = None) -> int:
-    """Text tokens per sample: `override`, else what the checkpoint was trained with, else 96."""
-    return int(override or training_data_config(checkpoint).get("max_length") or 96)
-
-
 def split_shards(shards: str, test_shards: int) -> tuple[list[str], list[str]]:
     """(train shard names, held-out shard names): the last `test_shards` shards are held out."""
-    from pipeline.shards import list_shards, shard_name
+    from pipeline.data.shards import list_shards, shard_name
 
     names = [shard_name(u) for u in list_shards(shards)]
     if len(names) <= test_shards:
@@ -159,11 +128,11 @@ def cache_hidden_states(model, tokenizer, image_processor, shards: str, store: s
                         max_length: int = 96, batch_size: int = 8) -> tuple[HiddenCache, HiddenCache]:
     """Run the frozen student once per image of `shards`; return (train cache, test cache).
 
-    Samples come through `pipeline.loader.TrainingSamples` (image hashes checked against the store's index) and
+    Samples come through `pipeline.data.loader.TrainingSamples` (image hashes checked against the store's index) and
     are tokenized exactly as in training (`student.data.SampleEncoder`).
     """
-    from pipeline.loader import TrainingSamples
-    from pipeline.store import TargetStore
+    from pipeline.data.loader import TrainingSamples
+    from pipeline.data.store import TargetStore
     from student.data import BatchCollator, SampleEncoder
 
     index = TargetStore(store).read_index()
@@ -288,7 +257,7 @@ def probe_cosine(probe: LayerProbe, states: torch.Tensor, mask: torch.Tensor, ta
 def probe_checkpoint(checkpoint: str, store: str, shards: str | None = None,
                      config: ProbeConfig = ProbeConfig(), *, progress: bool = False) -> ProbeResult:
     """Probe every (teacher, layer) of one checkpoint; the table has one row per pair (see TABLE_COLUMNS)."""
-    from pipeline.store import TargetStore
+    from pipeline.data.store import TargetStore
 
     started = time.perf_counter()
     shards = shards or shards_from_checkpoint(checkpoint)

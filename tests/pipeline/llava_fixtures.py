@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.demo_assets import _SOURCES, _load_source
+from pipeline.demo.photos import SOURCES, load_source
 
 MAX_SIDE = 160
 PRETRAIN_RECORDS = 24
@@ -47,7 +47,7 @@ class LlavaSet:
 
 @functools.lru_cache(maxsize=None)
 def _photo(index: int) -> Image.Image:
-    image = Image.fromarray(_load_source(_SOURCES[index % len(_SOURCES)][0]))
+    image = Image.fromarray(load_source(SOURCES[index % len(SOURCES)][0]))
     image.thumbnail((MAX_SIDE, MAX_SIDE))
     return image
 
@@ -65,7 +65,7 @@ def _write(images: Path, relative: str, payload: bytes) -> None:
 
 
 def _subject(index: int) -> str:
-    return _SOURCES[index % len(_SOURCES)][1]
+    return SOURCES[index % len(SOURCES)][1]
 
 
 def _save_json(root: Path, name: str, records: list[dict]) -> Path:

@@ -17,8 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import demo_assets
-from pipeline.demo_assets import IMAGE_TOKEN, build_demo_assets, write_demo_shards
+from pipeline.demo import build_demo_assets
+from pipeline.demo.llava import write_demo_shards
+from pipeline.demo.photos import IMAGE_TOKEN
+from pipeline.demo.teachers import SEG_CLASS_INFO_FILE
+from pipeline.demo.tokenizer import DEFAULT_SYSTEM_PROMPT
 from pipeline.data.errors import UsageError
 from tests.conftest import REPO
 
@@ -169,7 +172,7 @@ def test_seg_teacher_loads_offline_even_after_a_move(assets, tmp_path):
     from transformers import OneFormerForUniversalSegmentation, OneFormerImageProcessor, OneFormerProcessor
 
     assert _dir_bytes(assets.seg) < MAX_CHECKPOINT_BYTES
-    assert (assets.seg / demo_assets.SEG_CLASS_INFO_FILE).is_file()
+    assert (assets.seg / SEG_CLASS_INFO_FILE).is_file()
     moved = shutil.copytree(assets.seg, tmp_path / "seg")
     processor = OneFormerProcessor.from_pretrained(moved)
     assert processor.image_processor.metadata["thing_ids"] == [0, 1]
@@ -242,9 +245,9 @@ def test_tokenizer_special_tokens(tokenizer):
 
 def test_chat_template_renders_prefixes(assets, tokenizer):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
-    assert text.startswith(tokenizer.bos_token + "<|system|>\n" + demo_assets.DEFAULT_SYSTEM_PROMPT)
+    assert text.startswith(tokenizer.bos_token + "<|system|>\n" + DEFAULT_SYSTEM_PROMPT)
     custom = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
-    assert demo_assets.DEFAULT_SYSTEM_PROMPT not in tokenizer.apply_chat_template(custom, tokenize=False)
+    assert DEFAULT_SYSTEM_PROMPT not in tokenizer.apply_chat_template(custom, tokenize=False)
 
     conversations = [_as_messages(c) for c in _conversations(assets.shards)]
     conversations.append(custom + [{"role": "assistant", "content": " leading space and\n\nnewlines "}])

@@ -64,7 +64,7 @@ def test_a_sample_whose_image_changed_is_reported_and_not_trained_on(demo_store,
 
 
 def test_shards_rewritten_under_the_same_names_are_refused_in_one_line(demo_store, demo_dir, tmp_path):
-    from pipeline.demo_assets import write_demo_shards
+    from pipeline.demo.llava import write_demo_shards
 
     other = write_demo_shards(tmp_path / "other", num_samples=8, num_shards=2, seed=1, progress=False)
     result = train_cli(demo_dir, tmp_path, f"data.shards={other[1]}")

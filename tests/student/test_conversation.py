@@ -121,7 +121,7 @@ def test_the_demo_tokenizer_and_the_student_work_together(tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.demo_assets import train_demo_tokenizer
+    from pipeline.demo.tokenizer import train_demo_tokenizer
     from tests.student.tiny_parts import IMAGE_SIZE, build_student
 
     caption = "a small red boat on a calm lake"

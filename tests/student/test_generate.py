@@ -44,9 +44,9 @@ def test_the_first_generated_token_is_the_forward_pass_argmax(checkpoint, image_
     from PIL import Image
 
     from student.conversation import messages_from_sample
-    from student.generate import load_for_inference
+    from student.checkpoint import load_frozen_student
 
-    model, tokenizer, image_processor = load_for_inference(str(checkpoint))
+    model, tokenizer, image_processor = load_frozen_student(str(checkpoint))
     messages = messages_from_sample(None, [{"from": "human", "value": "Describe the image."}])
     enc = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                     add_special_tokens=False, return_tensors="pt")

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 from pipeline.data.errors import UsageError
+from student.checkpoint import load_frozen_student
 from student.probe import (
     PLOT_DPI,
     PLOT_SIZE_INCHES,
     LayerProbe,
     ProbeConfig,
     cache_hidden_states,
-    load_frozen_student,
     probe_cosine,
     run_probe,
     split_shards,
