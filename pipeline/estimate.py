@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline.data.errors import UsageError
-from pipeline.data.store import ZSTD_LEVEL, Storage
+from pipeline.data.store import ZSTD_LEVEL, Storage, new_teacher_attrs
 
 OPTIONS: dict[str, Storage] = {
     "float16": Storage(),
@@ -42,7 +42,7 @@ OPTIONS: dict[str, Storage] = {
     "int8+pool2": Storage(quantize="int8", pool=2),
 }
 # Sizes of zarr.json files as zarr-python 3 writes them for a store's arrays (measured on the demo store).
-TARGET_METADATA_BYTES = 1180
+TARGET_METADATA_BYTES = 1180  # the target array's, and about the int8 scale array's
 VALID_METADATA_BYTES = 560
 VALID_BYTES_PER_BLOCK = 20  # one zstd frame of a block's valid flags, which are nearly all 1
 SHARD_INDEX_ENTRY_BYTES = 16  # offset + length (uint64 each) per inner chunk
@@ -83,18 +83,20 @@ class Estimate:
 
 def manifest_option(spec) -> str:
     """The OPTIONS key matching a spec's storage fields (pool > 2 is named after its factor)."""
-    if spec.storage_dtype == "bfloat16" and spec.quantize == "none" and spec.pool == 1:
+    storage = spec.storage()
+    if storage == OPTIONS["bfloat16"]:
         return "bfloat16"
-    name = "+".join(([] if spec.quantize == "none" else ["int8"]) + ([] if spec.pool == 1 else [f"pool{spec.pool}"]))
+    name = "+".join(([] if storage.quantize == "none" else ["int8"])
+                    + ([] if storage.pool == 1 else [f"pool{storage.pool}"]))
     return name or "float16"
 
 
-def _group_metadata_bytes(spec_json: dict, channels: int, storage: Storage, stored_tokens: int) -> int:
-    """The teacher group's zarr.json as precompute leaves it: spec, fingerprint, shapes and mean/std."""
+def _group_metadata_bytes(spec_json: dict, shape: tuple[int, int], storage: Storage, rows_per_chunk: int) -> int:
+    """The teacher group's zarr.json as precompute leaves it: the store's own attributes, completed with mean/std."""
     typical = -0.123456  # the stats are rounded to 6 decimals
-    attrs = {"spec": spec_json, "teacher_fingerprint": "0" * 64, "target_shape": [0, channels],
-             "dtype": storage.dtype, "storage": {**asdict(storage), "stored_shape": [stored_tokens, channels]},
-             "rows_per_chunk": 8, "complete": True, "mean": [typical] * channels, "std": [typical] * channels}
+    channels = shape[1]
+    attrs = {**new_teacher_attrs(spec_json, "0" * 64, shape, storage, rows_per_chunk),
+             "complete": True, "mean": [typical] * channels, "std": [typical] * channels}
     return len(json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"}, indent=2))
 
 
@@ -120,25 +122,23 @@ def teacher_bytes(shape: tuple[int, int], storage: Storage, rows: int, rows_per_
     `ratio` / `scale_ratio`: measured compressed / raw bytes of the target / scale chunks; None = no compression
     (each chunk then costs its raw bytes plus a zstd frame: an upper bound).
     """
-    tokens, channels = shape
     try:
-        stored_tokens, _ = storage.stored_shape(tokens, channels)
+        row_bytes = storage.array_row_nbytes(*shape)
     except UsageError:
         return None
-    itemsize = storage.array_dtype.itemsize
     blocks = math.ceil(rows / rows_per_block)
     chunks_per_block = math.ceil(rows_per_block / rows_per_chunk)
     shard_index = blocks * (chunks_per_block * SHARD_INDEX_ENTRY_BYTES + SHARD_INDEX_CHECKSUM_BYTES)
     frames = math.ceil(rows / rows_per_chunk) * ZSTD_FRAME_BYTES
+    measured = {"target": ratio, "scale": scale_ratio}
 
-    def payload(raw: int, measured: float | None) -> float:
-        return raw + frames if measured is None else raw * measured
-
-    total = payload(rows * stored_tokens * channels * itemsize, ratio) + shard_index + TARGET_METADATA_BYTES
-    if storage.quantize == "int8":
-        total += payload(rows * stored_tokens * 2, scale_ratio) + shard_index + TARGET_METADATA_BYTES
+    total = 0.0
+    for array, nbytes in row_bytes.items():
+        raw = rows * nbytes
+        total += raw + frames if measured[array] is None else raw * measured[array]
+        total += shard_index + TARGET_METADATA_BYTES
     total += blocks * VALID_BYTES_PER_BLOCK + VALID_METADATA_BYTES
-    total += _group_metadata_bytes(spec_json or {}, channels, storage, stored_tokens)
+    total += _group_metadata_bytes(spec_json or {}, shape, storage, rows_per_chunk)
     return int(round(total))
 
 

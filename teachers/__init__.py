@@ -7,7 +7,7 @@
 """
 
 from teachers.base import TargetShapeMismatch, Teacher, WeightFiles, fingerprint_of, locate_weights
-from teachers.manifest import ManifestError, TeacherManifest, expand_env, load_manifest, parse_manifest
+from teachers.manifest import ManifestError, TeacherManifest, load_manifest
 from teachers.registry import (
     UnknownTeacherKind,
     create,
@@ -17,43 +17,28 @@ from teachers.registry import (
     spec_fingerprint,
     to_spec,
 )
-from teachers.spec import (
-    NON_OUTPUT_FIELDS,
-    SCHEDULING_FIELDS,
-    DepthAnythingSpec,
-    HfVisionSpec,
-    OneFormerSpec,
-    TeacherSpecBase,
-    TimmSpec,
-    UnclipImageEncoderSpec,
-)
+from teachers.spec import NON_OUTPUT_FIELDS, SCHEDULING_FIELDS, TeacherSpecBase
 
-# Importing the family modules registers them.
-from teachers import depth_anything, hf_vision, oneformer, timm_features, unclip  # noqa: E402,F401  isort: skip
+# Imports (and so registers) every family in teachers/kinds/; a family's spec class is reached through the
+# registry (`get_teacher_class(kind).spec_cls`) or its own module, so nothing here lists the kinds.
+from teachers import kinds  # noqa: F401  isort: skip
 
 __all__ = [
     "NON_OUTPUT_FIELDS",
     "SCHEDULING_FIELDS",
-    "DepthAnythingSpec",
-    "HfVisionSpec",
     "ManifestError",
-    "OneFormerSpec",
     "TargetShapeMismatch",
     "Teacher",
     "TeacherManifest",
     "TeacherSpecBase",
-    "TimmSpec",
-    "UnclipImageEncoderSpec",
     "UnknownTeacherKind",
     "WeightFiles",
     "create",
-    "expand_env",
     "fingerprint_of",
     "get_teacher_class",
     "known_kinds",
     "load_manifest",
     "locate_weights",
-    "parse_manifest",
     "register",
     "spec_fingerprint",
     "to_spec",

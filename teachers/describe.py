@@ -24,12 +24,13 @@ from typing import Any
 
 from pydantic_core import PydanticUndefined
 
+from pipeline.data.errors import UsageError
+from pipeline.data.store import SCALE_DTYPE
 from teachers.base import fingerprint_of
 from teachers.manifest import load_manifest
 from teachers.registry import create, get_teacher_class, known_kinds
 from teachers.spec import NON_OUTPUT_FIELDS, TeacherSpecBase
 
-STORAGE_ITEMSIZE = {"float16": 2, "bfloat16": 2}
 _COMMON_FIELDS = tuple(name for name in TeacherSpecBase.model_fields if name not in ("kind", "model"))
 
 
@@ -113,8 +114,9 @@ class TeacherReport:
     weights_note: str = ""                     # why not, when not
     fingerprint: str | None = None
     num_parameters: int | None = None
-    storage_dtype: str = "float16"
-    bytes_per_row: int | None = None           # T * C * itemsize(storage_dtype), uncompressed
+    storage: dict[str, Any] = field(default_factory=dict)   # the spec's storage: dtype, quantize, pool
+    stored_shape: list[int] | None = None      # [T', C] as stored (T' = T / pool^2)
+    bytes_per_row: int | None = None           # what the store writes per row, uncompressed (Storage.row_nbytes)
     problems: list[str] = field(default_factory=list)   # a load failure or a declaration that does not match
 
     def as_dict(self) -> dict[str, Any]:
@@ -132,7 +134,7 @@ def describe_teacher(name: str, spec: TeacherSpecBase, *, download: bool = False
     teacher that cannot be built: the reason goes into `weights_note` or `problems`."""
     declared = list(spec.target_shape) if spec.target_shape is not None else None
     report = TeacherReport(name=name, kind=spec.kind, spec=spec.model_dump(mode="json"), declared_shape=declared,
-                           target_shape=declared, storage_dtype=spec.storage_dtype)
+                           target_shape=declared, storage=asdict(spec.storage()))
     cls = get_teacher_class(spec.kind)
     try:
         weights = cls.locate(spec, download=download)
@@ -146,8 +148,12 @@ def describe_teacher(name: str, spec: TeacherSpecBase, *, download: bool = False
         if load:
             _load_and_check(report, spec)
     if report.target_shape is not None:
-        t, c = report.target_shape
-        report.bytes_per_row = t * c * STORAGE_ITEMSIZE[spec.storage_dtype]
+        storage = spec.storage()
+        try:
+            report.stored_shape = list(storage.stored_shape(*report.target_shape))
+            report.bytes_per_row = storage.row_nbytes(*report.target_shape)
+        except UsageError as exc:  # a pool that does not fit the shape
+            report.problems.append(f"teachers.{name}.pool: {_one_line(exc)}")
     return report
 
 
@@ -227,14 +233,27 @@ def format_report(report: TeacherReport) -> str:
     params = f"{report.num_parameters:,}" if report.num_parameters is not None else need
     lines.append(f"  parameters:   {params}")
     if report.bytes_per_row is not None:
-        t, c = report.target_shape
-        lines.append(f"  stored row:   {report.bytes_per_row:,} bytes ({t} x {c} {report.storage_dtype}, "
-                     f"before compression)")
-    else:
+        lines.append(f"  stored row:   {report.bytes_per_row:,} bytes ({_stored_layout(report)}, before compression)")
+    elif report.target_shape is None:
         lines.append("  stored row:   unknown (needs the target shape)")
+    else:
+        lines.append("  stored row:   unknown (the storage does not fit the target shape; see the problem below)")
     for problem in report.problems:
         lines.append(f"  PROBLEM:      {problem}")
     return "\n".join(lines)
+
+
+def _stored_layout(report: TeacherReport) -> str:
+    """`576 x 1024 float16`, `144 x 1024 int8 + 144 float16 scales, pooled 2 x 2 from 576 tokens`."""
+    (t, c), (stored_t, _) = report.target_shape, report.stored_shape
+    storage = report.storage
+    if storage["quantize"] == "int8":
+        text = f"{stored_t} x {c} int8 + {stored_t} {SCALE_DTYPE.name} scales"
+    else:
+        text = f"{stored_t} x {c} {storage['dtype']}"
+    if storage["pool"] > 1:
+        text += f", pooled {storage['pool']} x {storage['pool']} from {t} tokens"
+    return text
 
 
 def format_manifest(path: str | os.PathLike[str], description: str, reports: list[TeacherReport]) -> str:

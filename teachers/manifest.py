@@ -23,15 +23,13 @@ import importlib
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from pipeline.config_io import describe_validation_error, expand_env
-from pipeline.errors import UsageError
-from pipeline.store import check_teacher_name
+from pipeline.data.config import describe_validation_error, load_config
+from pipeline.data.errors import UsageError
+from pipeline.data.store import check_teacher_name
 from teachers.registry import UnknownTeacherKind, get_teacher_class, known_kinds
 from teachers.spec import TeacherSpecBase
 
@@ -44,13 +42,37 @@ class ManifestError(UsageError, ValueError):
 
 
 class TeacherManifest(BaseModel):
-    """A validated teacher set. `teachers` keeps the file's order; `plugins` are the modules imported first."""
+    """A validated teacher set. `teachers` keeps the file's order; `plugins` are the modules imported first.
+
+    `TeacherManifest.model_validate(mapping)` (and so `load_config(path, TeacherManifest)`) validates each entry
+    by the spec class its `kind` is registered with.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     teachers: dict[str, SerializeAsAny[TeacherSpecBase]] = Field(min_length=1)
     description: str = ""
     plugins: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _specs_by_kind(cls, data: Any) -> Any:
+        # Before field validation: `teachers` is typed by the base class, which would refuse every kind's own
+        # fields, and a kind from a plugin is only registered once its module is imported.
+        if not isinstance(data, Mapping):
+            return data
+        _import_plugins(data.get("plugins", ()))
+        if not isinstance(data.get("teachers"), Mapping):
+            return data
+        problems, specs = [], {}
+        for name, entry in data["teachers"].items():
+            try:
+                specs[name] = _teacher_spec(name, entry)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {**data, "teachers": specs}
 
     @field_validator("teachers")
     @classmethod
@@ -67,7 +89,7 @@ class TeacherManifest(BaseModel):
 
 def _import_plugins(plugins: Any) -> None:
     """Import the modules a manifest names, so the teacher kinds they register can be used."""
-    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+    if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
         raise ValueError(f"plugins: expected a list of module names, got {plugins!r}")
     for module in plugins:
         try:
@@ -78,6 +100,8 @@ def _import_plugins(plugins: Any) -> None:
 
 def _teacher_spec(name: str, entry: Any) -> TeacherSpecBase:
     """One manifest entry validated by its registered kind's spec class; ValueError names the field."""
+    if isinstance(entry, TeacherSpecBase):
+        return entry
     if not isinstance(entry, Mapping):
         raise ValueError(f"teachers.{name}: expected a mapping of spec fields, got {type(entry).__name__}")
     known = ", ".join(known_kinds())
@@ -93,43 +117,10 @@ def _teacher_spec(name: str, entry: Any) -> TeacherSpecBase:
         raise ValueError(describe_validation_error(exc, prefix=("teachers", name))) from None
 
 
-def parse_manifest(data: Any, source: str = "<manifest>", environ: Mapping[str, str] | None = None) -> TeacherManifest:
-    """Validate already-parsed YAML/JSON data (env vars are expanded first). Errors name `source` and the field."""
-    if not isinstance(data, dict):
-        raise ManifestError(f"{source}: expected a mapping with a 'teachers' key, got {type(data).__name__}")
-    try:
-        data = expand_env(data, environ)
-    except UsageError as exc:
-        raise ManifestError(f"{source}: {exc}") from None
-    try:
-        _import_plugins(data.get("plugins", []))
-        if isinstance(data.get("teachers"), Mapping):
-            problems, specs = [], {}
-            for name, entry in data["teachers"].items():
-                try:
-                    specs[name] = _teacher_spec(name, entry)
-                except ValueError as exc:
-                    problems.append(str(exc))
-            if problems:
-                raise ValueError("; ".join(problems))
-            data = {**data, "teachers": specs}
-    except ValueError as exc:
-        raise ManifestError(f"{source}: {exc}") from None
-    try:
-        return TeacherManifest.model_validate(data)
-    except ValidationError as exc:
-        raise ManifestError(f"{source}: {describe_validation_error(exc)}") from None
-
-
 def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> TeacherManifest:
-    """Read a teacher manifest YAML file into a `TeacherManifest` (see the module docstring for the format)."""
-    path = Path(path)
+    """Read a teacher manifest YAML file into a `TeacherManifest` (see the module docstring for the format);
+    `environ` replaces os.environ for `${VAR}` expansion. Raises ManifestError, one line naming file and field."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read teacher manifest ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    return parse_manifest(data, source=str(path), environ=environ)
+        return load_config(path, TeacherManifest, environ=environ)
+    except UsageError as exc:
+        raise ManifestError(str(exc)) from None

@@ -1,9 +1,9 @@
 """The teacher registry: `@register("kind")` on a `Teacher` subclass, `create(spec)` to dispatch on `spec.kind`.
 
 Dispatch lives here; construction (and weight loading) lives in each family's `Teacher.from_spec`. The registry
-is open: a family is one module holding its spec class and its registered `Teacher`, wherever it lives (a
-manifest's `plugins:` imports modules outside this package); specs are validated by the registered class's
-`spec_cls`, so nothing else lists the kinds.
+is open: a family is one module holding its spec class and its registered `Teacher`, either in teachers/kinds/
+(all imported with the package) or anywhere else (a manifest's `plugins:` imports it); specs are validated by the
+registered class's `spec_cls`, so nothing else lists the kinds.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ NEEDED_FLOORS = {
     # zarr 3.1.0: `zarr.core.dtype` (ZDType, data_type_registry, npy.float.BaseFloat) that pipeline/data/zarr_bfloat16.py
     # subclasses and registers bfloat16 with.
     "zarr": "3.1",
-    # timm 1.0.16: the `local-dir:PATH` model source that teachers/timm_features.py creates models from.
+    # timm 1.0.16: the `local-dir:PATH` model source that teachers/kinds/timm_features.py creates models from.
     "timm": "1.0.16",
 }
 # Versions the project is run with that the declared ranges must keep admitting.

@@ -14,7 +14,8 @@
     STORE/<teacher>/valid       [num_rows] uint8, one chunk per block: 1 = target written, 0 = not
     STORE/errors.parquet        row, shard, key, teacher, error: every sample that could not be processed
     STORE/_blocks/<teacher>/<block>.json   completion record, written after the block's files are durable
-    STORE/_runs/<time>.json     one summary per precompute run that did work (rows, seconds, workers)
+    STORE/_runs/<time>.json     one summary per precompute run that did work (rows, seconds, workers) with
+                                its settings whole under `config` (pipeline.precompute.PrecomputeConfig)
     STORE/_lock                 held by the running precompute job (host, pid, heartbeat)
 
 Any Zarr v3 reader opens the arrays without this package. A block is the unit of work and of
@@ -32,6 +33,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import time
@@ -61,6 +63,7 @@ ERRORS_FILE = "errors.parquet"
 BLOCKS_DIR = "_blocks"
 RUNS_DIR = "_runs"
 ZSTD_LEVEL = 3
+SCALE_DTYPE = np.dtype(np.float16)  # the per-token scales of int8 storage
 _PARTIAL = ".tmp-"  # infix of the temporary files `_atomic_write` renames into place
 # What the store keeps beside its teacher groups. A teacher of one of these names would overwrite or delete them,
 # so they are refused, as is any name starting with "_" or "." (kept for the store's own future entries).
@@ -109,6 +112,26 @@ class Storage:
             raise UsageError(f"pool {self.pool} needs a square token grid divisible by it; targets have {tokens} tokens")
         return (grid // self.pool) ** 2, channels
 
+    def row_layout(self, tokens: int, channels: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per array holding the targets, the shape and dtype of one row of targets [T, C]: `target` [T', C] in the
+        array dtype and, for int8, `scale` [T'] float16. `add_teacher` makes the arrays from it; UsageError if the
+        pool does not fit the shape."""
+        stored_tokens, _ = self.stored_shape(tokens, channels)
+        layout = {"target": ((stored_tokens, channels), self.array_dtype)}
+        if self.quantize == "int8":
+            layout["scale"] = ((stored_tokens,), SCALE_DTYPE)
+        return layout
+
+    def array_row_nbytes(self, tokens: int, channels: int) -> dict[str, int]:
+        """Uncompressed bytes one row of targets [T, C] takes in each array of `row_layout`."""
+        return {array: math.prod(shape) * dtype.itemsize
+                for array, (shape, dtype) in self.row_layout(tokens, channels).items()}
+
+    def row_nbytes(self, tokens: int, channels: int) -> int:
+        """Uncompressed bytes one row of targets [T, C] takes in the store: its codes and int8 scales (the row's
+        1-byte `valid` flag is not counted). UsageError if the pool does not fit the shape."""
+        return sum(self.array_row_nbytes(tokens, channels).values())
+
     def encode(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 [n, T, C] -> (stored [n, T', C] in the array dtype, scale [n, T'] float16 or None)."""
         if self.pool > 1:
@@ -117,7 +140,7 @@ class Storage:
             target = target.reshape(n, grid // p, p, grid // p, p, channels).mean(axis=(2, 4))
             target = target.reshape(n, -1, channels)
         if self.quantize == "int8":
-            scale = (np.abs(target).max(axis=-1) / 127.0).astype(np.float16)
+            scale = (np.abs(target).max(axis=-1) / 127.0).astype(SCALE_DTYPE)
             safe = np.where(scale > 0, scale.astype(np.float32), 1.0)[..., None]
             return np.clip(np.rint(target / safe), -127, 127).astype(np.int8), scale
         if self.dtype == "float16":
@@ -145,6 +168,23 @@ class Storage:
         if self.quantize == "int8":
             return np.dtype(np.int8)
         return zarr_bfloat16.BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+
+def new_teacher_attrs(spec: dict, fingerprint: str, target_shape: tuple[int, int], storage: Storage,
+                      rows_per_chunk: int) -> dict:
+    """A teacher group's attributes as `add_teacher` writes them; `mark_complete` later sets `complete` and adds
+    the per-channel `mean` and `std`."""
+    tokens, channels = (int(x) for x in target_shape)
+    stored_tokens, _ = storage.stored_shape(tokens, channels)
+    return {
+        "spec": spec,
+        "teacher_fingerprint": fingerprint,
+        "target_shape": [tokens, channels],
+        "dtype": storage.dtype,
+        "storage": {**asdict(storage), "stored_shape": [stored_tokens, channels]},
+        "rows_per_chunk": rows_per_chunk,
+        "complete": False,
+    }
 
 
 def check_teacher_name(name: str) -> None:
@@ -331,38 +371,21 @@ class TargetStore:
     ) -> None:
         """Create the teacher's group and arrays (fill value 0, valid = 0 everywhere), forgetting old records."""
         check_teacher_name(name)
-        tokens, channels = (int(x) for x in target_shape)
-        stored_tokens, _ = storage.stored_shape(tokens, channels)
+        layout = storage.row_layout(*(int(x) for x in target_shape))
         rows_per_chunk = self.chunk_rows(rows_per_chunk)
         records = self._join(BLOCKS_DIR, name)
         if self.fs.exists(records):
             self.fs.rm(records, recursive=True)
         group = self.group.create_group(name, overwrite=True)
         rows, block = self.num_rows, self.rows_per_block
-        group.create_array(
-            "target", shape=(rows, stored_tokens, channels), shards=(block, stored_tokens, channels),
-            chunks=(rows_per_chunk, stored_tokens, channels), dtype=storage.array_dtype,
-            compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
-        )
-        if storage.quantize == "int8":
+        for array, (row_shape, dtype) in layout.items():
             group.create_array(
-                "scale", shape=(rows, stored_tokens), shards=(block, stored_tokens),
-                chunks=(rows_per_chunk, stored_tokens), dtype="float16", compressors=ZstdCodec(level=ZSTD_LEVEL),
-                fill_value=0,
+                array, shape=(rows, *row_shape), shards=(block, *row_shape), chunks=(rows_per_chunk, *row_shape),
+                dtype=dtype, compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
             )
         group.create_array("valid", shape=(rows,), chunks=(block,), dtype="uint8", fill_value=0,
                            compressors=ZstdCodec(level=ZSTD_LEVEL))
-        group.attrs.update(
-            {
-                "spec": spec,
-                "teacher_fingerprint": fingerprint,
-                "target_shape": [tokens, channels],
-                "dtype": storage.dtype,
-                "storage": {**asdict(storage), "stored_shape": [stored_tokens, channels]},
-                "rows_per_chunk": rows_per_chunk,
-                "complete": False,
-            }
-        )
+        group.attrs.update(new_teacher_attrs(spec, fingerprint, target_shape, storage, rows_per_chunk))
 
     def chunk_rows(self, rows_per_chunk: int) -> int:
         """The rows per chunk a new teacher group gets: `rows_per_chunk`, at most a block, and dividing it."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipeline.estimate import OPTIONS, estimate, teacher_bytes
 from pipeline.data.store import TargetStore
+from pipeline.estimate import OPTIONS, _chunk_ratio, estimate, teacher_bytes
 from tests.conftest import DEMO_SAMPLES, DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -79,3 +80,27 @@ def test_bytes_grow_with_rows_and_shrink_with_compression():
     assert teacher_bytes((576, 32), OPTIONS["float16"], 1000, 64, 8, ratio=0.5) < small * 0.51
     assert teacher_bytes((1, 32), OPTIONS["pool2"], 1000, 64, 8) is None
     assert np.isfinite(small)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_each_option_predicts_a_store_of_random_targets(option, tmp_path):
+    # No teacher and no Ray: random targets written through the store's own writer, so the layout the estimate
+    # assumes (arrays per storage, shard indexes, the group's attributes) is checked for every option in seconds.
+    rows, rows_per_block, rows_per_chunk, shape = 96, 32, 4, (64, 24)
+    targets = np.random.default_rng(0).standard_normal((rows, *shape)).astype(np.float32)
+    spec = {"kind": "depth_anything_v2", "model": "tiny"}
+    storage = OPTIONS[option]
+    store = TargetStore(str(tmp_path / "store"))
+    store.create(pa.table({"row": np.arange(rows)}), "0" * 64, rows_per_block=rows_per_block)
+    store.add_teacher("t", spec=spec, fingerprint="f" * 64, target_shape=shape, storage=storage,
+                      rows_per_chunk=rows_per_chunk)
+    for block in store.blocks():
+        store.write_block("t", block, targets[block.start : block.stop], np.ones(block.rows, dtype=np.uint8))
+    stats = {k: [round(float(x), 6) for x in f(targets, axis=(0, 1))] for k, f in (("mean", np.mean), ("std", np.std))}
+    store.mark_complete("t", stats)
+
+    stored, scale = storage.encode(targets)
+    predicted = teacher_bytes(shape, storage, rows, rows_per_block, rows_per_chunk,
+                              ratio=_chunk_ratio(stored, rows_per_chunk), spec_json=spec,
+                              scale_ratio=None if scale is None else _chunk_ratio(scale, rows_per_chunk))
+    assert predicted == pytest.approx(store.nbytes("t"), rel=0.01)

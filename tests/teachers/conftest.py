@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +31,7 @@ def _quiet_transformers():
 def demo_root(tmp_path_factory) -> Path:
     """A DEMO_DIR holding only the three tiny teachers, in the `pipeline demo-assets` layout:
     assets/teachers/depth, assets/teachers/seg, assets/teachers/gen/{image_encoder,feature_extractor}."""
-    from pipeline.demo_assets import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
+    from pipeline.demo.teachers import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
 
     root = tmp_path_factory.mktemp("demo_teachers")
     assets = root / "assets" / "teachers"
@@ -94,3 +97,43 @@ def images8(images):
     from PIL import ImageOps
 
     return list(images) + [ImageOps.mirror(images[0]), ImageOps.mirror(images[2])]
+
+
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    """How the contract tests (test_registry.py) build one kind: `fixture` is the session fixture that writes its
+    tiny random-init checkpoint, `spec` turns that fixture's value into the spec fields naming it, and `own_change`
+    changes one of the kind's own output fields (so its fingerprint must change)."""
+
+    fixture: str
+    spec: Callable[[Any], dict[str, Any]]
+    own_change: dict[str, Any] = field(default_factory=dict)
+
+
+# Every registered kind needs an entry: the contract tests fail for a kind without one.
+TINY_CHECKPOINTS: dict[str, TinyCheckpoint] = {
+    "depth_anything_v2": TinyCheckpoint("teacher_dirs", lambda dirs: {"model": str(dirs["depth"]),
+                                                                      "layers": [0, 1, 2, 3]}, {"layers": [1]}),
+    "oneformer": TinyCheckpoint("teacher_dirs", lambda dirs: {"model": str(dirs["seg"]), "image_size": 256},
+                                {"grid": 12}),
+    "unclip_image_encoder": TinyCheckpoint("teacher_dirs", lambda dirs: {"model": str(dirs["gen"])},
+                                           {"processor_backend": "torchvision"}),
+    "timm": TinyCheckpoint("generic_models", lambda models: {"model": f"local-dir:{models['timm_vit'][0]}"},
+                           {"prefix_tokens": "keep"}),
+    "hf_vision": TinyCheckpoint("generic_models", lambda models: {"model": str(models["hf_clip"][0])},
+                                {"layers": [1]}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(request) -> Callable[[str], dict[str, Any]]:
+    """kind -> the spec mapping of a tiny random-init checkpoint of that kind (written on first use)."""
+
+    def make(kind: str) -> dict[str, Any]:
+        if kind not in TINY_CHECKPOINTS:
+            pytest.fail(f"teacher kind {kind!r} is registered but has no tiny checkpoint for the contract tests; "
+                        f"add a TinyCheckpoint for it to TINY_CHECKPOINTS in tests/teachers/conftest.py")
+        tiny = TINY_CHECKPOINTS[kind]
+        return {"kind": kind, **tiny.spec(request.getfixturevalue(tiny.fixture))}
+
+    return make

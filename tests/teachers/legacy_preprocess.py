@@ -25,7 +25,7 @@ class LegacyPreprocess:
         self.spec = spec
         root = Path(root)
         if spec.kind == "oneformer":
-            from teachers.oneformer import load_oneformer_image_processor
+            from teachers.kinds.oneformer import load_oneformer_image_processor
 
             self.processor = load_oneformer_image_processor(str(root), spec.processor_backend)
         elif spec.kind == "unclip_image_encoder":

@@ -103,3 +103,30 @@ def test_show_without_loading_still_fingerprints(demo_root, demo_teachers):
     assert reports[0].as_dict()["bytes_per_row"] == 576 * 32 * 2
     # The structured form is plain JSON for `--json` output.
     assert json.loads(json.dumps([r.as_dict() for r in reports]))[2]["spec"]["kind"] == "unclip_image_encoder"
+
+
+def test_show_reports_compact_storage_as_the_store_keeps_it(empty_hub_cache, tmp_path):
+    manifest = tmp_path / "compact.yaml"
+    manifest.write_text(textwrap.dedent("""\
+        teachers:
+          depth:
+            kind: depth_anything_v2
+            target_shape: [576, 1024]
+            quantize: int8
+            pool: 2
+          gen:
+            kind: unclip_image_encoder
+            target_shape: [1, 1024]
+            pool: 2
+        """))
+    text = show_manifest(manifest, environ={})
+    depth, gen = (text.split(f"\n{n} (")[1].split("\n\n")[0] for n in ("depth", "gen"))
+    # 12 x 12 pooled tokens of 1024 int8 codes, and a float16 scale per token.
+    assert ("stored row:   147,744 bytes (144 x 1024 int8 + 144 float16 scales, pooled 2 x 2 from 576 tokens, "
+            "before compression)") in depth
+    assert "stored row:   unknown (the storage does not fit the target shape; see the problem below)" in gen
+    assert "PROBLEM:      teachers.gen.pool: pool 2 needs a square token grid divisible by it" in gen
+    assert "bytes per image" not in text  # no total while one teacher's row is unknown
+    _, reports = describe_manifest(manifest, environ={})
+    assert [r.stored_shape for r in reports] == [[144, 1024], None]
+    assert reports[0].storage == {"dtype": "float16", "quantize": "int8", "pool": 2}

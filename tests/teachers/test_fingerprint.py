@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import teachers
+from teachers.kinds.oneformer import OneFormerSpec
 
 
 def _depth(path, **overrides):
@@ -72,9 +73,9 @@ def test_other_families_fingerprint_their_weights(demo_teachers, teacher_dirs, t
 
 
 def test_spec_json_excludes_scheduling_fields():
-    spec = teachers.OneFormerSpec(batch_size=3, num_gpus=0.5)
+    spec = OneFormerSpec(batch_size=3, num_gpus=0.5)
     assert "batch_size" not in spec.canonical_json() and "num_gpus" not in spec.canonical_json()
-    assert spec.canonical_json() == teachers.OneFormerSpec().canonical_json()
+    assert spec.canonical_json() == OneFormerSpec().canonical_json()
 
 
 @pytest.mark.parametrize("name", ["depth", "seg", "gen"])

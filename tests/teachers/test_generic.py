@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import teachers
+from teachers.kinds.hf_vision import HfVisionSpec
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -190,8 +191,8 @@ def test_hf_spec_errors_name_the_field(generic_models):
 
 
 def test_mean_layers_are_one_spelling_concat_keeps_the_order():
-    assert teachers.HfVisionSpec(model="a/b", layers=[3, 1]).layers == (1, 3)
-    assert teachers.HfVisionSpec(model="a/b", layers=[3, 1], combine="concat").layers == (3, 1)
+    assert HfVisionSpec(model="a/b", layers=[3, 1]).layers == (1, 3)
+    assert HfVisionSpec(model="a/b", layers=[3, 1], combine="concat").layers == (3, 1)
 
 
 # ---- both -------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import teachers
-from teachers.manifest import expand_env
+from teachers.kinds.depth_anything import DepthAnythingSpec
+from pipeline.data.config import expand_env
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "teachers"
 DEMO_MANIFEST = MANIFESTS / "demo.yaml"
@@ -95,7 +96,7 @@ def test_expand_env_rules():
 
 
 def test_layers_are_stored_sorted_and_specs_are_frozen():
-    spec = teachers.DepthAnythingSpec(layers=[23, 4, 17, 11])
+    spec = DepthAnythingSpec(layers=[23, 4, 17, 11])
     assert spec.layers == (4, 11, 17, 23)
     with pytest.raises(Exception):
         spec.layers = (1,)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import teachers
-from teachers.depth_anything import reference_position_embeddings
+from teachers.kinds.depth_anything import reference_position_embeddings
 from tests.teachers.conftest import OLAVLM_MANIFEST
 
 LAYERS = [0, 1, 2, 3]

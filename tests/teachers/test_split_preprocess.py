@@ -16,7 +16,7 @@ from PIL import Image
 
 import teachers
 from teachers.base import tf32_mode
-from teachers.oneformer import OneFormerPreprocessor
+from teachers.kinds.oneformer import OneFormerPreprocessor
 from teachers.pixels import Preprocessor
 from tests.teachers.legacy_preprocess import LegacyPreprocess, legacy_targets, relative_l2
 

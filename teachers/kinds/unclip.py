@@ -7,12 +7,28 @@ classes: diffusers is never imported, so no UNet, VAE or scheduler is ever built
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from teachers.base import Teacher
 from teachers.pixels import ImageProcessorPreprocessor
 from teachers.registry import register
-from teachers.spec import UnclipImageEncoderSpec
+from teachers.spec import ProcessorBackend, TeacherSpecBase
+
+
+class UnclipImageEncoderSpec(TeacherSpecBase):
+    """The CLIP image encoder of a diffusers unCLIP pipeline: `image_embeds`, one token of `projection_dim`.
+
+    Only the `image_encoder` and `feature_extractor` subfolders of the pipeline are read.
+    """
+
+    kind: Literal["unclip_image_encoder"] = "unclip_image_encoder"
+    model: str = Field(default="stabilityai/stable-diffusion-2-1-unclip", min_length=1)
+    image_encoder_subfolder: str = "image_encoder"
+    feature_extractor_subfolder: str = "feature_extractor"
+    processor_backend: ProcessorBackend = "pil"
 
 
 @register("unclip_image_encoder")

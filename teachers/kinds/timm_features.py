@@ -16,17 +16,56 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, field_validator, model_validator
 
 from teachers.base import Teacher, WeightFiles, locate_weights
 from teachers.pixels import Preprocessor, split_is_exact, stack_pixels
 from teachers.registry import register
-from teachers.spec import TimmSpec
+from teachers.spec import PrefixTokens, TeacherSpecBase
 from teachers.tokens import feature_map_to_tokens, patch_grid, sequence_to_tokens
+
+
+class TimmSpec(TeacherSpecBase):
+    """Any timm model: `forward_features` tokens, preprocessed by the model's own timm data config.
+
+    `model` is `local-dir:PATH` (a folder in timm's hub layout: config.json + model.safetensors), `hf-hub:org/name`
+    (pin it with `revision`), or a timm model name whose pretrained weights are on the hub
+    (`vit_base_patch14_dinov2.lvd142m`).
+    Token outputs [N, C] keep the patch tokens (`prefix_tokens: drop`), prefix ([CLS], registers) and patch tokens
+    (`keep`), or the [CLS] token alone (`cls` -> [1, C]); feature maps [C, H, W] become [H*W, C], row-major.
+    `grid: G` bilinearly resizes the patch-token grid or feature map to G x G first (align_corners=False).
+    """
+
+    kind: Literal["timm"] = "timm"
+    model: str = Field(min_length=1)
+    prefix_tokens: PrefixTokens = "drop"
+    grid: int | None = Field(default=None, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, model: str) -> str:
+        source, sep, ident = model.partition(":")
+        if sep and source in ("local-dir", "hf-hub"):
+            if not ident:
+                raise ValueError(f"{model!r} names no folder or repo after '{source}:'")
+            if source == "hf-hub" and "@" in ident:
+                raise ValueError(f"{model!r}: put the revision in the `revision` field, not after '@'")
+            return model
+        if sep or "/" in model or "\\" in model:
+            raise ValueError(f"{model!r} is not a timm model name; write 'hf-hub:{ident or model}' for a hub repo "
+                             f"or 'local-dir:{ident or model}' for a folder")
+        return model
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> TimmSpec:
+        if self.prefix_tokens == "cls" and self.grid is not None:
+            raise ValueError("grid resizes patch tokens, but prefix_tokens: cls keeps none; drop one of them")
+        return self
 
 
 def _hub_id_of_timm_name(name: str) -> str:

@@ -14,16 +14,59 @@ tower (CLIP, SigLIP) keeps its `vision_model` only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from PIL import Image
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from teachers.base import Teacher
 from teachers.pixels import ImageProcessorPreprocessor
 from teachers.registry import register
-from teachers.spec import HfVisionSpec
+from teachers.spec import PrefixTokens, ProcessorBackend, TeacherSpecBase
 from teachers.tokens import infer_num_prefix, patch_grid, sequence_to_tokens
+
+
+class HfVisionSpec(TeacherSpecBase):
+    """Any transformers vision model (`AutoModel` + `AutoImageProcessor`): chosen hidden states, mean or concat.
+
+    `layers` index `hidden_states` as the model returns them with `output_hidden_states=True`: 0 is the embedding
+    output, i the output of block i, negative counts from the end (-1 = last block, before any final norm).
+    `combine: mean` averages them, `concat` joins them along channels in the order given. `final_norm` applies the
+    model's own final LayerNorm (`layernorm`, `post_layernorm`, ...) to each chosen layer first. Prefix tokens and
+    `grid` work as in the `timm` kind; `num_prefix_tokens` overrides the count inferred from the patch size.
+    A CLIP- or SigLIP-style model with a text tower contributes its `vision_model` only. No remote code is run.
+    """
+
+    kind: Literal["hf_vision"] = "hf_vision"
+    model: str = Field(min_length=1)
+    layers: tuple[int, ...] = (-1,)
+    combine: Literal["mean", "concat"] = "mean"
+    final_norm: bool = False
+    prefix_tokens: PrefixTokens = "drop"
+    num_prefix_tokens: int | None = Field(default=None, ge=0)
+    grid: int | None = Field(default=None, gt=0)
+    processor_backend: ProcessorBackend = "pil"
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if not layers:
+            raise ValueError("needs at least one hidden_states index, e.g. [-1] or [4, 11, 17, 23]")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"hidden_states indices must be unique, got {list(layers)}")
+        return layers
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> HfVisionSpec:
+        if self.prefix_tokens == "cls" and self.grid is not None:
+            raise ValueError("grid resizes patch tokens, but prefix_tokens: cls keeps none; drop one of them")
+        if self.combine == "mean" and list(self.layers) != sorted(self.layers):
+            # The mean does not depend on the order, so equal targets get one spelling (and one fingerprint).
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+        return self
+
 
 # Attribute names transformers vision models give their final norm (Dinov2/ViT/ConvNext, CLIP/SigLIP, others).
 FINAL_NORM_NAMES = ("layernorm", "post_layernorm", "final_layernorm", "final_layer_norm", "norm", "ln_post")

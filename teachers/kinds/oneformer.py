@@ -8,16 +8,33 @@ Only the backbone is kept; the pixel decoder, transformer decoder and text encod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import Field
 
 from teachers.base import Teacher
 from teachers.pixels import ImageProcessorPreprocessor, Preprocessor, hf_processor_lut, stack_pixels
 from teachers.registry import register
-from teachers.spec import OneFormerSpec
+from teachers.spec import ProcessorBackend, TeacherSpecBase
+
+
+class OneFormerSpec(TeacherSpecBase):
+    """OneFormer Swin backbone: last feature map, bilinearly resized to `grid` x `grid`, flattened row-major.
+
+    Images are first resized to `image_size` x `image_size` (PIL bicubic), then go through the repo's own OneFormer
+    image processor. `processor_backend: pil` is the numpy/PIL processor the reference used; `torchvision` is the
+    transformers 5 default and differs from it in the last bits.
+    """
+
+    kind: Literal["oneformer"] = "oneformer"
+    model: str = Field(default="shi-labs/oneformer_coco_swin_large", min_length=1)
+    image_size: int = Field(default=768, gt=0)
+    grid: int = Field(default=24, gt=0)
+    processor_backend: ProcessorBackend = "pil"
 
 
 def load_oneformer_image_processor(path: str, backend: str = "pil"):

@@ -12,17 +12,57 @@ adds them as they are, since their count matches the patches (its own resize onl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
 from teachers.base import Teacher
 from teachers.pixels import BGR, RGB, Preprocessor, stack_pixels
 from teachers.registry import register
-from teachers.spec import DepthAnythingSpec
+from teachers.spec import TeacherSpecBase
+
+
+class DepthAnythingSpec(TeacherSpecBase):
+    """Depth Anything V2 backbone tokens: mean over `layers` of LayerNorm(block output), prefix tokens dropped.
+
+    `layers` are 0-indexed transformer blocks (block i is hidden_states[i + 1]); they are stored sorted since the
+    mean does not depend on their order. `channel_order: bgr` reproduces the reference's swapped colour channels.
+    `pos_embed_interpolation` says how the backbone's position-embedding grid (37 x 37 for the hub models) is
+    resized to the `image_size / 14` patch grid: `transformers` resizes to that size (bicubic); `reference`, as the
+    DINOv2 code vendored by Depth-Anything and OLA-VLM, resizes by the scale factor (grid + 0.1) / 37 (bicubic, no
+    antialias), which samples the grid up to about 0.15 of a cell apart. Both leave a grid of the native size as is.
+    """
+
+    kind: Literal["depth_anything_v2"] = "depth_anything_v2"
+    model: str = Field(default="depth-anything/Depth-Anything-V2-Large-hf", min_length=1)
+    image_size: int = Field(default=336, gt=0)
+    layers: tuple[int, ...] = (4, 11, 17, 23)
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    pos_embed_interpolation: Literal["transformers", "reference"] = "transformers"
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if not layers:
+            raise ValueError("needs at least one block index, e.g. [4, 11, 17, 23]")
+        if any(i < 0 for i in layers):
+            raise ValueError(f"block indices are 0-indexed and must be >= 0, got {list(layers)}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"block indices must be unique, got {list(layers)}")
+        return tuple(sorted(layers))
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        payload = super().fingerprint_payload()
+        # Left out at its default, so that adding the field moved no existing fingerprint (as `tf32`).
+        if payload.get("pos_embed_interpolation") == "transformers":
+            payload.pop("pos_embed_interpolation")
+        return payload
+
 
 # The reference normalises with these in float64 (numpy) and casts to float32 at the very end; the table below
 # holds exactly those float32 values, so the device lookup gives the reference's pixel_values bit for bit.
