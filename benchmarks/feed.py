@@ -77,7 +77,7 @@ def write_llava_like_shards(out: Path, rows: int, per_shard: int = 64, seed: int
 
 def build_assets(root: Path) -> dict[str, dict]:
     """Tiny checkpoints whose processors have the paper's sizes; returns the imitated specs."""
-    from pipeline.demo_assets import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
+    from pipeline.demo.teachers import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
 
     depth = build_tiny_depth_anything(root / "depth")
     seg = build_tiny_oneformer(root / "seg", image_size=800)  # the COCO processor's shortest edge
@@ -113,7 +113,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -134,8 +134,8 @@ def main() -> None:
         feed, ms = variant.split("@")
         runs += 1
         store = out / f"store-{runs}"
-        summary = run_precompute(str(shards), str(manifests[float(ms)]), str(store), feed=feed,
-                                 rows_per_block=args.rows_per_block, progress=False)
+        summary = run_precompute(str(shards), str(manifests[float(ms)]), str(store),
+                                 PrecomputeConfig(feed=feed, rows_per_block=args.rows_per_block), progress=False)
         shutil.rmtree(store)
         return summary.num_rows / summary.compute_seconds
 

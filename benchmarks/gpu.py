@@ -37,7 +37,7 @@ GPU_SHARES = {"depth": 0.25, "seg": 0.5, "gen": 0.25}  # one worker holds all th
 
 def write_teachers(root: Path, tiny: bool) -> dict[str, Path]:
     if tiny:
-        from pipeline.demo_assets import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
+        from pipeline.demo.teachers import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
 
         return {"depth": build_tiny_depth_anything(root / "depth"), "seg": build_tiny_oneformer(root / "seg"),
                 "gen": build_tiny_unclip_image_encoder(root / "gen")}
@@ -137,7 +137,7 @@ def main() -> None:
 
     if not torch.cuda.is_available() and not args.tiny:
         sys.exit("no CUDA GPU here: run this on a GPU machine (or pass --tiny for a smoke test)")
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -149,8 +149,8 @@ def main() -> None:
     bare = bare_forward(manifest, shards, args.forward_seconds)
     gpus = torch.cuda.device_count()
     with GpuSampler() as sampler:
-        summary = run_precompute(str(shards), str(manifest), str(out / "store"), rows_per_block=args.rows_per_block,
-                                 progress=True)
+        summary = run_precompute(str(shards), str(manifest), str(out / "store"),
+                                 PrecomputeConfig(rows_per_block=args.rows_per_block), progress=True)
     pipeline_rate = summary.num_rows / summary.compute_seconds
     # Rows/s of the three teachers run one after the other on one device: 1 / sum of per-teacher seconds per row.
     bare_rate = 1.0 / sum(1.0 / r for r in bare.values())

@@ -76,7 +76,7 @@ def main() -> None:
     if args.repeats < 5:
         parser.error("--repeats must be at least 5 (medians of fewer say little on a shared machine)")
 
-    from pipeline.demo_assets import write_demo_shards
+    from pipeline.demo.llava import write_demo_shards
     from pipeline.data.index import PARALLEL_MIN_BYTES
 
     out = Path(args.out)

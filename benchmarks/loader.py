@@ -67,7 +67,7 @@ def build_store(shards: Path, path: Path, rows_per_chunk: int) -> None:
 def build_encoder(root: Path):
     from transformers import AutoTokenizer, CLIPImageProcessorPil
 
-    from pipeline.demo_assets import train_demo_tokenizer
+    from pipeline.demo.tokenizer import train_demo_tokenizer
     from student.data import SampleEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(train_demo_tokenizer(["a photo of a thing"] * 50, root / "tokenizer"))

@@ -14,7 +14,7 @@ Random weights make the figure an estimate of the effect on the real model. Thei
 so the run is repeated with the grid replaced by a smooth 2-D sine-cosine grid of the same RMS. The trained grid's
 size next to the patch embeddings is not known here and would scale both figures.
 
-Photos: the demo's skimage sources (pipeline/demo_assets.py). About 190 CPU seconds and 4 GB peak RSS; 7.5 minutes
+Photos: the demo's skimage sources (pipeline/demo/photos.py). About 190 CPU seconds and 4 GB peak RSS; 7.5 minutes
 of wall time on 2 cores shared with other jobs.
 """
 
@@ -37,11 +37,11 @@ POSITION_KEY = "backbone.embeddings.position_embeddings"
 def photos(count: int):
     from PIL import Image
 
-    from pipeline.demo_assets import _load_source
+    from pipeline.demo.photos import load_source
 
     if count > len(PHOTOS):
         raise SystemExit(f"--images: at most {len(PHOTOS)} colour photos are bundled")
-    return [Image.fromarray(_load_source(name)).convert("RGB") for name in PHOTOS[:count]]
+    return [Image.fromarray(load_source(name)).convert("RGB") for name in PHOTOS[:count]]
 
 
 def sincos_grid(native: int, dim: int):

@@ -13,8 +13,9 @@ A round of a teacher set runs, in turn (forwards in even rounds, backwards in od
 
     bare      preprocess + forward of every image by every teacher in this process (teachers loaded once,
               warm), torch on every core: rows / seconds
-    pipeline  `run_precompute(workers=1, feed="inline")`: one worker with every core reads, checks, decodes,
-              preprocesses, forwards, encodes, compresses and writes: rows / summary.compute_seconds
+    pipeline  `run_precompute` with `PrecomputeConfig(workers=1, feed="inline")`: one worker with every core
+              reads, checks, decodes, preprocesses, forwards, encodes, compresses and writes:
+              rows / summary.compute_seconds
     three     a three-teacher job, wall time of run_precompute with Ray already running
     depth, seg, gen   the three one-teacher jobs, likewise
 
@@ -63,7 +64,7 @@ def build_small_real_teachers(root: Path) -> Path:
         SwinConfig,
     )
 
-    from pipeline.demo_assets import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
+    from pipeline.demo.teachers import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
 
     torch.manual_seed(0)
     # The tiny builders write the processor files; the models are then replaced by the real small sizes.
@@ -154,11 +155,11 @@ class BareForward:
 
 
 def run_job(shards: str, manifest: Path, store: Path, **kw):
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
     shutil.rmtree(store, ignore_errors=True)
     started = time.perf_counter()
-    summary = run_precompute(shards, str(manifest), str(store), progress=False, **kw)
+    summary = run_precompute(shards, str(manifest), str(store), PrecomputeConfig(**kw), progress=False)
     return time.perf_counter() - started, summary
 
 
@@ -287,7 +288,8 @@ def main() -> None:
     import ray
     from transformers.utils import logging as hf_logging
 
-    from pipeline.demo_assets import build_demo_assets, write_demo_shards
+    from pipeline.demo import build_demo_assets
+    from pipeline.demo.llava import write_demo_shards
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars of the bare forward's teachers

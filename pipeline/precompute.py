@@ -37,7 +37,7 @@ from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.data.index import ShardIndex, build_index, duplicate_rows, first_difference
 from pipeline.local_ray import ray_session
 from pipeline.data.shards import shard_name
-from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, BlockRange, Storage, TargetStore
+from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, TargetStore
 
 DEFAULT_ROWS_PER_BLOCK = 64
 BLOCKS_IN_FLIGHT_PER_WORKER = 2
@@ -46,18 +46,29 @@ WARM_HOLD_SECONDS = 0.5
 
 
 class PrecomputeConfig(BaseModel):
-    """A run's own settings (the teachers' come from the manifest), checked before anything is written and
-    recorded in the run's summary under `STORE/_runs/`."""
+    """A run's own settings (the teachers' come from the manifest): built by the CLI from its flags, checked
+    before anything is written, and recorded whole in the run's summary, `STORE/_runs/<time>.json` `config`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    address: str | None = None
-    batch_size: int | None = Field(default=None, ge=1)
-    workers: int | None = Field(default=None, ge=1)
-    rows_per_block: int = Field(default=DEFAULT_ROWS_PER_BLOCK, ge=1)
-    rows_per_chunk: int = Field(default=DEFAULT_ROWS_PER_CHUNK, ge=1)
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    feed: Literal["auto", "inline", "tasks"] = "auto"
+    address: str | None = Field(
+        default=None, description="Ray cluster to join; None: $RAY_ADDRESS if set, else a local Ray on this machine")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="every teacher's batch size instead of its manifest's (None: the manifest's)")
+    workers: int | None = Field(
+        default=None, ge=1, description="worker actors holding the teachers (None: as many as the GPUs hold; "
+                                        "without GPUs one per CPU with the inline feed, one with the tasks feed)")
+    rows_per_block: int = Field(
+        default=DEFAULT_ROWS_PER_BLOCK, ge=1,
+        description="rows per unit of work = per Zarr shard file (new stores only; an existing store keeps its own)")
+    rows_per_chunk: int = Field(
+        default=DEFAULT_ROWS_PER_CHUNK, ge=1,
+        description="rows per compressed chunk inside a shard, the unit of decoding; training reads rows in random "
+                    "order, so more than 1 decodes rows it does not use")
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS, ge=1, description="larger images are recorded as errors, not decoded")
+    feed: Literal["auto", "inline", "tasks"] = Field(
+        default="auto", description="how blocks reach the workers (see `plan_workers`); auto: tasks with GPUs")
 
     @model_validator(mode="after")
     def _chunks_tile_blocks(self) -> PrecomputeConfig:
@@ -67,8 +78,8 @@ class PrecomputeConfig(BaseModel):
         return self
 
     @classmethod
-    def checked(cls, **options) -> PrecomputeConfig:
-        """Validate; a bad value is a UsageError naming its command-line flag."""
+    def from_flags(cls, **options) -> PrecomputeConfig:
+        """Validate command-line values; a bad one is a UsageError naming its flag (`--rows-per-chunk: ...`)."""
         try:
             return cls(**options)
         except ValidationError as exc:
@@ -115,7 +126,7 @@ class BlockWorker:
         self.max_pixels = max_pixels
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.teachers = {name: teachers.create(spec, device=device) for name, spec in specs.items()}
-        self.storages = {name: storage_of(t.spec) for name, t in self.teachers.items()}
+        self.storages = {name: t.spec.storage() for name, t in self.teachers.items()}
         # With the tasks feed this actor runs BLOCKS_IN_FLIGHT_PER_WORKER `compute` calls in threads: one block's
         # outputs are copied out while the next block's forwards run. Forwards take turns (TF32 flags are
         # process-wide, and a device runs one batch at a time anyway).
@@ -234,11 +245,6 @@ def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -
     )
 
 
-def storage_of(spec) -> Storage:
-    """How a teacher's targets are stored, from its spec."""
-    return Storage(dtype=spec.storage_dtype, quantize=spec.quantize, pool=spec.pool)
-
-
 def _pending_blocks(store: TargetStore, specs: dict, fingerprints: dict) -> tuple[dict, dict]:
     """({teacher: present in store}, {teacher: [blocks without a record]})."""
     present = {name: check_teacher(store, name, spec.model_dump(mode="json"), fingerprints[name])
@@ -250,28 +256,15 @@ def _pending_blocks(store: TargetStore, specs: dict, fingerprints: dict) -> tupl
     return present, todo
 
 
-def run_precompute(
-    shards: str,
-    manifest_path: str,
-    store_path: str,
-    *,
-    address: str | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    rows_per_block: int = DEFAULT_ROWS_PER_BLOCK,
-    rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    feed: str = "auto",
-    progress: bool = True,
-) -> PrecomputeSummary:
-    """Compute every missing (teacher, block) of the store and finish it. Returns what was done; raises
-    PipelineError. Bad input (settings, manifest, store location, shards) is refused before anything is written."""
+def run_precompute(shards: str, manifest_path: str, store_path: str, config: PrecomputeConfig | None = None, *,
+                   progress: bool = True) -> PrecomputeSummary:
+    """Compute every missing (teacher, block) of the store with `config`'s settings (default: the defaults) and
+    finish it. Returns what was done; raises PipelineError. Bad input (manifest, store location, shards) is refused
+    before anything is written."""
     import teachers
 
     started = time.perf_counter()
-    config = PrecomputeConfig.checked(address=address, batch_size=batch_size, workers=workers,
-                                      rows_per_block=rows_per_block, rows_per_chunk=rows_per_chunk,
-                                      max_pixels=max_pixels, feed=feed)
+    config = config or PrecomputeConfig()
     manifest = teachers.load_manifest(manifest_path)
     specs = dict(manifest.teachers)
     if config.batch_size is not None:
@@ -414,7 +407,7 @@ def _compute(store, index, specs, fingerprints, present, todo, summary, lock, co
                     f"{fingerprints[name][:12]}.. on the driver: are the weights the same on every node?")
             if not present[name]:
                 store.add_teacher(name, spec=specs[name].model_dump(mode="json"), fingerprint=fingerprints[name],
-                                  target_shape=tuple(info["target_shape"]), storage=storage_of(specs[name]),
+                                  target_shape=tuple(info["target_shape"]), storage=specs[name].storage(),
                                   rows_per_chunk=config.rows_per_chunk)
         ranges = {b.block: b for b in store.blocks()}
         duplicates = duplicate_rows(index.table)

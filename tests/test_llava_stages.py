@@ -23,7 +23,7 @@ def _metrics(out) -> list[dict]:
 
 
 def test_pt_on_558k_then_ift_on_the_mix_with_its_text_only_samples(demo_dir, ray_local, tmp_path):
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
     from student.trainer import train_from_config
 
     pretrain, mix = pretrain_558k(tmp_path / "558k"), mix_665k(tmp_path / "665k")
@@ -34,7 +34,8 @@ def test_pt_on_558k_then_ift_on_the_mix_with_its_text_only_samples(demo_dir, ray
     assert ift_shards.text_only == len(mix.text_only) > 0
 
     store = tmp_path / "store"
-    run_precompute(str(pt_shards.out), str(DEMO_TEACHERS), str(store), rows_per_block=8, progress=False)
+    run_precompute(str(pt_shards.out), str(DEMO_TEACHERS), str(store), PrecomputeConfig(rows_per_block=8),
+                   progress=False)
     pt = tmp_path / "pt"
     train_from_config(str(PT), [f"output_dir={pt}", f"data.shards={pt_shards.out}", f"data.store={store}",
                                 "train.max_steps=2", "train.grad_accum=1", "data.batch_size=4", "data.num_workers=0",

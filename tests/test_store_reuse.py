@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.precompute import run_precompute
+from pipeline.precompute import PrecomputeConfig, run_precompute
 from tests.conftest import DEMO_EXPERIMENT, DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 from tests.teachers.tiny_generic import build_timm
 
@@ -49,7 +49,8 @@ def test_a_timm_teacher_added_by_manifest_then_two_experiments_from_one_store(de
     before = {name: files_of(store_copy / name) for name in ("depth", "seg", "gen")}
 
     summary = run_precompute(str(demo_dir / "shards"), str(manifest_path), str(store_copy),
-                             rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK, progress=False)
+                             PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK),
+                             progress=False)
     assert summary.rows_computed == 40  # the new teacher's rows, nothing else
     assert {name: files_of(store_copy / name) for name in ("depth", "seg", "gen")} == before
     assert summary.teachers["vit"]["target_shape"] == [16, 64]

@@ -1,4 +1,4 @@
-"""YAML manifests in, validated config objects out.
+"""YAML manifests in, validated config objects out: `load_config(path, Model, overrides)`.
 
 Strings may hold `${VAR}` or `${VAR:-default}` (expanded from the environment), so one manifest
 serves a laptop and a cluster: `model: ${DEMO_DIR:-runs/demo}/assets/teachers/depth`.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,21 +71,36 @@ def describe_validation_error(exc: ValidationError, hidden_loc_parts: frozenset 
     return "; ".join(problems)
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping with environment expansion; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"manifest {path} does not exist")
+def load_config(path: str | os.PathLike, model: type[Model], overrides: Iterable[str] = (),
+                environ: Mapping[str, str] | None = None) -> Model:
+    """Read the YAML mapping at `path`, apply `a.b=c` overrides, expand `${VAR}` and validate it into `model`.
+
+    Experiments and teacher manifests both load here. Every failure is one UsageError line naming the file and
+    each bad field (`exp.yaml: train.lr: Input should be greater than 0`).
+    """
+    source = str(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {exc}") from None
+        raise UsageError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return expand_env(data)
+        raise UsageError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _apply_overrides(data, overrides)
+    try:
+        # After the overrides, so that an override can replace a value whose variable is unset here.
+        data = expand_env(data, environ)
+        return model.model_validate(data)
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        raise UsageError(f"{source}: {describe_validation_error(exc)}") from None
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def _apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     """Apply `a.b.c=value` overrides to a nested mapping (new keys are allowed; validation judges them)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -98,13 +113,5 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise UsageError(f"override {key}: {part} is not a mapping")
             node = child
-        node[parts[-1]] = expand_env(yaml.safe_load(raw)) if raw.strip() else ""
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data
-
-
-def validate(model: type[Model], data: dict, source: str) -> Model:
-    """Build a pydantic model; a failure becomes one UsageError line naming the file and each bad field."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise UsageError(f"{source}: {describe_validation_error(exc)}") from None

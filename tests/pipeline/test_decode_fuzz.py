@@ -355,11 +355,12 @@ def fuzz_shards(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fuzz_store(fuzz_shards, ray_local):
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
     shards, samples, decodable = fuzz_shards
     store = shards.parent / "store"
-    run_precompute(str(shards), str(DEMO_TEACHERS), str(store), rows_per_block=8, rows_per_chunk=4, progress=False)
+    run_precompute(str(shards), str(DEMO_TEACHERS), str(store), PrecomputeConfig(rows_per_block=8, rows_per_chunk=4),
+                   progress=False)
     return shards, store, samples, decodable
 
 

@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from pipeline.data.errors import UsageError
 from pipeline.data.index import PreviousIndex, build_index
-from pipeline.precompute import open_or_create_store, run_precompute
+from pipeline.precompute import PrecomputeConfig, open_or_create_store, run_precompute
 from pipeline.data.store import TargetStore
 from pipeline.verify import verify_store
 from tests.conftest import DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
@@ -71,8 +71,8 @@ def counting(path: Path) -> str:
 
 
 def precompute(shards, store, **kw):
-    return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), rows_per_block=ROWS_PER_BLOCK,
-                          rows_per_chunk=ROWS_PER_CHUNK, progress=False, **kw)
+    config = PrecomputeConfig(**{"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, **kw})
+    return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), config, progress=False)
 
 
 def copy_shards(demo_dir: Path, tmp_path: Path) -> Path:

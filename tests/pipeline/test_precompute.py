@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -16,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
+from pipeline.cli import main
 from pipeline.data.errors import UsageError
-from pipeline.precompute import run_precompute
+from pipeline.precompute import PrecomputeConfig, run_precompute
 from tests.conftest import DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -32,8 +34,8 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def precompute(shards, store, **kw):
-    return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), rows_per_block=ROWS_PER_BLOCK,
-                          rows_per_chunk=ROWS_PER_CHUNK, progress=False, **kw)
+    config = PrecomputeConfig(**{"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, **kw})
+    return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), config, progress=False)
 
 
 def test_rerun_on_a_finished_store_does_nothing_and_changes_nothing(demo_dir, store_copy):
@@ -55,6 +57,24 @@ def test_lost_block_records_are_recomputed_bit_identically(demo_dir, demo_store,
         a = zarr.open_array(str(demo_store / name / "target"))[:]
         b = zarr.open_array(str(store_copy / name / "target"))[:]
         assert a.tobytes() == b.tobytes()
+
+
+def test_each_run_summary_records_the_settings_it_was_given(demo_dir, store_copy, capsys):
+    """`STORE/_runs/*.json` holds the run's whole PrecomputeConfig: the flags a user passed, the defaults of the rest."""
+    (first,) = (store_copy / "_runs").glob("*.json")  # the demo store's own run, called from Python
+    assert json.loads(first.read_text())["config"] == PrecomputeConfig(
+        rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK).model_dump(mode="json")
+    (store_copy / "_blocks" / "depth" / "000001.json").unlink()  # one block left to do, so that the run does work
+    code = main(["precompute", "--shards", str(demo_dir / "shards"), "--teachers", str(DEMO_TEACHERS),
+                 "--store", str(store_copy), "--rows-per-block", str(ROWS_PER_BLOCK), "--rows-per-chunk",
+                 str(ROWS_PER_CHUNK), "--max-pixels", "40000000", "--workers", "1", "--feed", "inline", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    (second,) = set((store_copy / "_runs").glob("*.json")) - {first}
+    run = json.loads(second.read_text())
+    assert run["rows_computed"] == ROWS_PER_BLOCK and run["teachers"] == ["depth", "gen", "seg"]
+    assert run["config"] == {"address": None, "batch_size": None, "workers": 1, "rows_per_block": ROWS_PER_BLOCK,
+                             "rows_per_chunk": ROWS_PER_CHUNK, "max_pixels": 40_000_000, "feed": "inline"}
+    assert PrecomputeConfig.model_validate(run["config"]).max_pixels == 40_000_000  # a summary rebuilds its config
 
 
 def test_store_for_other_shards_is_refused_naming_the_difference(demo_dir, store_copy, tmp_path):

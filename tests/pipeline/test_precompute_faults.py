@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.cli import main as cli
 from pipeline.data.errors import UsageError
-from pipeline.precompute import run_precompute
+from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.verify import verify_store
 from tests.conftest import DEMO_TEACHERS, REPO
 from tests.pipeline.test_store_promises import store_files
@@ -46,8 +46,8 @@ def array_files(store: Path) -> dict[str, bytes]:
 def reference_store(demo_dir, ray_local, tmp_path_factory) -> Path:
     """An uninterrupted run with small blocks, the yardstick for the crash tests."""
     store = tmp_path_factory.mktemp("reference") / "store"
-    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=SMALL_BLOCKS,
-                   rows_per_chunk=2, batch_size=2, progress=False)
+    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store),
+                   PrecomputeConfig(rows_per_block=SMALL_BLOCKS, rows_per_chunk=2, batch_size=2), progress=False)
     return store
 
 
@@ -103,7 +103,8 @@ def test_kill_9_of_the_driver_at_each_phase_then_rerun_gives_a_verified_identica
     if (store / "zarr.json").exists():  # what the killed run left is no finished store, and verify says so
         assert cli(["verify", str(store), "--quiet"]) != 0
 
-    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), progress=False, **options)
+    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**options),
+                             progress=False)
     assert not summary.nothing_to_do
     assert verify_store(str(store), shards=str(demo_dir / "shards"), manifest=str(DEMO_TEACHERS)).problems == []
     got, want = store_files(store), store_files(reference_store)
@@ -113,8 +114,8 @@ def test_kill_9_of_the_driver_at_each_phase_then_rerun_gives_a_verified_identica
 
 def test_the_tasks_feed_writes_the_same_store_as_the_inline_feed(demo_dir, reference_store, ray_local, tmp_path):
     store = tmp_path / "store"
-    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=SMALL_BLOCKS,
-                             rows_per_chunk=2, batch_size=2, feed="tasks", progress=False)
+    config = PrecomputeConfig(rows_per_block=SMALL_BLOCKS, rows_per_chunk=2, batch_size=2, feed="tasks")
+    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), config, progress=False)
     assert summary.feed == "tasks" and summary.blocks_computed == 3 * len(list((store / "_blocks" / "depth").iterdir()))
     assert store_files(store) == store_files(reference_store)
 
@@ -126,8 +127,8 @@ def test_a_killed_worker_actor_is_replaced_and_the_store_completes(demo_dir, ref
     def run():
         try:
             outcome["summary"] = run_precompute(
-                str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=SMALL_BLOCKS,
-                rows_per_chunk=2, batch_size=2, progress=False)
+                str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store),
+                PrecomputeConfig(rows_per_block=SMALL_BLOCKS, rows_per_chunk=2, batch_size=2), progress=False)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = exc
 
@@ -213,8 +214,8 @@ def write_bad_shards(demo_dir: Path, out: Path) -> dict[str, str]:
 def test_every_kind_of_bad_sample_is_recorded_and_good_samples_match_the_clean_run(demo_dir, demo_store, tmp_path):
     write_bad_shards(demo_dir, tmp_path / "shards")
     store = tmp_path / "store"
-    summary = run_precompute(str(tmp_path / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=4,
-                             rows_per_chunk=2, progress=False)
+    summary = run_precompute(str(tmp_path / "shards"), str(DEMO_TEACHERS), str(store),
+                             PrecomputeConfig(rows_per_block=4, rows_per_chunk=2), progress=False)
     index = pq.read_table(store / "index.parquet").to_pylist()
     errors = pq.read_table(store / "errors.parquet").to_pylist()
     by_key = {}
@@ -289,11 +290,11 @@ def test_adding_a_teacher_computes_only_it_and_leaves_the_others_untouched(demo_
     store = tmp_path / "store"
     shards = str(demo_dir / "shards")
     two = write_manifest(tmp_path / "two.yaml", demo_dir, names=("depth", "gen"))
-    run_precompute(shards, str(two), str(store), rows_per_block=16, rows_per_chunk=4, progress=False)
+    run_precompute(shards, str(two), str(store), PrecomputeConfig(rows_per_block=16, rows_per_chunk=4), progress=False)
     before = {p: p.read_bytes() for p in (store / "depth").rglob("*") if p.is_file()}
     before.update({p: p.read_bytes() for p in (store / "gen").rglob("*") if p.is_file()})
-    summary = run_precompute(shards, str(DEMO_TEACHERS), str(store), rows_per_block=16, rows_per_chunk=4,
-                             progress=False)
+    summary = run_precompute(shards, str(DEMO_TEACHERS), str(store),
+                             PrecomputeConfig(rows_per_block=16, rows_per_chunk=4), progress=False)
     assert summary.rows_computed == 40  # seg's rows only
     assert {p: p.read_bytes() for p in before} == before
     assert zarr.open_group(str(store))["seg"].attrs["complete"] is True

@@ -9,11 +9,12 @@ import pytest
 import yaml
 import zarr
 
-from pipeline.precompute import run_precompute
+from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.data.store import TargetStore
 from tests.conftest import DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+DEMO_SETTINGS = PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK)
 
 
 def manifest_with(tmp_path: Path, **storage) -> Path:
@@ -42,8 +43,8 @@ def relative_error(store: Path, reference: Path, name: str) -> float:
 def test_storage_options_are_recorded_and_undone_by_the_reader(demo_dir, demo_store, tmp_path, storage,
                                                                stored_tokens, dtype, max_error):
     store = tmp_path / "store"
-    run_precompute(str(demo_dir / "shards"), str(manifest_with(tmp_path, **storage)), str(store),
-                   rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK, progress=False)
+    run_precompute(str(demo_dir / "shards"), str(manifest_with(tmp_path, **storage)), str(store), DEMO_SETTINGS,
+                   progress=False)
     root = zarr.open_group(str(store), mode="r")
     for name in ("depth", "seg"):
         attrs = root[name].attrs
@@ -63,7 +64,7 @@ def test_bfloat16_targets_are_read_by_tensorstore(demo_dir, tmp_path):
 
     store = tmp_path / "store"
     run_precompute(str(demo_dir / "shards"), str(manifest_with(tmp_path, storage_dtype="bfloat16")), str(store),
-                   rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK, progress=False)
+                   DEMO_SETTINGS, progress=False)
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / "depth" / "target")}}
     array = ts.open(spec, read=True).result()
     assert array.dtype.name == "bfloat16"

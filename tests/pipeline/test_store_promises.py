@@ -29,7 +29,7 @@ from pipeline.data.errors import UsageError
 from pipeline.block_stages import BlockRows
 from pipeline.data.index import duplicate_rows
 from pipeline.data.loader import TrainingSamples
-from pipeline.precompute import BlockWorker, run_precompute
+from pipeline.precompute import BlockWorker, PrecomputeConfig, run_precompute
 from pipeline.data.store import TargetStore
 from pipeline.data.store_lock import FencedOut
 from pipeline.verify import verify_store
@@ -41,8 +41,8 @@ TEACHERS = ("depth", "seg", "gen")
 
 
 def precompute(shards, store, manifest=DEMO_TEACHERS, **kw):
-    options = {"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, "progress": False, **kw}
-    return run_precompute(str(shards), str(manifest), str(store), **options)
+    config = PrecomputeConfig(**{"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, **kw})
+    return run_precompute(str(shards), str(manifest), str(store), config, progress=False)
 
 
 def store_files(store: Path) -> dict[str, bytes]:
