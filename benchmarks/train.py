@@ -65,13 +65,13 @@ def settings(out: Path, steps: int, batch_size: int, *extra: str) -> list[str]:
 
 def build_demo(out: Path, rows: int) -> tuple[Path, float]:
     """Demo assets and their store under `out`; returns the demo root and the precompute seconds."""
-    from pipeline.demo_assets import build_demo_assets
-    from pipeline.precompute import run_precompute
+    from pipeline.demo import build_demo_assets
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
     demo = build_demo_assets(out / "demo", num_samples=rows, num_shards=4, progress=False)
     os.environ["DEMO_DIR"] = str(demo.root)
     started = time.perf_counter()
-    run_precompute(str(demo.shards_dir), str(TEACHERS), str(demo.root / "store"), rows_per_block=32,
+    run_precompute(str(demo.shards_dir), str(TEACHERS), str(demo.root / "store"), PrecomputeConfig(rows_per_block=32),
                    progress=False)
     return demo.root, time.perf_counter() - started
 
@@ -100,6 +100,7 @@ class InMemoryTargets:
 
 def build_modes(out: Path, steps: int, batch_size: int) -> dict:
     """{mode: (training parts, batch iterator, per-batch preparation)} for the three target sources."""
+    from pipeline.online_targets import online_targets_factory
     from student.config import load_experiment
     from student.trainer import build_training
 
@@ -107,7 +108,7 @@ def build_modes(out: Path, steps: int, batch_size: int) -> dict:
     for mode in MODES:
         extra = ["data.online_teachers=true"] if mode == "online" else []
         cfg = load_experiment(str(EXPERIMENT), settings(out / mode, steps, batch_size, *extra))
-        parts = build_training(cfg)
+        parts = build_training(cfg, online_targets=online_targets_factory(cfg))
         prepare = lambda batch: batch  # noqa: E731
         if mode == "memory":
             # Same loader, minus the store reads: the targets come from RAM, indexed by the batch's rows.
@@ -170,13 +171,14 @@ def own_peak_kib() -> int:
 def child(mode: str, out: Path, batch_size: int) -> None:
     import gc
 
+    from pipeline.online_targets import online_targets_factory
     from student.config import load_experiment
     from student.trainer import build_training, train_step
 
     extra = ["data.online_teachers=true"] if mode == "online" else []
     cfg = load_experiment(str(EXPERIMENT), settings(out / f"rss-{mode}", PEAK_RSS_STEPS, batch_size, *extra))
     # The steps only: the final save_pretrained is the same in both modes and could hide the difference.
-    parts = build_training(cfg)
+    parts = build_training(cfg, online_targets=online_targets_factory(cfg))
     data = iter(parts.loader)
     for _ in range(cfg.train.max_steps):
         train_step(parts, next(data))

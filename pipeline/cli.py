@@ -27,7 +27,7 @@ typical run:
 
 
 def _cmd_demo_assets(args) -> int:
-    from pipeline.demo_assets import build_demo_assets
+    from pipeline.demo import build_demo_assets
 
     assets = build_demo_assets(args.out, num_samples=args.samples, num_shards=args.shards, seed=args.seed)
     print(f"{assets.num_samples} samples in {assets.num_shards} shards under {assets.shards_dir}; "
@@ -80,21 +80,12 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_precompute(args) -> int:
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
-    summary = run_precompute(
-        args.shards,
-        args.teachers,
-        args.store,
-        address=args.address,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        rows_per_block=args.rows_per_block,
-        rows_per_chunk=args.rows_per_chunk,
-        max_pixels=args.max_pixels,
-        feed=args.feed,
-        progress=not args.quiet,
-    )
+    config = PrecomputeConfig.from_flags(address=args.address, batch_size=args.batch_size, workers=args.workers,
+                                         rows_per_block=args.rows_per_block, rows_per_chunk=args.rows_per_chunk,
+                                         max_pixels=args.max_pixels, feed=args.feed)
+    summary = run_precompute(args.shards, args.teachers, args.store, config, progress=not args.quiet)
     if summary.nothing_to_do:
         print(f"store {summary.store} is complete for these teachers: nothing to do")
     elif summary.finished_earlier_run:
@@ -140,11 +131,14 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from student.trainer import train_from_config
+    from pipeline.online_targets import online_targets_factory
+    from student.config import load_experiment
+    from student.trainer import train
 
     overrides = list(args.set) + (["data.online_teachers=true"] if args.online_teachers else []) \
         + ([f"train.resume={args.resume}"] if args.resume else [])
-    result = train_from_config(args.config, overrides=overrides, progress=not args.quiet)
+    cfg = load_experiment(args.config, overrides)
+    result = train(cfg, online_targets=online_targets_factory(cfg), progress=not args.quiet)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch` every rank returns a result: one summary per run

@@ -12,19 +12,22 @@ num_workers, and the paper's three teachers hold ~1.2 B parameters), CUDA cannot
 a worker would run each teacher on a handful of images on the CPU. One copy per rank, batched on the accelerator,
 is what the reference does at every step, so this mode also measures what precomputing saves.
 
-This module imports `teachers`; the trainer imports it only in this mode, so cached training never does.
+The student's trainer never imports this module (nor `teachers`): `pipeline train` builds the teachers' factory
+here (`online_targets_factory`) and hands it to `student.trainer.train`. `teachers` itself is imported only when
+a factory builds its teachers, so cached training never imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from pipeline.data.errors import UsageError
 from pipeline.block_stages import run_teacher
+from pipeline.data.errors import UsageError
 from pipeline.data.store import Storage, TargetStore
+from student.config import ExperimentConfig
 
 
 class OnlineTargets:
@@ -77,3 +80,16 @@ class OnlineTargets:
             targets[name] = torch.from_numpy(np.ascontiguousarray(decoded))
             valid[name] = torch.from_numpy(out.valid.astype(bool))
         return targets, valid
+
+
+def online_targets_factory(cfg: ExperimentConfig) -> Callable[[torch.device], OnlineTargets] | None:
+    """For `student.trainer.train(cfg, online_targets=...)`: with `cfg.data.online_teachers`, a function that
+    builds the store's teachers of `cfg.model.tasks` on a device (each training process calls it once); else None."""
+    if not cfg.data.online_teachers:
+        return None
+
+    def build(device: torch.device) -> OnlineTargets:
+        return OnlineTargets(cfg.data.store, list(cfg.model.tasks), device=device,
+                             accept_fingerprint_mismatch=cfg.data.accept_fingerprint_mismatch)
+
+    return build

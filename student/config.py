@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.config_io import apply_overrides, load_yaml, validate
+from pipeline.data.config import load_config
+from student.loss import LossConfig
+from student.task import TaskHeadConfig
 
 _STRICT = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -47,25 +49,13 @@ class DataConfig(BaseModel):
     )
 
 
-class TaskConfig(BaseModel):
-    """One distillation task: a teacher group of the store and the LLM layers that predict it."""
+class TaskConfig(TaskHeadConfig):
+    """One distillation task: the student's heads for a teacher group of the store (``TaskHeadConfig``: the LLM
+    layers that predict it, ...) and the weight of its loss."""
 
     model_config = _STRICT
 
-    layers: list[int] = Field(min_length=1, description="1-indexed LLM hidden states, e.g. [18, 20]")
-    seq_tokens: int = Field(default=8, gt=0, description="task tokens this task puts into the sequence")
-    weight: float = Field(default=1.0, ge=0)
-    predictor_dim: int | Literal["hidden"] | None = Field(
-        default=None, description="predictor width: None = target channels (reference gen/seg), 'hidden' = LLM width"
-    )
-    out_mlp: bool = Field(default=False, description="extra Linear-ReLU-Linear after the predictor (reference depth)")
-
-    @field_validator("layers")
-    @classmethod
-    def _positive(cls, layers: list[int]) -> list[int]:
-        if any(layer < 1 for layer in layers):
-            raise ValueError(f"layers are 1-indexed hidden states after the embeddings, got {layers}")
-        return layers
+    weight: float = Field(default=1.0, ge=0, description="weight of this task's loss in the total")
 
 
 class ModelConfig(BaseModel):
@@ -115,16 +105,6 @@ class ModelConfig(BaseModel):
             raise ValueError(f"trainable {self.trainable} includes predictors/logit_scales but tasks is empty, so "
                              "no loss reaches them; drop them from trainable or add tasks")
         return self
-
-
-class LossConfig(BaseModel):
-    model_config = _STRICT
-
-    lm_weight: float = Field(default=1.0, ge=0)
-    smooth_l1_beta: float = Field(default=1.0, gt=0)
-    contrastive_weight: float = Field(default=0.3, ge=0)
-    layer_weight: float = Field(default=0.5, ge=0)
-    logit_scale_max: float = Field(default=100.0, gt=0)
 
 
 class TrainConfig(BaseModel):
@@ -178,5 +158,4 @@ class ExperimentConfig(BaseModel):
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load, override (`a.b=c`) and validate an experiment manifest; errors name file and field."""
-    data = apply_overrides(load_yaml(path), list(overrides or []))
-    return validate(ExperimentConfig, data, str(path))
+    return load_config(path, ExperimentConfig, overrides or ())

@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
-from pipeline.loader import Skipped, stack_targets
+from pipeline.data.loader import Skipped, stack_targets
 from student.conversation import messages_from_sample, tokenize_messages
 
 IMAGE_ASPECT_RATIOS = ("processor", "pad")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from pipeline.data.errors import UsageError
 
 # Weight files transformers or torch would unpickle; listed in the error so the user sees what was found.
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -22,57 +22,31 @@ DDP rank reduces the same set of gradients and nothing hangs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CoupledLossConfig", "coupled_loss", "masked_smooth_l1", "masked_infonce"]
+__all__ = ["LossConfig", "coupled_loss", "masked_smooth_l1", "masked_infonce"]
 
 # Masked keys get this logit instead of -inf: |scale * cos| <= cap (100), so exp(-1e4 - max) is 0 in float32, and a
 # row whose keys are all masked keeps finite gradients (an all -inf row gives NaN even when multiplied by zero).
 _MASKED_LOGIT = -1.0e4
 
 
-@dataclass(kw_only=True)
-class CoupledLossConfig:
-    """Weights of the coupled objective (defaults: the paper's PT stage).
+class LossConfig(BaseModel):
+    """Weights of the coupled objective, the manifest's ``loss:`` section (defaults: the paper's PT stage). Each
+    task's own weight is its ``model.tasks.<task>.weight``; ``coupled_loss`` takes those as ``task_weights``."""
 
-    Attributes:
-        smooth_l1_beta: ``beta`` of smooth-L1 (1.0).
-        contrastive_weight: weight of InfoNCE next to smooth-L1 within a layer (0.3).
-        layer_weight: weight of each tapped layer's loss within its task (0.5).
-        task_weights: per-task weights; a task not listed weighs ``default_task_weight``.
-        default_task_weight: 1.0.
-        lm_weight: weight of the next-token loss (1.0).
-        logit_scale_max: cap on ``exp(logit_scale)`` (100).
-        use_contrastive: False drops InfoNCE entirely (the reference's ``use_contrastive`` option).
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    smooth_l1_beta: float = 1.0
-    contrastive_weight: float = 0.3
-    layer_weight: float = 0.5
-    task_weights: dict[str, float] = field(default_factory=dict)
-    default_task_weight: float = 1.0
-    lm_weight: float = 1.0
-    logit_scale_max: float = 100.0
-    use_contrastive: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("contrastive_weight", "layer_weight", "default_task_weight", "lm_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"CoupledLossConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.smooth_l1_beta <= 0:
-            raise ValueError(f"CoupledLossConfig.smooth_l1_beta must be > 0, got {self.smooth_l1_beta}")
-        if self.logit_scale_max <= 0:
-            raise ValueError(f"CoupledLossConfig.logit_scale_max must be > 0, got {self.logit_scale_max}")
-        bad = {k: v for k, v in self.task_weights.items() if v < 0}
-        if bad:
-            raise ValueError(f"CoupledLossConfig.task_weights must be >= 0, got {bad}")
-
-    def task_weight(self, task: str) -> float:
-        return self.task_weights.get(task, self.default_task_weight)
+    lm_weight: float = Field(default=1.0, ge=0, description="weight of the next-token loss")
+    smooth_l1_beta: float = Field(default=1.0, gt=0, description="beta of smooth-L1")
+    contrastive_weight: float = Field(default=0.3, ge=0, description="weight of InfoNCE next to smooth-L1 within a "
+                                      "layer; 0 drops InfoNCE (the reference's use_contrastive=False)")
+    layer_weight: float = Field(default=0.5, ge=0, description="weight of each tapped layer's loss within its task")
+    logit_scale_max: float = Field(default=100.0, gt=0, description="cap on exp(logit_scale)")
 
 
 def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
@@ -152,8 +126,9 @@ def coupled_loss(
     targets: Mapping[str, torch.Tensor],
     valid: Mapping[str, torch.Tensor],
     logit_scales: Mapping[str, Mapping[int, torch.Tensor] | torch.Tensor],
-    cfg: CoupledLossConfig | None = None,
+    cfg: LossConfig | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    task_weights: Mapping[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of one batch and every term separately.
 
@@ -164,10 +139,11 @@ def coupled_loss(
         valid: ``{task: [B]}`` bool (or 0/1), False where the store has no target for the row.
         logit_scales: ``OlaStudent.logit_scales`` (keys ``"<task>_<layer>"`` or ``"<task>"``), or nested
             ``{task: {layer: scalar}}`` (``OlaStudent.logit_scale_dict()``), or ``{task: scalar}``.
-        cfg: weights; ``CoupledLossConfig()`` when None.
+        cfg: weights; ``LossConfig()`` when None.
         gather: concatenates a tensor's rows across data-parallel ranks in rank order (e.g.
             ``accelerator.gather``); identity when None. Per-rank batch sizes must match, or the callable must pad
             with zero rows (a zero row reads as invalid). Called once per task, on ``[B, T*C + 1]`` float32.
+        task_weights: ``{task: weight}`` (the manifest's ``model.tasks.<task>.weight``); an unlisted task weighs 1.
 
     Returns:
         ``(total, terms)``: ``total`` float32 scalar with graph; ``terms`` detached float32 scalars: ``"lm"``,
@@ -175,7 +151,8 @@ def coupled_loss(
         ``"<task>_<layer>/smooth_l1"``, ``"<task>_<layer>/infonce"``, ``"<task>_<layer>/logit_scale"`` (the
         clamped ``exp``), and ``"total"``.
     """
-    cfg = cfg or CoupledLossConfig()
+    cfg = cfg or LossConfig()
+    task_weights = task_weights or {}
     missing = sorted(set(predictions) - set(targets)) + sorted(set(predictions) - set(valid))
     if missing:
         raise KeyError(f"no targets/valid flags for predicted tasks {sorted(set(missing))}; the batch has "
@@ -199,7 +176,7 @@ def coupled_loss(
             )
         terms[f"{task}/num_valid"] = ok.sum().float()
 
-        if cfg.use_contrastive and cfg.contrastive_weight > 0:
+        if cfg.contrastive_weight > 0:
             # Targets are the same for every layer of a task: normalise and gather them once.
             own_keys = _normalized_keys(target, ok)
             packed = torch.cat([own_keys, ok.float()[:, None]], dim=1)
@@ -217,14 +194,14 @@ def coupled_loss(
             sl1 = masked_smooth_l1(pred, target, ok, cfg.smooth_l1_beta)
             layer_loss = sl1
             terms[f"{key}/smooth_l1"] = sl1.detach()
-            if cfg.use_contrastive and cfg.contrastive_weight > 0:
+            if cfg.contrastive_weight > 0:
                 scale = _scale_for(logit_scales, task, layer)
                 nce = masked_infonce(pred, keys, key_valid, own_keys, ok, scale, cfg.logit_scale_max)
                 layer_loss = layer_loss + cfg.contrastive_weight * nce
                 terms[f"{key}/infonce"] = nce.detach()
                 terms[f"{key}/logit_scale"] = scale.detach().float().exp().clamp(max=cfg.logit_scale_max)
             task_loss = task_loss + cfg.layer_weight * layer_loss
-        weighted = cfg.task_weight(task) * task_loss
+        weighted = task_weights.get(task, 1.0) * task_loss
         terms[task] = weighted.detach()
         total = weighted if total is None else total + weighted
 

@@ -18,7 +18,6 @@ This module never imports ``teachers``: a student knows target shapes, not where
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -31,18 +30,10 @@ from transformers.utils import ModelOutput
 from student.conversation import IGNORE_INDEX
 from student.loading import from_pretrained_safetensors
 from student.predictor import EmbeddingPredictor
+from student.student_config import StudentConfig
+from student.task import TaskSpec
 
-__all__ = [
-    "TaskSpec",
-    "REFERENCE_TASKS",
-    "StudentConfig",
-    "TaskLayersError",
-    "OlaStudent",
-    "OlaStudentOutput",
-    "TRAINABLE_PARTS",
-]
-
-DEFAULT_TASK_ORDER = ("gen", "depth", "seg")  # the reference's order of task tokens
+__all__ = ["OlaStudent", "OlaStudentOutput", "TRAINABLE_PARTS"]
 
 # Parts addressable by ``OlaStudent.set_trainable``. The logit scales belong to the predictors' loss, so
 # "predictors" includes them (the reference trains them whenever its heads train).
@@ -54,203 +45,6 @@ TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
     "predictors": ("predictors", "logit_scales"),
     "logit_scales": ("logit_scales",),
 }
-
-
-@dataclass(kw_only=True)
-class TaskSpec:
-    """One distillation task (one teacher) of the student.
-
-    Attributes:
-        name: task name, also the teacher name in the target store (``depth``, ``seg``, ``gen``, ...).
-        layers: tapped LLM layers, 1-indexed over hidden states (``hidden_states[l]``, ``l >= 1``).
-        target_tokens: ``T`` of the teacher target ``[T, C]``.
-        target_dim: ``C`` of the teacher target.
-        seq_tokens: task tokens this task puts in the sequence (8 in the paper). ``T`` must be 1 or a multiple.
-        predictor_dim: the predictor's width: ``None`` = ``target_dim`` (reference gen/seg heads), ``"hidden"`` =
-            the LLM hidden size (reference depth head), or an int.
-        out_mlp: extra ``Linear-ReLU-Linear`` after the predictor's output LayerNorm (reference depth head).
-    """
-
-    name: str
-    layers: list[int]
-    target_tokens: int
-    target_dim: int
-    seq_tokens: int = 8
-    predictor_dim: int | str | None = None
-    out_mlp: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.name or not self.name.isidentifier():
-            raise ValueError(f"task name {self.name!r} must be a non-empty identifier (it names modules and keys)")
-        self.layers = [int(x) for x in self.layers]
-        if not self.layers or any(x < 1 for x in self.layers):
-            raise ValueError(
-                f"task {self.name!r}: layers {self.layers} must be non-empty and 1-indexed (hidden_states[l], l >= 1)"
-            )
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"task {self.name!r}: layers {self.layers} contain duplicates")
-        if self.target_tokens < 1 or self.target_dim < 1 or self.seq_tokens < 1:
-            raise ValueError(
-                f"task {self.name!r}: target_tokens, target_dim and seq_tokens must be >= 1, got "
-                f"{self.target_tokens}, {self.target_dim}, {self.seq_tokens}"
-            )
-        if self.target_tokens > 1 and self.target_tokens % self.seq_tokens:
-            raise ValueError(
-                f"task {self.name!r}: target_tokens={self.target_tokens} is not a multiple of "
-                f"seq_tokens={self.seq_tokens}; the task-token parameter is pooled in equal groups"
-            )
-        if not (self.predictor_dim is None or self.predictor_dim == "hidden" or isinstance(self.predictor_dim, int)):
-            raise ValueError(f"task {self.name!r}: predictor_dim must be None, 'hidden' or an int")
-
-    @classmethod
-    def from_any(cls, spec: "TaskSpec | dict[str, Any]") -> "TaskSpec":
-        if isinstance(spec, TaskSpec):
-            return spec
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"task spec {spec.get('name', '?')!r}: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# The paper's setting (SHI-Labs/OLA-VLM pretrain.sh: layer_indices d18-20_s10-18_g12-20, 8 task tokens).
-REFERENCE_TASKS: tuple[dict[str, Any], ...] = (
-    {"name": "gen", "layers": [12, 20], "target_tokens": 1, "target_dim": 1024},
-    {
-        "name": "depth",
-        "layers": [18, 20],
-        "target_tokens": 576,
-        "target_dim": 1024,
-        "predictor_dim": "hidden",
-        "out_mlp": True,
-    },
-    {"name": "seg", "layers": [10, 18], "target_tokens": 576, "target_dim": 1536},
-)
-
-
-class TaskLayersError(ValueError):
-    """A task taps an LLM layer the LLM does not have. Raised by ``StudentConfig`` validation, so from the configs
-    alone (``OlaStudent.from_parts`` builds the config before loading any weights); the trainer turns it into a
-    ``UsageError`` naming ``model.tasks.<task>.layers``."""
-
-    def __init__(self, task: str, layers: list[int], num_layers: int) -> None:
-        self.task, self.layers, self.num_layers = task, list(layers), num_layers
-        super().__init__(f"StudentConfig.tasks[{task!r}].layers {self.layers}: the LLM has {num_layers} layers "
-                         f"(valid: 1..{num_layers})")
-
-
-def _as_config(cfg: PretrainedConfig | dict | None, field_name: str) -> PretrainedConfig | None:
-    if cfg is None or isinstance(cfg, PretrainedConfig):
-        return cfg
-    if isinstance(cfg, dict):
-        cfg = dict(cfg)
-        model_type = cfg.pop("model_type", None)
-        if model_type is None:
-            raise ValueError(f"StudentConfig.{field_name} needs a 'model_type' key (e.g. 'clip_vision_model', 'llama')")
-        return AutoConfig.for_model(model_type, **cfg)
-    raise TypeError(f"StudentConfig.{field_name} must be a dict or a PretrainedConfig, got {type(cfg).__name__}")
-
-
-class StudentConfig(PretrainedConfig):
-    """Configuration of ``OlaStudent``; saved in every checkpoint's ``config.json``.
-
-    Args:
-        vision_config: the vision encoder's config (CLIP vision), a ``PretrainedConfig`` or a dict with ``model_type``.
-        text_config: the causal LLM's config, same forms.
-        tasks: ``TaskSpec``s or dicts (see ``TaskSpec``); stored as a list of dicts.
-        task_order: order of the task tokens after the image tokens (every task must appear; extra names ignored).
-        image_token_id: the id of the single image placeholder in ``input_ids`` (it is never embedded, so it may lie
-            outside the LLM vocabulary).
-        vision_feature_layer: which vision hidden state feeds the projector (-2 = second-to-last, LLaVA-1.5).
-        vision_feature_select: ``"patch"`` drops the CLS token, ``"full"`` keeps it.
-        projector_type: ``"mlp2x_gelu"`` (LLaVA-1.5) or ``"linear"``.
-        predictor_heads, predictor_head_dim, predictor_ff_mult, predictor_depth: the resampler shape (4, 32, 1, 1).
-        task_token_init_std: std of the task tokens' normal init (1.0: the reference uses ``torch.randn``).
-        logit_scale_init: InfoNCE logit scale init (used as ``exp(scale)``), 2.0.
-        logit_scale_per: ``"layer"``: one learnable scale per (task, layer); ``"task"``: one per task shared by its
-            layers, as the reference does.
-    """
-
-    model_type = "ola_student"
-    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
-
-    def __init__(
-        self,
-        vision_config: PretrainedConfig | dict | None = None,
-        text_config: PretrainedConfig | dict | None = None,
-        tasks: Iterable[TaskSpec | dict] | None = None,
-        task_order: Iterable[str] = DEFAULT_TASK_ORDER,
-        image_token_id: int | None = None,
-        vision_feature_layer: int = -2,
-        vision_feature_select: str = "patch",
-        projector_type: str = "mlp2x_gelu",
-        predictor_heads: int = 4,
-        predictor_head_dim: int = 32,
-        predictor_ff_mult: float = 1,
-        predictor_depth: int = 1,
-        task_token_init_std: float = 1.0,
-        logit_scale_init: float = 2.0,
-        logit_scale_per: str = "layer",
-        **kwargs: Any,
-    ) -> None:
-        # Sub-configs first: the base __init__ propagates the attention implementation into them.
-        self.vision_config = _as_config(vision_config, "vision_config")
-        self.text_config = _as_config(text_config, "text_config")
-        specs = [TaskSpec.from_any(t) for t in (tasks or [])]
-        self.tasks = [s.to_dict() for s in specs]
-        self.task_order = list(task_order)
-        self.image_token_id = image_token_id
-        self.vision_feature_layer = vision_feature_layer
-        self.vision_feature_select = vision_feature_select
-        self.projector_type = projector_type
-        self.predictor_heads = predictor_heads
-        self.predictor_head_dim = predictor_head_dim
-        self.predictor_ff_mult = predictor_ff_mult
-        self.predictor_depth = predictor_depth
-        self.task_token_init_std = task_token_init_std
-        self.logit_scale_init = logit_scale_init
-        self.logit_scale_per = logit_scale_per
-        kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(**kwargs)
-        self._validate(specs)
-
-    def _validate(self, specs: list[TaskSpec]) -> None:
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"StudentConfig.tasks: duplicate task names {names}")
-        missing = [n for n in names if n not in self.task_order]
-        if missing:
-            raise ValueError(
-                f"StudentConfig.task_order {self.task_order} lacks tasks {missing}; list every task there"
-            )
-        if self.vision_feature_select not in ("patch", "full"):
-            raise ValueError(f"StudentConfig.vision_feature_select must be 'patch' or 'full', got "
-                             f"{self.vision_feature_select!r}")
-        if self.projector_type not in ("mlp2x_gelu", "linear"):
-            raise ValueError(f"StudentConfig.projector_type must be 'mlp2x_gelu' or 'linear', got "
-                             f"{self.projector_type!r}")
-        if self.logit_scale_per not in ("layer", "task"):
-            raise ValueError(f"StudentConfig.logit_scale_per must be 'layer' or 'task', got {self.logit_scale_per!r}")
-        n_layers = getattr(self.text_config, "num_hidden_layers", None)
-        for s in specs:
-            if n_layers is not None and max(s.layers) > n_layers:
-                raise TaskLayersError(s.name, s.layers, n_layers)
-
-    def task_names(self) -> list[str]:
-        """Task names in sequence order (``task_order``)."""
-        return [s.name for s in self.task_specs()]
-
-    def task_specs(self) -> list[TaskSpec]:
-        """The tasks in sequence order (``task_order``)."""
-        specs = {t["name"]: TaskSpec.from_any(t) for t in self.tasks}
-        return [specs[n] for n in self.task_order if n in specs]
-
-
-# So that AutoConfig.from_pretrained(checkpoint) resolves "ola_student" (AutoModel is registered below the model).
-AutoConfig.register(StudentConfig.model_type, StudentConfig, exist_ok=True)
 
 
 @dataclass

@@ -2,8 +2,12 @@
 
 One process per device (`accelerate launch` for many); no teacher is ever imported or loaded: the
 targets come from the store written by `pipeline precompute`. The one exception is the explicit A/B mode
-`data.online_teachers: true` (`--online-teachers`), which rebuilds the store's teachers in this process
-(`pipeline/online_targets.py`) and computes the same targets at every step instead of reading them.
+`data.online_teachers: true` (`--online-teachers`), which computes the same targets at every step with the store's
+teachers instead of reading them. Even then this package does not import `teachers`: the caller hands `train` a
+factory of them (`online_targets=`; `pipeline train` builds it with `pipeline/online_targets.py`).
+
+The parts it wires have modules of their own: the student (`student/build.py`), the checkpoints
+(`student/checkpoint.py`) and what they record (`student/provenance.py`), the logs (`student/metrics.py`).
 
     pipeline train --config manifests/experiments/demo.yaml                     # one CPU / GPU
     accelerate launch -m pipeline train --config manifests/experiments/X.yaml   # every local GPU
@@ -24,32 +28,45 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.errors import PipelineError, UsageError
-from pipeline.loader import IMAGE_CHANGED, EpochOrder, TrainingSamples, training_index
-from pipeline.store import TargetStore
+from pipeline.data.errors import PipelineError, UsageError
+from pipeline.data.loader import IMAGE_CHANGED, EpochOrder, TrainingSamples, training_index
+from pipeline.data.store import TargetStore
+from student.build import assemble_student
 from student.checkpoint import (
     PROVENANCE_FILE,
     TrainState,
-    load_student,
     load_training_state,
     resolve_resume,
     save_training_state,
 )
 from student.config import ExperimentConfig, load_experiment
 from student.data import BatchCollator, SampleEncoder
-from student.loading import load_image_processor
-from student.loss import CoupledLossConfig, coupled_loss
-from student.model import DEFAULT_TASK_ORDER, OlaStudent, TaskLayersError
+from student.loss import coupled_loss
+from student.metrics import METRICS_FILE, TENSORBOARD_DIR, data_counts, hparams, mean_terms, open_metrics
+from student.provenance import check_store, rows_of, run_provenance
 
-METRICS_FILE = "metrics.jsonl"
 DATA_INDEX_DIR = "data_index"  # a stage without a store keeps its index of the shards here
-TENSORBOARD_DIR = "tensorboard"
+
+
+class OnlineTargetSource(Protocol):
+    """The store's teachers in this process (`pipeline.online_targets.OnlineTargets`): a batch's decoded images ->
+    ({teacher: [B, T, C] float32}, {teacher: [B] bool}), rounded as the store rounds them."""
+
+    fingerprints: dict[str, str]  # teacher name -> fingerprint of the teacher as rebuilt
+
+    def __call__(self, images: Sequence) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...
+
+
+# Builds the online teachers on a device; called once per process, in `data.online_teachers` mode only.
+OnlineTargetsFactory = Callable[[torch.device], OnlineTargetSource]
 
 
 @dataclass
@@ -90,31 +107,8 @@ class TrainingParts:
     order: EpochOrder
     tokenizer: object
     image_processor: object
-    loss_cfg: CoupledLossConfig
     store_info: dict
-    online: object | None = None  # pipeline.online_targets.OnlineTargets with data.online_teachers, else None
-
-
-def check_store(cfg: ExperimentConfig) -> dict:
-    """Open the store, check the tasks' teachers exist with the expected fingerprints; return its provenance."""
-    store = TargetStore(cfg.data.store)
-    info = {"store": store.path, "dataset_fingerprint": store.dataset_fingerprint, "num_rows": store.num_rows,
-            "teachers": {}}
-    for name in cfg.model.tasks:
-        if name not in store.teacher_names():
-            raise UsageError(f"store {store.path} has no teacher {name!r} (it has {store.teacher_names()}); "
-                             "precompute it or drop the task from model.tasks")
-        attrs = store.teacher_attrs(name)
-        expected = cfg.data.expected_fingerprints.get(name)
-        if expected and attrs["teacher_fingerprint"] != expected and not cfg.data.accept_fingerprint_mismatch:
-            raise UsageError(
-                f"store teacher {name!r} has fingerprint {attrs['teacher_fingerprint'][:12]}.. but the experiment "
-                f"expects {expected[:12]}..; use the matching store or set data.accept_fingerprint_mismatch=true"
-            )
-        info["teachers"][name] = {"teacher_fingerprint": attrs["teacher_fingerprint"],
-                                  "target_shape": attrs["target_shape"], "dtype": attrs["dtype"],
-                                  "complete": attrs.get("complete", False), "spec": attrs.get("spec")}
-    return info
+    online: OnlineTargetSource | None = None  # with data.online_teachers, else None
 
 
 def _has_accelerator_device() -> bool:
@@ -137,51 +131,13 @@ def _check_sharded(accelerator) -> None:
                          "processes with `accelerate launch --multi_gpu --num_processes N` and no FSDP config")
 
 
-def _load_student(cfg: ExperimentConfig, store_info: dict):
-    """(model, tokenizer, image_processor): a new student from vision + LLM, or an earlier stage's student."""
-    from transformers import AutoTokenizer
-
-    if cfg.model.init_from is not None:
-        source = cfg.model.init_from
-        model, tokenizer, image_processor = load_student(source, field="model.init_from")
-        have = {spec.name: spec.layers for spec in model.config.task_specs()}
-        for name, task in cfg.model.tasks.items():
-            if have.get(name) != task.layers:
-                raise UsageError(f"model.tasks.{name}.layers {task.layers} do not match the student in {source} "
-                                 f"(its tasks: {have}); the embedding losses can only train the student's own heads")
-        return model, tokenizer, image_processor
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.llm)
-    if cfg.model.image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [cfg.model.image_token]})
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    image_processor = load_image_processor(cfg.model.vision)
-    names = list(cfg.model.tasks)
-    order = cfg.model.task_order or [t for t in DEFAULT_TASK_ORDER if t in names] + [
-        t for t in names if t not in DEFAULT_TASK_ORDER]
-    tasks = [
-        {"name": name, "layers": task.layers, "target_tokens": store_info["teachers"][name]["target_shape"][0],
-         "target_dim": store_info["teachers"][name]["target_shape"][1], "seq_tokens": task.seq_tokens,
-         "predictor_dim": task.predictor_dim, "out_mlp": task.out_mlp}
-        for name, task in cfg.model.tasks.items()
-    ]
-    try:
-        model = OlaStudent.from_parts(
-            cfg.model.vision, cfg.model.llm, tasks=tasks, task_order=order,
-            image_token_id=tokenizer.convert_tokens_to_ids(cfg.model.image_token),
-            vision_feature_layer=cfg.model.vision_feature_layer, logit_scale_per=cfg.model.logit_scale_per,
-            vision_field="model.vision", llm_field="model.llm",
-        )
-    except TaskLayersError as exc:  # raised from the configs, before any weights load
-        raise UsageError(f"model.tasks.{exc.task}.layers {exc.layers}: the LLM {cfg.model.llm} has {exc.num_layers} "
-                         f"layers; tap layers in 1..{exc.num_layers}") from None
-    if len(tokenizer) > model.llm.get_input_embeddings().num_embeddings:
-        model.llm.resize_token_embeddings(len(tokenizer))
-    return model, tokenizer, image_processor
-
-
-def build_training(cfg: ExperimentConfig) -> TrainingParts:
+def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None = None) -> TrainingParts:
+    """Everything `train` needs for `cfg`; `online_targets` builds the store's teachers when
+    `cfg.data.online_teachers` (see `train`)."""
+    if cfg.data.online_teachers and online_targets is None:
+        raise UsageError("data.online_teachers=true computes the targets with the store's teachers, which the trainer "
+                         "does not import: pass online_targets=pipeline.online_targets.online_targets_factory(cfg) "
+                         "(as `pipeline train --online-teachers` does), or set data.online_teachers=false")
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -200,7 +156,8 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
     _check_sharded(accelerator)
     set_seed(cfg.seed)
     store_info = check_store(cfg) if cfg.data.store is not None else {"store": None, "teachers": {}}
-    model, tokenizer, image_processor = _load_student(cfg, store_info)
+    target_shapes = {name: tuple(info["target_shape"]) for name, info in store_info["teachers"].items()}
+    model, tokenizer, image_processor = assemble_student(cfg.model, target_shapes)
     model.set_trainable(cfg.model.trainable)
     if cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -245,24 +202,16 @@ def build_training(cfg: ExperimentConfig) -> TrainingParts:
         num_training_steps=cfg.train.max_steps * n,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    loss_cfg = CoupledLossConfig(
-        lm_weight=cfg.loss.lm_weight, smooth_l1_beta=cfg.loss.smooth_l1_beta,
-        contrastive_weight=cfg.loss.contrastive_weight, layer_weight=cfg.loss.layer_weight,
-        logit_scale_max=cfg.loss.logit_scale_max, task_weights={n: t.weight for n, t in cfg.model.tasks.items()},
-    )
-    teachers = _online_teachers(cfg, accelerator, store_info) if online else None
+    teachers = _online_teachers(online_targets, accelerator.device, store_info) if online else None
     return TrainingParts(cfg, accelerator, model, optimizer, scheduler, loader, dataset, order, tokenizer,
-                         image_processor, loss_cfg, store_info, teachers)
+                         image_processor, store_info, teachers)
 
 
-def _online_teachers(cfg: ExperimentConfig, accelerator, store_info: dict):
-    from pipeline.online_targets import OnlineTargets  # imports `teachers`: only ever in this mode
-
+def _online_teachers(factory: OnlineTargetsFactory, device: torch.device, store_info: dict) -> OnlineTargetSource:
     # Loading teachers must not move the RNG the student's training draws from: an A/B pair of runs has to be the
     # same run but for where the targets come from.
     with torch.random.fork_rng(devices=[]):
-        online = OnlineTargets(cfg.data.store, list(cfg.model.tasks), device=accelerator.device,
-                               accept_fingerprint_mismatch=cfg.data.accept_fingerprint_mismatch)
+        online = factory(device)
     store_info["online_teachers"] = True
     for name, fingerprint in online.fingerprints.items():
         store_info["teachers"][name]["online_fingerprint"] = fingerprint
@@ -292,8 +241,8 @@ def compute_loss(parts: TrainingParts, batch: dict) -> tuple[torch.Tensor, dict[
     valid = {k: v.to(device) for k, v in valid.items()}
     unwrapped = parts.accelerator.unwrap_model(model)
     gather = parts.accelerator.gather if parts.accelerator.num_processes > 1 else None
-    return coupled_loss(out.loss, predictions, targets, valid, unwrapped.logit_scales, parts.loss_cfg,
-                        gather=gather)
+    return coupled_loss(out.loss, predictions, targets, valid, unwrapped.logit_scales, parts.cfg.loss,
+                        gather=gather, task_weights={name: task.weight for name, task in tasks.items()})
 
 
 def train_step(parts: TrainingParts, batch: dict) -> dict[str, float]:
@@ -318,32 +267,6 @@ def _data_layout(parts: TrainingParts) -> dict:
     return {"world_size": parts.accelerator.num_processes, "batch_size": cfg.data.batch_size,
             "grad_accum": cfg.train.grad_accum, "shards": cfg.data.shards, "shuffle": cfg.data.shuffle,
             "seed": cfg.seed, "samples": len(parts.dataset.rows)}
-
-
-def _hparams(cfg: ExperimentConfig) -> dict:
-    """The config flattened to scalars (`train.lr`: ...), as TensorBoard's hparams accept."""
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-
-    walk("", cfg.model_dump(mode="json"))
-    return flat
-
-
-def _open_metrics(path: str, resumed_step: int):
-    """metrics.jsonl for appending: records after `resumed_step` (from a run that died later) are dropped."""
-    kept = []
-    if resumed_step and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
-    f = open(path, "w")
-    f.writelines(kept)
-    return f
 
 
 def _fetch(data) -> dict:
@@ -376,30 +299,16 @@ def _next_batch(parts: TrainingParts, data, state: TrainState) -> dict:
                              "the shards rewritten after the store was built?")
 
 
-def _data_counts(parts: TrainingParts, state: TrainState) -> dict[str, int]:
-    """Text-only samples trained on and samples skipped so far (all ranks), and samples the stage left out; the
-    reasons are in the run's summary."""
-    counts = torch.tensor([state.text_only, sum(state.skipped.values())], dtype=torch.float64)
-    if parts.accelerator.num_processes > 1:
-        counts = parts.accelerator.reduce(counts.to(parts.accelerator.device), reduction="sum").cpu()
-    # Left out before any read (text-only samples in a stage with targets, duplicates, no text): the same on every
-    # rank, since every rank sees the whole index.
-    return {"text_only_samples": int(counts[0]), "skipped_samples": int(counts[1]),
-            "excluded_samples": sum(parts.dataset.excluded.values())}
+def train(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train the student `cfg` describes, resuming from its newest checkpoint if `train.resume` says so.
 
-
-def _mean_terms(parts: TrainingParts, sums: dict[str, float], count: int) -> dict[str, float]:
-    """Average the loss terms over micro-batches and (with several processes) over ranks."""
-    names = sorted(sums)
-    values = torch.tensor([sums[k] / count for k in names], dtype=torch.float64)
-    if parts.accelerator.num_processes > 1:
-        values = parts.accelerator.reduce(values.to(parts.accelerator.device), reduction="mean").cpu()
-    return dict(zip(names, values.tolist()))
-
-
-def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
+    `online_targets`: with `data.online_teachers: true`, a factory of the store's teachers on a device
+    (`pipeline.online_targets.online_targets_factory(cfg)`); the trainer never imports them itself. Without it that
+    mode is a `UsageError`.
+    """
     started = time.perf_counter()
-    parts = build_training(cfg)
+    parts = build_training(cfg, online_targets=online_targets)
     acc = parts.accelerator
     os.makedirs(cfg.output_dir, exist_ok=True)
     layout = _data_layout(parts)
@@ -407,14 +316,14 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
 
     resume_dir = resolve_resume(cfg.train.resume, cfg.output_dir)
     state = TrainState()
-    earlier_rows = _rows_of(resume_dir) if resume_dir is not None else []
+    earlier_rows = rows_of(resume_dir) if resume_dir is not None else []
     if resume_dir is not None:
         state = load_training_state(acc, resume_dir, layout)
         parts.order.start = state.drawn
         if acc.is_main_process:
             print(f"resuming from {resume_dir} (step {state.step})", flush=True)
     if cfg.train.trackers:
-        acc.init_trackers(cfg.name, config=_hparams(cfg))
+        acc.init_trackers(cfg.name, config=hparams(cfg))
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     rows_seen: list[int] = []
     first, last = {}, {}
@@ -422,7 +331,7 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
     start_step = state.step
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", unit="step",
                disable=not progress or not acc.is_main_process)
-    with _open_metrics(metrics_path, state.step) if acc.is_main_process else open(os.devnull, "w") as metrics:
+    with open_metrics(metrics_path, state.step) if acc.is_main_process else open(os.devnull, "w") as metrics:
         data = iter(parts.loader)
         while state.step < cfg.train.max_steps:
             step_started = time.perf_counter()
@@ -437,21 +346,22 @@ def train(cfg: ExperimentConfig, *, progress: bool = True) -> TrainResult:
                     sums[k] = sums.get(k, 0.0) + v
             state.step += 1
             state.samples += per_step
-            terms = _mean_terms(parts, sums, cfg.train.grad_accum)
+            terms = mean_terms(acc, sums, cfg.train.grad_accum)
             seconds = max(time.perf_counter() - step_started, 1e-9)
             first = first or terms
             last = terms
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 record = {"step": state.step, **terms, "lr": parts.scheduler.get_last_lr()[0],
                           "samples_per_s": per_step / seconds, "data_wait_fraction": waited / seconds,
-                          **_data_counts(parts, state)}
+                          **data_counts(acc, state, parts.dataset.excluded)}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if cfg.train.trackers:
                     acc.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
             if cfg.train.save_every and (state.step % cfg.train.save_every == 0
                                          or state.step == cfg.train.max_steps):
-                provenance = _provenance(parts, state, terms, resume_dir, earlier_rows + gather_object(rows_seen))
+                provenance = run_provenance(cfg, parts.store_info, acc, state, terms, resume_dir,
+                                            earlier_rows + gather_object(rows_seen))
                 save_training_state(acc, cfg.output_dir, state, layout, keep=cfg.train.keep_checkpoints,
                                     files={PROVENANCE_FILE: provenance})
             bar.update(1)
@@ -484,48 +394,11 @@ def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[st
     parts.tokenizer.save_pretrained(out)
     parts.image_processor.save_pretrained(out)
     with open(os.path.join(out, PROVENANCE_FILE), "w") as f:
-        json.dump(_provenance(parts, state, final_loss, resumed_from, rows), f, indent=1, sort_keys=True)
-
-
-def _provenance(parts: TrainingParts, state: TrainState, loss: dict[str, float], resumed_from: str | None,
-                rows: list[int]) -> dict:
-    """What made a checkpoint (the finished student, and every resumable `step-N/`): config, store, progress."""
-    acc = parts.accelerator
-    return {
-        "config": parts.cfg.model_dump(mode="json"),
-        "store": parts.store_info,
-        "steps": state.step,
-        "samples": state.samples,
-        "world_size": acc.num_processes,
-        "distributed_type": acc.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
-        "resumed_from": resumed_from,
-        # The store rows trained on (every rank, every invocation since the first), as [start, stop) ranges: a
-        # checkpoint names its data.
-        "rows": {"count": len(set(rows)), "ranges": _row_ranges(rows)},
-        "final_loss": loss,
-        "created_by": "teacher-targets-pipeline",
-    }
-
-
-def _rows_of(checkpoint: str) -> list[int]:
-    """The rows a resumable checkpoint's provenance names ([] for one saved before step provenance existed)."""
-    try:
-        with open(os.path.join(checkpoint, PROVENANCE_FILE)) as f:
-            ranges = json.load(f)["rows"]["ranges"]
-    except FileNotFoundError:
-        return []
-    return [row for start, stop in ranges for row in range(start, stop)]
-
-
-def _row_ranges(rows: list[int]) -> list[list[int]]:
-    ranges: list[list[int]] = []
-    for row in sorted(set(rows)):
-        if ranges and ranges[-1][1] == row:
-            ranges[-1][1] = row + 1
-        else:
-            ranges.append([row, row + 1])
-    return ranges
+        json.dump(run_provenance(parts.cfg, parts.store_info, acc, state, final_loss, resumed_from, rows), f,
+                  indent=1, sort_keys=True)
 
 
 def train_from_config(path: str, overrides: list[str] | None = None, *, progress: bool = True) -> TrainResult:
+    """`train` on a manifest with `--set` overrides; for cached targets (`data.online_teachers` needs `train`'s
+    `online_targets=`)."""
     return train(load_experiment(path, overrides), progress=progress)

@@ -31,7 +31,7 @@ ROWS_PER_CHUNK = 4
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A demo set (shards + tiny checkpoints) that every manifest's ${DEMO_DIR} points at."""
-    from pipeline.demo_assets import build_demo_assets
+    from pipeline.demo import build_demo_assets
 
     root = tmp_path_factory.mktemp("demo")
     build_demo_assets(root, num_samples=DEMO_SAMPLES, num_shards=DEMO_SHARDS, seed=0)
@@ -51,11 +51,11 @@ def ray_local():
 @pytest.fixture(scope="session")
 def demo_store(demo_dir, ray_local) -> Path:
     """The demo store, precomputed once for the session; tests that change a store copy it first."""
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
     store = demo_dir / "store"
-    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), rows_per_block=ROWS_PER_BLOCK,
-                   rows_per_chunk=ROWS_PER_CHUNK, progress=False)
+    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store),
+                   PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK), progress=False)
     return store
 
 

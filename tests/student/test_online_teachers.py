@@ -19,6 +19,7 @@ def settings(tmp_path, *extra: str) -> list[str]:
 
 def first_batch_losses(store, tmp_path, *extra: str):
     """(cached targets, online targets, cached loss terms, online loss terms) of the same first batch."""
+    from pipeline.online_targets import online_targets_factory
     from student.config import load_experiment
     from student.trainer import batch_targets, build_training, compute_loss
 
@@ -26,7 +27,7 @@ def first_batch_losses(store, tmp_path, *extra: str):
     for online in (False, True):
         cfg = load_experiment(str(DEMO_EXPERIMENT), settings(tmp_path, f"data.store={store}",
                                                              f"data.online_teachers={str(online).lower()}", *extra))
-        parts = build_training(cfg)
+        parts = build_training(cfg, online_targets=online_targets_factory(cfg))
         batch = next(iter(parts.loader))
         assert ("images" in batch) == online
         with torch.no_grad():
@@ -58,14 +59,14 @@ def test_online_teachers_round_like_an_int8_pooled_store(demo_dir, ray_local, tm
     """Compact storage loses information; online targets must lose exactly the same."""
     import yaml
 
-    from pipeline.precompute import run_precompute
+    from pipeline.precompute import PrecomputeConfig, run_precompute
 
     manifest = yaml.safe_load(DEMO_TEACHERS.read_text())
     manifest["teachers"] = {"depth": {**manifest["teachers"]["depth"], "quantize": "int8", "pool": 2}}
     (tmp_path / "int8.yaml").write_text(yaml.safe_dump(manifest))
     store = tmp_path / "int8-store"
     run_precompute(str(demo_dir / "shards"), str(tmp_path / "int8.yaml"), str(store),
-                   rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK, progress=False)
+                   PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK), progress=False)
     depth_only = ["model.tasks={depth: {layers: [3, 4]}}", "model.task_order=null"]
     (cached, _), (online, online_valid), cached_terms, online_terms = first_batch_losses(store, tmp_path, *depth_only)
     assert online_valid["depth"].all()
@@ -88,3 +89,16 @@ def test_online_teachers_refuse_a_store_whose_teacher_weights_changed(store_copy
     meta.write_text(json.dumps(doc))
     with pytest.raises(UsageError, match=r"teacher 'gen'.*fingerprint.*accept_fingerprint_mismatch"):
         OnlineTargets(str(store_copy), ["gen"])
+
+
+def test_online_teachers_need_a_factory_from_the_caller(demo_store, tmp_path):
+    """The trainer never imports the teachers: in this mode its caller hands it a factory of them."""
+    from pipeline.data.errors import UsageError
+    from student.config import load_experiment
+    from student.trainer import train
+
+    cfg = load_experiment(str(DEMO_EXPERIMENT), settings(tmp_path, f"data.store={demo_store}",
+                                                         "data.online_teachers=true"))
+    with pytest.raises(UsageError, match=r"online_teachers.*online_targets_factory"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "out").exists()

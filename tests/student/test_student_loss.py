@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student.loss import CoupledLossConfig, coupled_loss
+from student.loss import LossConfig, coupled_loss
 
 SHAPES = {"depth": (16, 12), "gen": (1, 10)}
 LAYERS = {"depth": [2, 4], "gen": [2, 4]}
@@ -56,7 +56,7 @@ def test_parity_with_an_independent_computation():
     preds, targets, valid, scales = make_inputs()
     valid["depth"][2] = False
     lm = torch.tensor(1.7)
-    total, terms = coupled_loss(lm, preds, targets, valid, scales, CoupledLossConfig())
+    total, terms = coupled_loss(lm, preds, targets, valid, scales, LossConfig())
     expected = reference_total(lm, preds, targets, valid, scales)
     torch.testing.assert_close(total, expected.float(), rtol=1e-5, atol=1e-5)
     assert total.dtype == torch.float32
@@ -70,8 +70,8 @@ def test_parity_with_an_independent_computation():
 def test_weights_and_cap_are_applied():
     preds, targets, valid, scales = make_inputs()
     scales["depth"][2] = torch.tensor(6.0)  # exp(6) = 403 > 100: capped
-    cfg = CoupledLossConfig(contrastive_weight=0.7, layer_weight=0.25, task_weights={"gen": 2.0}, lm_weight=1.0)
-    total, terms = coupled_loss(torch.tensor(0.5), preds, targets, valid, scales, cfg)
+    cfg = LossConfig(contrastive_weight=0.7, layer_weight=0.25, lm_weight=1.0)
+    total, terms = coupled_loss(torch.tensor(0.5), preds, targets, valid, scales, cfg, task_weights={"gen": 2.0})
     expected = reference_total(torch.tensor(0.5), preds, targets, valid, scales, cw=0.7, lw=0.25,
                                task_weights={"gen": 2.0})
     torch.testing.assert_close(total, expected.float(), rtol=1e-5, atol=1e-5)
@@ -165,4 +165,4 @@ def test_shape_mismatch_and_missing_task_are_clear_errors():
 
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="layer_weight"):
-        CoupledLossConfig(layer_weight=-1)
+        LossConfig(layer_weight=-1)
