@@ -94,3 +94,23 @@ def test_slug_rule():
     assert _slug("What is faithful to the paper, and what is an option") == (
         "what-is-faithful-to-the-paper-and-what-is-an-option")
     assert _slug("The target store (format version 1)") == "the-target-store-format-version-1"
+
+
+def _layout_rows() -> dict[str, str]:
+    """The README's Layout table: folder -> its row's description."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w/]+/)` \| (.*) \|$", section, re.M)}
+
+
+def test_readme_layout_table_names_every_module_of_its_folders():
+    rows = _layout_rows()
+    code_folders = {p.parent.relative_to(ROOT).as_posix() + "/" for package in ("pipeline", "teachers", "student",
+                    "benchmarks") for p in (ROOT / package).rglob("*.py") if "__pycache__" not in p.parts}
+    assert sorted(code_folders - set(rows)) == [], "folders of code with no row in the README's Layout table"
+    assert sorted(f for f in rows if not (ROOT / f).is_dir()) == [], "Layout rows for folders that do not exist"
+    for folder in sorted(code_folders):
+        named = set(re.findall(r"`(\w+\.py)`", rows[folder]))
+        present = {p.name for p in (ROOT / folder).glob("*.py")} - {"__init__.py", "__main__.py"}
+        assert named == present, (f"README Layout row {folder}: names missing files {sorted(named - present)}, "
+                                  f"leaves out {sorted(present - named)}")
