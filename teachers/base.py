@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from teachers.decoding import TargetDecoder
 from teachers.pixels import Batch, Preprocessor
 from teachers.spec import TeacherSpecBase
 
@@ -208,6 +209,11 @@ class Teacher(nn.Module):
     def load(self) -> None:
         """Build the modules from `self.spec`, call `resolve_weights`, and set `self._target_shape`."""
         raise NotImplementedError
+
+    def decoder(self) -> TargetDecoder | None:
+        """The teacher's own modules that turn embeddings of its target shape into a picture (teachers/decoding.py),
+        loaded on this teacher's device; None for a kind that has none."""
+        return None
 
     @classmethod
     def build_preprocessor(cls, spec: TeacherSpecBase) -> Preprocessor:

@@ -42,6 +42,9 @@ NEEDED_FLOORS = {
     # zarr 3.1.0: `zarr.core.dtype` (ZDType, data_type_registry, npy.float.BaseFloat) that pipeline/data/zarr_bfloat16.py
     # subclasses and registers bfloat16 with.
     "zarr": "3.1",
+    # diffusers 0.40: `DiffusionPipeline.from_pretrained(dtype=...)` (earlier releases take `torch_dtype`, which 0.40
+    # deprecates), used by the unCLIP decoder in teachers/kinds/unclip.py. 0.36 was the first with huggingface-hub 1.x.
+    "diffusers": "0.40",
     # timm 1.0.16: the `local-dir:PATH` model source that teachers/kinds/timm_features.py creates models from.
     "timm": "1.0.16",
 }

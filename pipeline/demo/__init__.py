@@ -15,8 +15,9 @@ built twice has the same dataset fingerprint.
     assets = build_demo_assets("runs/demo")        # under 10 s on 2 CPU cores
 
 One module per part: `photos` (the samples), `llava` (LLaVA-format data and its shards), `teachers` (the three
-tiny teachers), `tokenizer` (the student's tokenizer and chat template), `student_parts` (its vision encoder and
-LLM), `build` (all of it, recorded), with `common` holding what several of them share.
+tiny teachers), `unclip_pipeline` (the rest of the gen teacher's unCLIP pipeline, which decodes gen embeddings into
+images), `tokenizer` (the student's tokenizer and chat template), `student_parts` (its vision encoder and LLM),
+`build` (all of it, recorded), with `common` holding what several of them share.
 
 Layout under OUT::
 
@@ -30,6 +31,8 @@ Layout under OUT::
     assets/teachers/seg/               OneFormerForUniversalSegmentation (Swin backbone) + OneFormerProcessor
     assets/teachers/gen/image_encoder/     CLIPVisionModelWithProjection (the unCLIP image encoder layout)
     assets/teachers/gen/feature_extractor/ CLIPImageProcessor
+    assets/teachers/gen/model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, image_normalizer/,
+        image_noising_scheduler/       the rest of a StableUnCLIPImg2ImgPipeline (the gen decoder; 64x64 images)
     assets/student/vision/             CLIPVisionModel + CLIPImageProcessor (336 px, patch 14: 576 patch tokens)
     assets/student/llm/                LlamaForCausalLM
     assets/student/tokenizer/          byte-level BPE PreTrainedTokenizerFast with a chat template

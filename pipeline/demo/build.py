@@ -14,6 +14,7 @@ from pipeline.demo.common import prepare_dir
 from pipeline.demo.llava import shard_demo_llava, write_demo_llava
 from pipeline.demo.student_parts import build_tiny_llm, build_tiny_student_vision
 from pipeline.demo.teachers import build_tiny_depth_anything, build_tiny_oneformer, build_tiny_unclip_image_encoder
+from pipeline.demo.unclip_pipeline import build_tiny_unclip_pipeline
 from pipeline.demo.tokenizer import train_demo_tokenizer
 
 
@@ -30,7 +31,7 @@ class DemoAssets:
     num_conversations: int  # samples with an instruction conversation; the others hold a caption record
     depth: Path
     seg: Path
-    gen: Path  # holds image_encoder/ and feature_extractor/, like the unCLIP hub repo
+    gen: Path  # the whole unCLIP pipeline, like the hub repo; the gen teacher reads image_encoder/, feature_extractor/
     student_vision: Path
     student_llm: Path
     student_tokenizer: Path
@@ -64,6 +65,9 @@ def build_demo_assets(
     seg = build_tiny_oneformer(assets_dir / "teachers" / "seg", seed=seed + 1)
     say("gen teacher (unCLIP CLIP image encoder)")
     gen = build_tiny_unclip_image_encoder(assets_dir / "teachers" / "gen", seed=seed + 2)
+    say("gen decoder (the rest of the unCLIP pipeline: UNet, VAE, text encoder, image noising)")
+    # Its own seed, after the encoder: the gen teacher's files and so its fingerprint stay what they were.
+    build_tiny_unclip_pipeline(gen, seed=seed + 5)
     say("student vision encoder (CLIP ViT, 336 px, patch 14)")
     vision = build_tiny_student_vision(assets_dir / "student" / "vision", seed=seed + 3)
     say("student tokenizer (byte-level BPE)")
@@ -106,7 +110,7 @@ def build_demo_assets(
         "target_shapes": {"depth": [576, 32], "seg": [576, 128], "gen": [1, 32]},
         "versions": {
             name: importlib.metadata.version(name)
-            for name in ("torch", "transformers", "tokenizers", "pillow", "scikit-image", "numpy")
+            for name in ("torch", "transformers", "diffusers", "tokenizers", "pillow", "scikit-image", "numpy")
         },
     }
     (root / "demo_assets.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

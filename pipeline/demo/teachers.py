@@ -68,7 +68,7 @@ SEG_CLASS_INFO_FILE = "demo_class_info.json"
 _ONEFORMER_TASK_WORDS = ("the", "task", "is", "panoptic", "semantic", "instance", "a", "an", "photo")
 
 
-def _build_clip_task_tokenizer():
+def build_clip_task_tokenizer():
     """A CLIP BPE tokenizer whose vocabulary covers OneFormer's task prompts ("the task is panoptic") in whole words.
 
     The hub OneFormer processors carry the 49408-token CLIP vocabulary; the task prompt only needs a handful of words,
@@ -118,7 +118,7 @@ def build_tiny_oneformer(out_dir: str | os.PathLike, *, seed: int = 0, image_siz
     )
 
     out = prepare_dir(out_dir)
-    tokenizer = _build_clip_task_tokenizer()
+    tokenizer = build_clip_task_tokenizer()
     backbone = SwinConfig(
         image_size=image_size,
         patch_size=4,

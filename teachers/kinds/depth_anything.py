@@ -2,7 +2,8 @@
 
 Target per image: mean over the blocks in `spec.layers` of the backbone's final LayerNorm applied to that block's
 output, prefix tokens (CLS, registers) dropped -> [(S/14)^2, hidden] (576 x 1024 for ViT-L at S = 336).
-Only the backbone is kept; the DPT neck and depth head are discarded after loading.
+Only the backbone is kept; the DPT neck and depth head are discarded after loading. `decoder()` loads them again,
+apart, to turn embeddings of the target's shape into depth maps (`DepthDecoder`).
 
 With `pos_embed_interpolation: reference` the position embeddings are resized once, at load, to the fixed patch grid
 of `image_size` as the DINOv2 code of the reference does it, and replace the checkpoint's grid; transformers then
@@ -12,6 +13,7 @@ adds them as they are, since their count matches the patches (its own resize onl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -22,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from teachers.base import Teacher
+from teachers.decoding import DepthMap, TargetDecoder
 from teachers.pixels import BGR, RGB, Preprocessor, stack_pixels
 from teachers.registry import register
 from teachers.spec import TeacherSpecBase
@@ -140,6 +143,10 @@ class DepthAnythingTeacher(Teacher):
                 resized = reference_position_embeddings(embeddings.position_embeddings, spec.image_size // patch)
             embeddings.position_embeddings = nn.Parameter(resized, requires_grad=False)
 
+    def decoder(self) -> DepthDecoder:
+        """The checkpoint's DPT neck and depth head on this teacher's device and compute dtype (see `DepthDecoder`)."""
+        return DepthDecoder(self.resolve_weights(), round(self.num_patches ** 0.5), self.device, self.compute_dtype)
+
     @classmethod
     def build_preprocessor(cls, spec: DepthAnythingSpec) -> DepthPreprocessor:
         # Everything it needs is in the spec: no file is read.
@@ -151,3 +158,54 @@ class DepthAnythingTeacher(Teacher):
         # hidden_states[0] is the embedding output, so block i is hidden_states[i + 1]; patch tokens come last.
         per_layer = [self.backbone.layernorm(hidden_states[i + 1])[:, -self.num_patches:] for i in self.spec.layers]
         return torch.stack(per_layer, dim=0).mean(dim=0)
+
+
+class DepthDecoder(TargetDecoder):
+    """Depth-Anything's own DPT neck and depth head, fed an embedding of the depth target's shape as all four of the
+    backbone layers they read, as the reference's demo does (`da_v2_head([pred] * 4)`).
+
+    `root` is the teacher's checkpoint directory; the model is loaded whole (safetensors) and its backbone dropped.
+    `grid` is the patch grid side (24 at 336 px), so embeddings are `[grid * grid, hidden]`.
+    """
+
+    what = "depth map"
+
+    def __init__(self, root: Path, grid: int, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import DepthAnythingForDepthEstimation
+
+        model = DepthAnythingForDepthEstimation.from_pretrained(root, use_safetensors=True, dtype=dtype)
+        self.neck = model.neck.to(device).eval().requires_grad_(False)
+        self.head = model.head.to(device).eval().requires_grad_(False)
+        self.num_inputs = len(model.config.neck_hidden_sizes)
+        self.hidden_size = model.config.backbone_config.hidden_size
+        del model
+        self.grid = grid
+        self.device = device
+        self.dtype = dtype
+
+    def predict(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The neck and head on backbone feature maps, as `DepthAnythingForDepthEstimation.forward` runs them.
+
+        `feature_maps`: one `[B, 1 + grid * grid, hidden]` tensor per neck input (the backbone's `feature_maps`:
+        LayerNorm'd block outputs, [CLS] first). Returns `predicted_depth`, `[B, grid * 14, grid * 14]` float32.
+        """
+        with torch.inference_mode():
+            maps = [m.to(device=self.device, dtype=self.dtype) for m in feature_maps]
+            fused = self.neck(maps, self.grid, self.grid)
+            return self.head(fused, self.grid, self.grid).float()
+
+    def decode(self, image: Image.Image, embedding: torch.Tensor, *, seed: int = 0) -> DepthMap:
+        """`embedding`: `[grid * grid, hidden]`. Returns the head's depth resized to the image's size (bilinear,
+        align_corners=True, as Depth-Anything-V2's `infer_image` resizes its output). `seed` is unused."""
+        expected = (self.grid * self.grid, self.hidden_size)
+        if tuple(embedding.shape) != expected:
+            raise ValueError(f"depth embedding has shape {list(embedding.shape)}, expected {list(expected)}")
+        tokens = embedding.reshape(1, *expected)
+        # The neck's reassemble stage drops each input's first token as [CLS] (Depth-Anything reads no CLS), so a
+        # zero token takes that place and every token of the embedding reaches the neck.
+        tokens = torch.cat([tokens.new_zeros(1, 1, expected[1]), tokens], dim=1)
+        depth = self.predict([tokens] * self.num_inputs)
+        with torch.inference_mode():
+            depth = F.interpolate(depth[:, None], size=(image.height, image.width), mode="bilinear",
+                                  align_corners=True)
+        return DepthMap(depth=depth[0, 0].cpu().numpy())

@@ -3,12 +3,15 @@
 Target per image: `pixel_level_module.encoder(pixel_values).feature_maps[-1]` ([C, h, w]), bilinearly resized to
 `grid` x `grid` (align_corners=False) and flattened row-major -> [grid * grid, C] (576 x 1536 for Swin-L).
 Only the backbone is kept; the pixel decoder, transformer decoder and text encoder are discarded after loading.
+`decoder()` loads the whole model again, apart, to turn embeddings of the target's shape into panoptic masks
+(`PanopticDecoder`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ from PIL import Image
 from pydantic import Field
 
 from teachers.base import Teacher
+from teachers.decoding import PanopticMasks, Segment, TargetDecoder
 from teachers.pixels import ImageProcessorPreprocessor, Preprocessor, hf_processor_lut, stack_pixels
 from teachers.registry import register
 from teachers.spec import ProcessorBackend, TeacherSpecBase
@@ -48,6 +52,16 @@ def load_oneformer_image_processor(path: str, backend: str = "pil"):
 
     cls = OneFormerImageProcessorPil if backend == "pil" else OneFormerImageProcessor
     return cls.from_pretrained(path, class_info_file=None)
+
+
+def load_oneformer_processor(spec: OneFormerSpec, root: Path):
+    """The repo's `OneFormerProcessor` (image processor and the CLIP tokenizer of the task prompt), offline as
+    `load_oneformer_image_processor`. The tokenizer's vocabulary files are not among the files the teacher reads, so
+    a hub id is handed to transformers (which finds them in its cache or fetches them); a local directory is read."""
+    from transformers import OneFormerProcessor
+
+    source = str(root) if Path(spec.model).expanduser().is_dir() else spec.model
+    return OneFormerProcessor.from_pretrained(source, revision=spec.revision, class_info_file=None)
 
 
 class SquareResize:
@@ -106,6 +120,10 @@ class OneFormerTeacher(Teacher):
         del model
         self._target_shape = (self.spec.grid * self.spec.grid, int(self.encoder.channels[-1]))
 
+    def decoder(self) -> PanopticDecoder:
+        """The checkpoint's whole OneFormer on this teacher's device and compute dtype (see `PanopticDecoder`)."""
+        return PanopticDecoder(self.spec, self.resolve_weights(), self.preprocessor, self.device, self.compute_dtype)
+
     @classmethod
     def build_preprocessor(cls, spec: OneFormerSpec) -> Preprocessor:
         """`pil` backend: `OneFormerPreprocessor` (uint8 out, the processor's pixels exactly). `torchvision`: the
@@ -122,3 +140,107 @@ class OneFormerTeacher(Teacher):
         grid = self.spec.grid
         features = F.interpolate(features, size=(grid, grid), mode="bilinear", align_corners=False)
         return features.flatten(2).transpose(1, 2)
+
+
+class PanopticDecoder(TargetDecoder):
+    """OneFormer's own pixel decoder and transformer decoder, with an embedding of the seg target's shape in place of
+    the backbone's last feature map, as the reference's demo does; the earlier backbone maps come from the image.
+
+    The whole model is loaded again from the teacher's checkpoint (safetensors) and run as it is, task "panoptic":
+    a forward hook on its backbone swaps the last feature map, so everything after the backbone is the model's own
+    forward. The image goes through the teacher's own preprocessing (`preprocessor`), so the earlier maps are those
+    of the pixels its targets came from. Masks come from the processor's `post_process_panoptic_segmentation` at the
+    image's size, names from `config.id2label`.
+
+    The target is the native last map resized to `grid` x `grid`; the native size depends on the processor's input
+    size (25 x 25 for Swin-L at 800 px, 8 x 8 for the 256 px demo teacher). An embedding's map is resized back to the
+    native size (bilinear, align_corners=False) before it replaces the native map, as the reference does. The
+    reference then also resizes the three earlier maps down to the last map's size before its pixel decoder; here
+    they keep their sizes, so that fed the real last map the decoder gives exactly the full model's output.
+    """
+
+    what = "panoptic masks"
+    task = "panoptic"
+    # The post-processing defaults of transformers, which the reference's demo uses.
+    threshold = 0.5
+    mask_threshold = 0.5
+    overlap_mask_area_threshold = 0.8
+
+    def __init__(self, spec: OneFormerSpec, root: Path, preprocessor: Preprocessor, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        from transformers import OneFormerForUniversalSegmentation
+
+        self.model = OneFormerForUniversalSegmentation.from_pretrained(root, use_safetensors=True, dtype=dtype)
+        self.model.to(device).eval().requires_grad_(False)
+        self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        self.channels = int(self.model.model.pixel_level_module.encoder.channels[-1])
+        processor = load_oneformer_processor(spec, root)
+        self.image_processor = processor.image_processor
+        # The task prompt's tokens do not depend on the image, but the processor makes them only beside pixels.
+        blank = Image.new("RGB", (32, 32))
+        self.task_inputs = processor(images=[blank], task_inputs=[self.task], return_tensors="pt")["task_inputs"]
+        self.preprocessor = preprocessor
+        self.grid = spec.grid
+        self.device = device
+        self.dtype = dtype
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        """The teacher's pixel_values of one RGB image: `[1, 3, H, W]` in compute dtype on the device."""
+        Teacher.check_images([image])
+        return self.preprocessor.normalize(self.preprocessor([image])).to(device=self.device, dtype=self.dtype)
+
+    def grid_map(self, embedding: torch.Tensor) -> torch.Tensor:
+        """`[grid * grid, C]` -> `[1, C, grid, grid]`, the inverse of the teacher's row-major flattening."""
+        expected = (self.grid * self.grid, self.channels)
+        if tuple(embedding.shape) != expected:
+            raise ValueError(f"seg embedding has shape {list(embedding.shape)}, expected {list(expected)}")
+        return embedding.reshape(1, self.grid, self.grid, self.channels).permute(0, 3, 1, 2)
+
+    def predict(self, pixel_values: torch.Tensor, last_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`OneFormerForUniversalSegmentation` on `pixel_values` (`[B, 3, H, W]`) with the panoptic task input and
+        `last_map` (`[B, C, h, w]`) in place of its backbone's last feature map, resized to that map's native size
+        first where it differs. Returns float32 `class_queries_logits` `[B, Q, K + 1]` and `masks_queries_logits`
+        `[B, Q, H / 4, W / 4]`."""
+
+        def swap(module: Any, args: Any, output: Any) -> Any:
+            native = output.feature_maps[-1]
+            new = last_map.to(device=native.device, dtype=torch.float32)
+            if new.shape[-2:] != native.shape[-2:]:
+                new = F.interpolate(new, size=native.shape[-2:], mode="bilinear", align_corners=False)
+            if new.shape != native.shape:
+                raise ValueError(f"last_map has shape {list(last_map.shape)}; the backbone's last map here is "
+                                 f"{list(native.shape)} (batch and channels must match)")
+            output.feature_maps = (*output.feature_maps[:-1], new.to(native.dtype))
+            return output
+
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        task_inputs = self.task_inputs.to(self.device).expand(pixel_values.shape[0], -1)
+        handle = self.model.model.pixel_level_module.encoder.register_forward_hook(swap)
+        try:
+            with torch.inference_mode():
+                out = self.model(pixel_values=pixel_values, task_inputs=task_inputs)
+        finally:
+            handle.remove()
+        return out.class_queries_logits.float(), out.masks_queries_logits.float()
+
+    def decode(self, image: Image.Image, embedding: torch.Tensor, *, seed: int = 0) -> PanopticMasks:
+        """`embedding`: `[grid * grid, C]`. Returns the panoptic masks at the image's size. `seed` is unused."""
+        from transformers.models.oneformer.modeling_oneformer import OneFormerForUniversalSegmentationOutput
+
+        class_logits, mask_logits = self.predict(self.pixel_values(image), self.grid_map(embedding))
+        outputs = OneFormerForUniversalSegmentationOutput(class_queries_logits=class_logits,
+                                                          masks_queries_logits=mask_logits)
+        # Nothing is fused, as in the reference; passing the empty set also keeps transformers from warning.
+        result = self.image_processor.post_process_panoptic_segmentation(
+            outputs, threshold=self.threshold, mask_threshold=self.mask_threshold,
+            overlap_mask_area_threshold=self.overlap_mask_area_threshold, label_ids_to_fuse=set(),
+            target_sizes=[(image.height, image.width)])[0]
+        segments = tuple(Segment(id=int(info["id"]), label=self.id2label.get(int(info["label_id"]),
+                                                                             f"LABEL_{int(info['label_id'])}"),
+                                 score=float(info["score"]))
+                         for info in result["segments_info"])
+        return PanopticMasks(segmentation=result["segmentation"].to(torch.int32).cpu().numpy(), segments=segments)
+
+    def settings(self) -> dict[str, Any]:
+        return {"task": self.task, "threshold": self.threshold, "mask_threshold": self.mask_threshold,
+                "overlap_mask_area_threshold": self.overlap_mask_area_threshold, "label_ids_to_fuse": []}
