@@ -26,10 +26,12 @@ demo: $(STAMP)
 	$(BIN)/pipeline train --config manifests/experiments/demo.yaml
 	$(BIN)/pipeline preview $(DEMO_DIR)/store --rows 0,5,9,14 --shards $(DEMO_DIR)/shards --out $(DEMO_DIR)/preview.png
 	$(BIN)/pipeline probe --checkpoint $(DEMO_DIR)/checkpoint --store $(DEMO_DIR)/store --shards $(DEMO_DIR)/shards --out $(DEMO_DIR) --quiet
+	$(BIN)/pipeline visualize --checkpoint $(DEMO_DIR)/checkpoint --teachers manifests/teachers/demo.yaml --image $(DEMO_DIR)/llava/images/cat/000006.jpg --out $(DEMO_DIR)/visualize.png
 	@echo
 	@$(BIN)/pipeline status $(DEMO_DIR)/store
 	@echo "made: $(DEMO_DIR)/shards (demo data), $(DEMO_DIR)/assets (tiny checkpoints), $(DEMO_DIR)/store (targets),"
-	@echo "      $(DEMO_DIR)/checkpoint (student), $(DEMO_DIR)/preview.png (targets), $(DEMO_DIR)/probe.png (layer-wise probes)"
+	@echo "      $(DEMO_DIR)/checkpoint (student), $(DEMO_DIR)/preview.png (targets), $(DEMO_DIR)/probe.png (layer-wise probes),"
+	@echo "      $(DEMO_DIR)/visualize.png (the student's predictions decoded by the teachers' heads)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -51,7 +53,7 @@ bench-gpu: $(STAMP)
 
 # The README's pictures are committed under docs/ because runs/ is git-ignored; this refreshes them from a demo run.
 docs-pictures: demo
-	cp $(DEMO_DIR)/preview.png $(DEMO_DIR)/probe.png docs/
+	cp $(DEMO_DIR)/preview.png $(DEMO_DIR)/probe.png $(DEMO_DIR)/visualize.png docs/
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

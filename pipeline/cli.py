@@ -172,6 +172,17 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_visualize(args) -> int:
+    from pipeline.visualize import DEFAULT_PROMPT, visualize
+
+    record = visualize(args.checkpoint, args.teachers, args.image, args.out, seed=args.seed, device=args.device,
+                       prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt)
+    for task, info in record["tasks"].items():
+        print(f"  {task:8s} {info.get('note') or info['decoder']['what']}, layers {info['layers']}")
+    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json")
+    return 0
+
+
 def _int_list(text):
     return tuple(int(x) for x in text.split(",")) if text else None
 
@@ -316,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question or instruction")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("visualize", help="decode a student's predicted embeddings with the teachers' own heads: "
+                                         "one row per task, one column per tapped layer, beside the teacher's target")
+    p.add_argument("--checkpoint", required=True, help="a student directory written by `pipeline train`")
+    p.add_argument("--teachers", required=True,
+                   help="teacher manifest naming the student's tasks (the teachers' decoders load from its entries)")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", default=None, help="the user turn the student reads with the image "
+                                                  "(default: \"Describe the image.\")")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generative decoders (unCLIP)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", required=True, help="PNG to write; its record goes beside it as .json")
+    p.set_defaults(func=_cmd_visualize)
     p = sub.add_parser("probe", help="layer-wise probes of a frozen student on cached targets: table and plot")
     p.add_argument("--checkpoint", required=True, help="a student directory written by `pipeline train`")
     p.add_argument("--store", required=True, help="target store holding the teachers to probe")

@@ -15,8 +15,8 @@ after a resume are the losses the uninterrupted run would have logged.
 
 The other kind of checkpoint, a finished student (`output_dir`, `save_pretrained`), is read here too:
 `load_student` for the next stage's `model.init_from`, `load_frozen_student` for inference (`pipeline probe`,
-`preview` and `generate`), and `training_data_config` / `shards_from_checkpoint` / `checkpoint_max_length` for what
-its provenance says it was trained on.
+`preview`, `generate` and `visualize`), and `training_provenance`, `training_data_config`, `shards_from_checkpoint`
+and `checkpoint_max_length` for what its provenance says it was trained on.
 """
 
 from __future__ import annotations
@@ -168,13 +168,20 @@ def load_frozen_student(path: str):
     return model.eval(), tokenizer, image_processor
 
 
-def training_data_config(checkpoint: str) -> dict:
-    """The `data` section of the experiment that trained `checkpoint` (its provenance file), or {} if unknown."""
+def training_provenance(checkpoint: str) -> dict:
+    """The provenance `checkpoint` carries (`training_provenance.json`), or {} if it has none or it is unreadable."""
     try:
         with open(os.path.join(checkpoint, PROVENANCE_FILE)) as f:
-            data = json.load(f)["config"]["data"]
-    except (OSError, KeyError, TypeError, ValueError):
+            provenance = json.load(f)
+    except (OSError, ValueError):
         return {}
+    return provenance if isinstance(provenance, dict) else {}
+
+
+def training_data_config(checkpoint: str) -> dict:
+    """The `data` section of the experiment that trained `checkpoint` (its provenance file), or {} if unknown."""
+    data = training_provenance(checkpoint).get("config", {})
+    data = data.get("data") if isinstance(data, dict) else None
     return data if isinstance(data, dict) else {}
 
 
