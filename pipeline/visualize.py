@@ -79,12 +79,11 @@ def _decode_task(spec, predictions: dict[int, torch.Tensor], image: Image.Image,
     layer_titles = [f"layer {layer}" for layer in predictions]
     try:
         decoder = teacher.decoder()
-    except (OSError, ValueError) as exc:
+        note = f"kind {spec.kind} has no decoder" if decoder is None else ""
+    except (OSError, ValueError) as exc:  # e.g. a gen teacher folder with the image encoder only
         note = f"no decoder: {' '.join(str(exc).split())}"
-        return [Cell("teacher target", note=note)] + [Cell(t, note=note) for t in layer_titles], {**record, "note": note}
-    if decoder is None:
-        note = f"kind {spec.kind} has no decoder"
-        return [Cell("teacher target", note=note)] + [Cell(t, note=note) for t in layer_titles], {**record, "note": note}
+    if note:
+        return [Cell(title, note=note) for title in ["teacher target", *layer_titles]], {**record, "note": note}
     record["decoder"] = {"what": decoder.what, **decoder.settings()}
     with torch.no_grad():
         target = teacher(teacher.preprocess([image]))[0].float().cpu()
