@@ -169,13 +169,16 @@ def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactor
     read = [] if online else names
     # The shards as they are now: only shards whose size or mtime moved since the store (or an earlier run of this
     # experiment) recorded them are read again, by one rank; the others find its index.
-    previous = TargetStore(cfg.data.store).previous_index() if cfg.data.store is not None else None
+    store = TargetStore(cfg.data.store) if cfg.data.store is not None else None
+    # Read once: the store's index serves both the re-indexing of the shards and the matching of samples to rows.
+    stored = store.read_index() if store is not None else None
+    previous = store.previous_index(stored) if store is not None else None
     with accelerator.main_process_first():
         index = training_index(cfg.data.shards, os.path.join(cfg.output_dir, DATA_INDEX_DIR), previous=previous,
                                progress=accelerator.is_main_process)
     encoder = SampleEncoder(image_processor, tokenizer, cfg.data.max_length, keep_image=online,
                             image_aspect_ratio=cfg.data.image_aspect_ratio)
-    dataset = TrainingSamples(cfg.data.shards, cfg.data.store, read, encoder, index=index,
+    dataset = TrainingSamples(cfg.data.shards, cfg.data.store, read, encoder, index=index, stored_index=stored,
                               check_image_hash=cfg.data.check_image_hash, text_only=not names)
     if len(dataset.rows) < accelerator.num_processes:
         reasons = ", ".join(f"{n} x {r}" for r, n in dataset.excluded.most_common()) or "no samples"

@@ -140,7 +140,8 @@ class TrainingSamples(Dataset):
     shard rewritten since precompute loses only the samples that changed; `teachers` are the groups whose targets
     are read (with `teachers=[]` samples are still matched and hash-checked, but no target is read: online
     teachers, or a stage without embedding losses). `sample["row"]` is the store row (the index row without a
-    store). `rows` are the samples this stage may train on, in index order; `excluded` counts the others by
+    store). `stored_index` is the store's index.parquet when the caller has read it already. `rows` are the samples
+    this stage may train on, in index order; `excluded` counts the others by
     reason. Iterating the dataset yields the usable samples in index order (tools, tests); `skipped` then counts
     what reading left out.
     """
@@ -153,6 +154,7 @@ class TrainingSamples(Dataset):
         transform: Callable[[dict], dict],
         *,
         index: pa.Table | None = None,
+        stored_index: pa.Table | None = None,
         check_image_hash: bool = True,
         text_only: bool | None = None,
     ):
@@ -170,7 +172,7 @@ class TrainingSamples(Dataset):
             index = index if index is not None else training_index(shards, None, progress=False)
             stored, self._reader = index, None
         else:
-            stored = TargetStore(store_path).read_index()
+            stored = TargetStore(store_path).read_index() if stored_index is None else stored_index
             index = stored if index is None else index
             self._reader = TargetReader(store_path, self.teachers)
         missing = [c for c in ("sample_offset", "sample_size") if c not in index.column_names]

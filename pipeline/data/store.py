@@ -51,6 +51,7 @@ from zarr.codecs import ZstdCodec
 from pipeline.data import zarr_bfloat16
 from pipeline.data.errors import UsageError
 from pipeline.data.failpoints import failpoint
+from pipeline.data.index import PreviousIndex
 from pipeline.data.store_lock import LOCK_FILE, StoreLock, check_fence
 
 zarr_bfloat16.register()
@@ -330,13 +331,13 @@ class TargetStore:
         self._atomic_write(path, data)
         return True
 
-    def previous_index(self):
+    def previous_index(self, index: pa.Table | None = None) -> PreviousIndex | None:
         """This store's record of its shards for `pipeline.data.index.build_index(previous=...)`: a rerun then re-reads
-        only shards that changed. None for a store made before shards.parquet existed (every shard is read)."""
-        from pipeline.data.index import PreviousIndex
-
+        only shards that changed. None for a store made before shards.parquet existed (every shard is read). `index`:
+        the store's index.parquet when the caller has read it already."""
         shards = self.read_shard_records()
-        return None if shards is None else PreviousIndex(index=self.read_index(), shards=shards)
+        return None if shards is None else PreviousIndex(index=self.read_index() if index is None else index,
+                                                         shards=shards)
 
     def read_errors(self) -> pa.Table:
         path = self._join(ERRORS_FILE)
