@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image
 from pydantic import Field
 
@@ -122,7 +123,7 @@ class OneFormerTeacher(Teacher):
 
     def decoder(self) -> PanopticDecoder:
         """The checkpoint's whole OneFormer on this teacher's device and compute dtype (see `PanopticDecoder`)."""
-        return PanopticDecoder(self.spec, self.resolve_weights(), self.preprocessor, self.device, self.compute_dtype)
+        return PanopticDecoder(self.spec, self.resolve_weights(), self.preprocessor, self.encoder, self.compute_dtype)
 
     @classmethod
     def build_preprocessor(cls, spec: OneFormerSpec) -> Preprocessor:
@@ -146,7 +147,8 @@ class PanopticDecoder(TargetDecoder):
     """OneFormer's own pixel decoder and transformer decoder, with an embedding of the seg target's shape in place of
     the backbone's last feature map, as the reference's demo does; the earlier backbone maps come from the image.
 
-    The whole model is loaded again from the teacher's checkpoint (safetensors) and run as it is, task "panoptic":
+    The rest of the model is loaded from the teacher's checkpoint (safetensors), around the teacher's own backbone
+    (`encoder`), and run as it is, task "panoptic":
     a forward hook on its backbone swaps the last feature map, so everything after the backbone is the model's own
     forward. The image goes through the teacher's own preprocessing (`preprocessor`), so the earlier maps are those
     of the pixels its targets came from. Masks come from the processor's `post_process_panoptic_segmentation` at the
@@ -166,11 +168,15 @@ class PanopticDecoder(TargetDecoder):
     mask_threshold = 0.5
     overlap_mask_area_threshold = 0.8
 
-    def __init__(self, spec: OneFormerSpec, root: Path, preprocessor: Preprocessor, device: torch.device,
+    def __init__(self, spec: OneFormerSpec, root: Path, preprocessor: Preprocessor, encoder: nn.Module,
                  dtype: torch.dtype) -> None:
         from transformers import OneFormerForUniversalSegmentation
 
         self.model = OneFormerForUniversalSegmentation.from_pretrained(root, use_safetensors=True, dtype=dtype)
+        # The teacher's backbone is the checkpoint's own, already loaded on its device: the decoder shares it rather
+        # than holding a second copy (a Swin-L is ~200 M parameters).
+        self.model.model.pixel_level_module.encoder = encoder
+        device = next(encoder.parameters()).device
         self.model.to(device).eval().requires_grad_(False)
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.channels = int(self.model.model.pixel_level_module.encoder.channels[-1])
