@@ -41,7 +41,8 @@ def _cmd_shards_llava(args) -> int:
     summary = write_llava_shards(args.json, args.images, args.out, prefix=args.prefix,
                                  samples_per_shard=args.samples_per_shard, num_shards=args.shards,
                                  shuffle=args.shuffle, seed=args.seed, workers=args.workers,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+                                 overwrite=args.overwrite, max_image_bytes=args.max_image_bytes,
+                                 progress=not args.quiet)
     print(summary.report())
     return 0
 
@@ -54,8 +55,10 @@ of a single-turn record whose human turn is <image> plus a one-line instruction,
 and KEY.json (the record). Keys are f"{shard:05d}{i:04d}", from position, never from the id (ids repeat in the
 665K mix).
 Text-only records become samples with KEY.json alone. Records whose image is missing, empty, unreadable or not an
-image are left out and listed in OUT/failures.parquet. Rerunning the same command resumes: finished shards (those
-with a PREFIX-NNNNN_stats.json) are kept; a different input or different arguments are refused.
+image are left out and listed in OUT/failures.parquet, and so are those whose path is absolute or leads (by .. or a
+symlink) outside --images, or names no regular file (a folder, device, FIFO), or a file over --max-image-bytes.
+Rerunning the same command resumes: finished shards (those with a PREFIX-NNNNN_stats.json) are kept; a different
+input, --images folder or different arguments are refused.
 
 examples (the LLaVA-1.5 training data, as downloaded):
   pipeline shards llava LLaVA-Pretrain/blip_laion_cc_sbu_558k.json --images LLaVA-Pretrain/images --out shards/pt
@@ -266,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="if OUT holds shards of another input or other arguments, delete them and start over "
                         "(default: refuse; a rerun of the same command always resumes)")
+    q.add_argument("--max-image-bytes", type=int, default=None,
+                   help="image files larger than this are left out unread (default 67108864, 64 MiB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_shards_llava)
 

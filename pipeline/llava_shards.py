@@ -27,14 +27,21 @@ Decisions:
   failures.parquet; it is not kept as text-only, since its conversation speaks of an `<image>` it would not have.
   So is a record that is not LLaVA-shaped (no id, no turns). Its key stays unused, so that which files were
   found never changes the other samples' keys.
+- The JSON is untrusted input: only regular files inside the images folder are read, at most `max_image_bytes`
+  (default 64 MiB) each. An absolute path or one with a NUL byte, a path that resolves (`..`, symlinks) outside
+  the folder, a directory, device, FIFO or socket, and a larger file are left out like a missing image. No row of
+  failures.parquet holds a byte of the file it describes, so a record naming a secret leaks nothing of it.
 - A record without `image` (text-only; about 40K in the 665K mix) becomes a sample with KEY.json alone.
 - Captions (KEY.txt): a record's own `caption` string if it has one (an extension of the format, which the demo
   uses); else a single-turn image record, a human turn holding `<image>` and a one-line instruction that is no
   question, then a gpt turn, has that gpt answer as caption, as LLaVA-558K's records are. Other records (VQA,
   multi-turn, text-only) have none; the training loader prefers KEY.json's conversation anyway.
 - Resumable: a shard is written to `NAME.tar.partial`, renamed, and only then given its stats file; a rerun
-  skips the shards that have one and rewrites the others. `sharding.json` makes a rerun with another input or
-  other arguments an error instead of a mix of two datasets (`overwrite=True` replaces the earlier run).
+  skips the shards that have one and rewrites the others. `sharding.json` makes a rerun with another input,
+  another images folder or other arguments an error instead of a mix of two datasets (`overwrite=True` replaces
+  the earlier run).
+- Worker processes die with the process that started them, even when it is SIGKILLed (Linux: the kernel's
+  parent-death signal; elsewhere a thread watching the parent), instead of writing on as orphans.
 - Deterministic: same JSON, arguments and image files, same bytes, whatever the number of worker processes
   (one task per shard; tar headers carry a fixed time and no user or group).
 
@@ -45,6 +52,7 @@ Decisions:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import itertools
@@ -53,7 +61,12 @@ import multiprocessing
 import os
 import posixpath
 import random
+import signal
+import stat
+import sys
 import tarfile
+import threading
+import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -68,6 +81,7 @@ from pipeline.data.errors import JobError, UsageError
 from pipeline.data.index import available_cpus
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # LLaVA's largest images are a few MB; a file past this is no training photo
 RUN_RECORD = "sharding.json"
 FAILURES_FILE = "failures.parquet"
 FORMAT_VERSION = 1
@@ -78,7 +92,8 @@ FAILURES_SCHEMA = pa.schema(
         ("record", pa.int64()),  # position in the JSON list
         ("id", pa.string()),  # the record's id as a string; null if it has none
         ("image", pa.string()),  # the record's image path; null if it has none
-        ("reason", pa.string()),  # missing | empty | unreadable | not an image | bad record
+        # missing | empty | unreadable | not an image | bad record | bad path | outside images | not a file | too large
+        ("reason", pa.string()),
         ("detail", pa.string()),
     ]
 )
@@ -99,6 +114,11 @@ _SIGNATURES = (
 )
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # the DIB header sizes Windows and OS/2 bitmaps use
 _EXTENSION_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "jfif": "jpg", "tif": "tiff"}
+# The flag that sets each argument recorded in sharding.json, so that a refused resume names what to change.
+_FLAGS = {"prefix": "--prefix", "samples_per_shard": "--samples-per-shard", "num_shards": "--shards",
+          "shuffle_seed": "--shuffle/--seed", "max_image_bytes": "--max-image-bytes"}
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -107,8 +127,9 @@ class ShardTask:
 
     index: int
     path: str
-    images: str
+    images: str  # resolved: no symlink in it, so a resolved image path inside it starts with it
     key_digits: int
+    max_image_bytes: int
     records: list[tuple[int, object]]  # (position in the JSON, record) in shard order
 
 
@@ -165,6 +186,7 @@ def write_llava_shards(
     seed: int = 0,
     workers: int | None = None,
     overwrite: bool = False,
+    max_image_bytes: int | None = None,
     progress: bool = True,
 ) -> ShardingSummary:
     """Write the records of the LLaVA JSON `json_path` as shards `PREFIX-00000.tar`... under `out` (see the
@@ -173,7 +195,8 @@ def write_llava_shards(
     `prefix` defaults to the JSON's file stem. `samples_per_shard` (default 10000) and `num_shards` exclude each
     other. `workers`: processes writing shards (default one per CPU, at most one per shard left to write; 1 writes
     in this process). `overwrite`: replace what `out` holds from another input or other arguments instead of
-    refusing. Raises UsageError for unusable input or arguments, JobError if a worker process dies.
+    refusing. `max_image_bytes` (default 64 MiB): larger image files are left out unread. Raises UsageError for
+    unusable input or arguments, JobError if a worker process dies.
     """
     records, source = _read_records(Path(json_path))
     prefix = Path(json_path).stem if prefix is None else prefix
@@ -183,17 +206,22 @@ def write_llava_shards(
         raise UsageError(f"images folder {images} does not exist; pass the folder the records' `image` paths "
                          "are relative to")
     sizes = _shard_sizes(len(records), samples_per_shard, num_shards)
+    max_image_bytes = DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
+    if max_image_bytes < 1:
+        raise UsageError(f"max_image_bytes must be at least 1, got {max_image_bytes}")
     out = Path(out)
+    root = str(Path(images).resolve())
     run = {
         "format": "llava-shards",
         "format_version": FORMAT_VERSION,
         "input": {"json": str(Path(json_path).resolve()), **source, "records": len(records)},
-        "images": str(Path(images).resolve()),
+        "images": root,
         "arguments": {
             "prefix": prefix,
             "samples_per_shard": None if num_shards is not None else (samples_per_shard or DEFAULT_SAMPLES_PER_SHARD),
             "num_shards": num_shards,
             "shuffle_seed": seed if shuffle else None,
+            "max_image_bytes": max_image_bytes,
         },
     }
     _claim(out, run, overwrite)
@@ -205,8 +233,9 @@ def write_llava_shards(
     tasks, start = [], 0
     for index, size in enumerate(sizes):
         positions = order[start : start + size]
-        tasks.append(ShardTask(index=index, path=str(out / f"{prefix}-{index:05d}.tar"), images=str(images),
-                               key_digits=key_digits, records=[(p, records[p]) for p in positions]))
+        tasks.append(ShardTask(index=index, path=str(out / f"{prefix}-{index:05d}.tar"), images=root,
+                               key_digits=key_digits, max_image_bytes=max_image_bytes,
+                               records=[(p, records[p]) for p in positions]))
         start += size
 
     todo = [task for task in tasks if _finished(task) is None]
@@ -297,9 +326,11 @@ def _run_difference(earlier: dict, run: dict) -> str | None:
     if (old.get("sha256"), old.get("bytes")) != (new["sha256"], new["bytes"]):
         return (f"its JSON {old.get('json')} had sha256 {str(old.get('sha256'))[:12]}.. ({old.get('bytes')} bytes), "
                 f"this one has {new['sha256'][:12]}.. ({new['bytes']} bytes)")
+    if earlier.get("images") != run["images"]:
+        return f"--images was {earlier.get('images')}, now {run['images']}"
     for name, value in run["arguments"].items():
         if earlier.get("arguments", {}).get(name) != value:
-            return f"{name} was {earlier.get('arguments', {}).get(name)!r}, now {value!r}"
+            return f"{_FLAGS[name]} was {earlier.get('arguments', {}).get(name)!r}, now {value!r}"
     return None
 
 
@@ -363,7 +394,8 @@ def _write_all(tasks: list[ShardTask], workers: int | None):
     # spawn, not fork: the caller may hold threads (tqdm's monitor, Ray's) that a forked child inherits broken.
     # At most two tasks per worker are queued, so the pickled records of the whole JSON are never in flight at once.
     queue = iter(tasks)
-    with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(write_shard, task): task for task in itertools.islice(queue, 2 * count)}
         try:
             while pending:
@@ -381,6 +413,28 @@ def _write_all(tasks: list[ShardTask], workers: int | None):
                 future.cancel()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this process as soon as `parent`, the process that started the pool, is gone.
+    A SIGKILLed parent runs no cleanup, and its orphaned workers would wait on the pool's queue for ever. Linux
+    sends the death signal when the spawning thread ends, not the process: the pool spawns its workers in the
+    thread that submits to it, which runs `_write_all` until the pool is shut down."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    # The parent may have died before the death signal was set, and then nothing will ever send it.
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
 def write_shard(task: ShardTask) -> dict:
     """Write one shard (tar, then its stats file) and return its stats. Runs in worker processes."""
     shard = Path(task.path)
@@ -391,7 +445,7 @@ def write_shard(task: ShardTask) -> dict:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i, (position, record) in enumerate(task.records):
                 try:
-                    members, lied = _sample_members(record, task.images)
+                    members, lied = _sample_members(record, task.images, task.max_image_bytes)
                 except _Failure as failure:
                     stats["failures"].append(_failure_row(position, record, failure))
                     continue
@@ -423,19 +477,23 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _sample_members(record, images: str) -> tuple[list[tuple[str, bytes]], bool]:
+def _sample_members(record, images: str, max_bytes: int) -> tuple[list[tuple[str, bytes]], bool]:
     """The sample's members [(extension, bytes)] in tar order, and whether its image file's extension lied."""
     _check_record(record)
     members, lied = [], False
     if "image" in record:
-        data, extension, lied = _read_image(images, record["image"])
+        data, extension, lied = _read_image(images, record["image"], max_bytes)
         members.append((extension, data))
-        caption = caption_of(record)
-        if caption:
-            members.append(("txt", caption.encode("utf-8")))
     payload = {"id": record["id"], **({"image": record["image"]} if "image" in record else {}),
                "conversations": record["conversations"], **record}
-    members.append(("json", json.dumps(payload, ensure_ascii=False).encode("utf-8")))
+    caption = caption_of(record)
+    try:
+        if caption:
+            members.append(("txt", caption.encode("utf-8")))
+        members.append(("json", json.dumps(payload, ensure_ascii=False).encode("utf-8")))
+    except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to lone surrogates, which UTF-8 cannot hold
+        raise _Failure("bad record", f"holds a lone surrogate ({exc.object[exc.start]!r}), which is no Unicode "
+                                     "text") from None
     return members, lied
 
 
@@ -454,24 +512,66 @@ def _check_record(record) -> None:
         raise _Failure("bad record", "`image` is not a non-empty path")
 
 
-def _read_image(images: str, relative: str) -> tuple[bytes, str, bool]:
-    """(bytes, extension of their real format, whether the file's own extension names another format)."""
+def _read_image(images: str, relative: str, max_bytes: int) -> tuple[bytes, str, bool]:
+    """(bytes, extension of their real format, whether the file's own extension names another format) of the
+    regular file `relative` inside the resolved folder `images`, of at most `max_bytes`. A refusal never quotes
+    the file's content: the JSON may name a file its author wants to read, and failures.parquet would show it."""
     path = os.path.join(images, relative)
+    resolved = _resolve_inside(images, relative)
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        found = os.stat(resolved)
     except FileNotFoundError:
         raise _Failure("missing", f"no file {path}") from None
     except OSError as exc:
         raise _Failure("unreadable", f"{path}: {type(exc).__name__}: {exc.strerror or exc}") from None
+    _check_file(path, found, max_bytes)
+    try:
+        # O_NONBLOCK: a FIFO swapped in since the stat must not hang the open; the fstat below then refuses it.
+        descriptor = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise _Failure("unreadable", f"{path}: {type(exc).__name__}: {exc.strerror or exc}") from None
+    with os.fdopen(descriptor, "rb") as file:
+        opened = os.fstat(descriptor)
+        if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
+            raise _Failure("unreadable", f"{path} was replaced by another file while it was opened")
+        _check_file(path, opened, max_bytes)
+        data = file.read(max_bytes + 1)  # a file growing (or lying about its size) is still read only this far
+    if len(data) > max_bytes:
+        raise _Failure("too large", f"{path} holds more than {max_bytes} bytes (--max-image-bytes)")
     if not data:
         raise _Failure("empty", f"{path} is 0 bytes")
     extension = image_extension(data)
     if extension is None:
-        raise _Failure("not an image", f"{path} starts with {data[:8]!r}: not JPEG, PNG, GIF, WebP, BMP or TIFF")
+        raise _Failure("not an image", f"{path} starts with none of the JPEG, PNG, GIF, WebP, BMP or TIFF "
+                                       "signatures")
     named = posixpath.splitext(relative)[1].lstrip(".").lower()
     named = _EXTENSION_ALIASES.get(named, named)
     return data, extension, bool(named) and named != extension
+
+
+def _resolve_inside(images: str, relative: str) -> str:
+    """The path `relative` names, symlinks resolved, if it lies inside the resolved folder `images`."""
+    if "\0" in relative:
+        raise _Failure("bad path", f"image path {relative!r} holds a NUL byte")
+    if os.path.isabs(relative):
+        raise _Failure("bad path", f"image path {relative!r} is absolute; `image` paths are relative to the images "
+                                   f"folder {images}")
+    path = os.path.join(images, relative)
+    try:
+        resolved = os.path.realpath(path)
+    except (OSError, ValueError) as exc:  # ValueError: a lone surrogate, which no file name can hold
+        raise _Failure("bad path", f"image path {relative!r} names no possible file ({exc})") from None
+    if os.path.commonpath([images, resolved]) != images:
+        raise _Failure("outside images", f"{path} resolves to {resolved}, outside the images folder {images}")
+    return resolved
+
+
+def _check_file(path: str, found: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(found.st_mode):
+        kind = "a directory" if stat.S_ISDIR(found.st_mode) else "a device, FIFO or socket"
+        raise _Failure("not a file", f"{path} is {kind}, not a regular file")
+    if found.st_size > max_bytes:
+        raise _Failure("too large", f"{path} is {found.st_size} bytes, more than {max_bytes} (--max-image-bytes)")
 
 
 def image_extension(data: bytes) -> str | None:
@@ -507,5 +607,11 @@ def caption_of(record: dict) -> str | None:
 def _failure_row(position: int, record, failure: _Failure) -> dict:
     fields = record if isinstance(record, dict) else {}
     image = fields.get("image")
-    return {"record": position, "id": None if fields.get("id") is None else str(fields["id"]),
-            "image": image if isinstance(image, str) else None, "reason": failure.reason, "detail": failure.detail}
+    return {"record": position, "id": None if fields.get("id") is None else _storable(str(fields["id"])),
+            "image": _storable(image) if isinstance(image, str) else None, "reason": failure.reason,
+            "detail": _storable(failure.detail)}
+
+
+def _storable(text: str) -> str:
+    """`text` with lone surrogates (from JSON escapes such as \\ud800) written as escapes, which Parquet can hold."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

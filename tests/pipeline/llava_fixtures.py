@@ -4,7 +4,9 @@
 caption records, images in numbered subfolders. `mix_665k(root)` is shaped like `llava_v1_5_mix665k.json` + its
 `coco/`, `gqa/`, `ocr_vqa/`, `textvqa/`, `vg/` folders, with the awkward cases of the real mix: multi-turn
 conversations, text-only records, a duplicate id, an OCR-VQA `.jpg` that is a PNG, and images that are missing,
-empty or not images at all. Photos are shrunk to at most 160 px so that the tests stay fast.
+empty or not images at all. `hostile_images(root)` is an images folder beside files its records must never reach
+(a photo outside it, /etc/passwd, /dev/zero), with symlinks out, a FIFO, a folder and an oversized file in it.
+Photos are shrunk to at most 160 px so that the tests stay fast.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +151,63 @@ def mix_665k(root: Path) -> LlavaSet:
     assert len(records) == MIX_RECORDS
     return LlavaSet(json_path=_save_json(root, "llava_v1_5_mix665k.json", records), images=images, records=records,
                     left_out=left_out, lying=frozenset(lying), text_only=frozenset(text_only), duplicate_ids=1)
+
+
+# max_image_bytes for the hostile set: its photos are smaller (at most about 9 KB), big.jpg is larger.
+HOSTILE_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class HostileSet:
+    """An images folder and records whose `image` names what the sharder must refuse to read."""
+
+    images: Path
+    outside: Path  # a real photo beside the images folder, not in it
+    good: list[dict]  # records that must become samples: two photos, a symlink to one of them, a text-only record
+    hostile: dict[str, tuple[str, str]]  # case -> (the record's `image`, the reason it must be left out)
+
+
+def _record(record_id: str, image: str | None) -> dict:
+    turns = _qa(("What is shown in this image?", "A photograph."), image=image is not None)
+    return {"id": record_id, **({"image": image} if image is not None else {}), "conversations": turns}
+
+
+def hostile_record(case: str, hostile: HostileSet) -> dict:
+    """The record of one of `hostile.hostile`'s cases."""
+    return _record(f"hostile {case}", hostile.hostile[case][0])
+
+
+def hostile_images(root: Path) -> HostileSet:
+    """`root/outside.jpg` and `root/images/`: good/0.jpg, good/1.jpg, inside.jpg -> good/1.jpg; escape.jpg ->
+    ../outside.jpg, elsewhere/ -> root, zero.jpg -> /dev/zero; the FIFO pipe.jpg, the folder folder.jpg/ and
+    big.jpg, a photo padded past HOSTILE_LIMIT."""
+    images = root / "images"
+    for i in range(2):
+        _write(images, f"good/{i}.jpg", _encoded(i, "JPEG"))
+    outside = root / "outside.jpg"
+    outside.write_bytes(_encoded(2, "JPEG"))
+    (images / "inside.jpg").symlink_to("good/1.jpg")
+    (images / "escape.jpg").symlink_to("../outside.jpg")
+    (images / "elsewhere").symlink_to(root, target_is_directory=True)
+    (images / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(images / "pipe.jpg")
+    (images / "folder.jpg").mkdir()
+    _write(images, "big.jpg", _encoded(3, "JPEG") + bytes(HOSTILE_LIMIT))  # decoders ignore bytes after the image
+    good = [_record("good 0", "good/0.jpg"), _record("good 1 by symlink", "inside.jpg"),
+            _record("good 1", "good/1.jpg"), _record("text only", None)]
+    hostile = {
+        "parent folder": ("../outside.jpg", "outside images"),
+        "absolute path": (str(outside), "bad path"),
+        "symlink out": ("escape.jpg", "outside images"),
+        "symlinked folder out": ("elsewhere/outside.jpg", "outside images"),
+        "/etc/passwd": ("/etc/passwd", "bad path"),
+        "/etc/passwd by ..": ("../" * 32 + "etc/passwd", "outside images"),
+        "/dev/zero": ("/dev/zero", "bad path"),
+        "/dev/zero by symlink": ("zero.jpg", "outside images"),
+        "fifo": ("pipe.jpg", "not a file"),
+        "folder": ("folder.jpg", "not a file"),
+        "too large": ("big.jpg", "too large"),
+        "nul byte": ("good/0.jpg\0.png", "bad path"),
+        "lone surrogate": ("good/\ud800.jpg", "bad path"),
+    }
+    return HostileSet(images=images, outside=outside, good=good, hostile=hostile)

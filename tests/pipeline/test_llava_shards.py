@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -21,7 +25,8 @@ from pipeline.data.images import decode_rgb
 from pipeline.data.index import build_index
 from pipeline.llava_shards import FAILURES_FILE, caption_of, image_extension, write_llava_shards
 from tests.conftest import REPO
-from tests.pipeline.llava_fixtures import LlavaSet, mix_665k, pretrain_558k
+from tests.pipeline.llava_fixtures import (HOSTILE_LIMIT, HostileSet, LlavaSet, hostile_images, hostile_record,
+                                           mix_665k, pretrain_558k)
 
 MIX_PER_SHARD = 8  # 30 records -> 4 shards, the last one short
 PRETRAIN_PER_SHARD = 10
@@ -35,6 +40,11 @@ def mix(tmp_path_factory) -> LlavaSet:
 @pytest.fixture(scope="module")
 def pretrain(tmp_path_factory) -> LlavaSet:
     return pretrain_558k(tmp_path_factory.mktemp("pretrain"))
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> HostileSet:
+    return hostile_images(tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture(scope="module")
@@ -232,14 +242,28 @@ def test_exact_shard_count_splits_evenly(mix, tmp_path):
 
 def test_another_run_in_the_same_directory_is_refused_or_replaced(mix, pretrain, tmp_path):
     _shard(mix, tmp_path)
-    with pytest.raises(UsageError, match="samples_per_shard was 8, now 5"):
+    with pytest.raises(UsageError, match="--samples-per-shard was 8, now 5"):
         write_llava_shards(mix.json_path, mix.images, tmp_path, samples_per_shard=5, workers=1, progress=False)
+    with pytest.raises(UsageError, match="--max-image-bytes was 67108864, now 1000"):
+        _shard(mix, tmp_path, max_image_bytes=1000)
     with pytest.raises(UsageError, match="its JSON .* had sha256"):
         write_llava_shards(pretrain.json_path, pretrain.images, tmp_path, samples_per_shard=8,
                            prefix="llava_v1_5_mix665k", workers=1, progress=False)
     replaced = write_llava_shards(mix.json_path, mix.images, tmp_path, samples_per_shard=5, overwrite=True,
                                   workers=1, progress=False)
     assert sorted(tmp_path.glob("*.tar")) == list(replaced.shards) and len(replaced.shards) == 6
+
+
+def test_a_resume_with_another_images_folder_is_refused(mix, tmp_path):
+    _shard(mix, tmp_path / "out")
+    copy = shutil.copytree(mix.images, tmp_path / "copy")  # same names, maybe other files: another dataset
+    with pytest.raises(UsageError, match=f"--images was {mix.images.resolve()}, now {copy.resolve()}"):
+        write_llava_shards(mix.json_path, copy, tmp_path / "out", samples_per_shard=MIX_PER_SHARD, workers=1,
+                           progress=False)
+    (tmp_path / "link").symlink_to(mix.images, target_is_directory=True)  # the same folder by another name
+    again = write_llava_shards(mix.json_path, tmp_path / "link", tmp_path / "out", samples_per_shard=MIX_PER_SHARD,
+                               workers=1, progress=False)
+    assert again.shards_written == 0
 
 
 def test_unrecorded_tars_in_the_output_are_refused(mix, tmp_path):
@@ -261,9 +285,73 @@ def test_records_that_are_not_llava_shaped_are_left_out(mix, tmp_path):
     assert "id" in details[0] and "object" in details[1] and "conversations[0]" in details[2]
 
 
-def _cli(*args):
+def _shard_hostile(hostile: HostileSet, records: list[dict], out: Path):
+    path = out.with_suffix(".json")
+    path.write_text(json.dumps(records))
+    return write_llava_shards(path, hostile.images, out, max_image_bytes=HOSTILE_LIMIT, workers=1, progress=False)
+
+
+def _failure_rows(out: Path) -> list[dict]:
+    return pq.read_table(out / FAILURES_FILE).to_pylist()
+
+
+def _stored(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+# Before its fix, the FIFO case blocked the run forever in open().
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["parent folder", "absolute path", "symlink out", "symlinked folder out",
+                                  "/etc/passwd", "/etc/passwd by ..", "/dev/zero", "/dev/zero by symlink", "fifo",
+                                  "folder", "too large", "nul byte", "lone surrogate"])
+def test_an_image_path_the_images_folder_does_not_hold_as_a_file_is_left_out(hostile, case, tmp_path):
+    image, reason = hostile.hostile[case]
+    summary = _shard_hostile(hostile, [*hostile.good[:2], hostile_record(case, hostile), *hostile.good[2:]],
+                             tmp_path / "out")
+    assert summary.samples == len(hostile.good) and summary.failures == {reason: 1}
+    (row,) = _failure_rows(tmp_path / "out")
+    assert (row["record"], row["image"], row["reason"]) == (2, _stored(image), reason)
+    assert image in row["detail"] or repr(image) in row["detail"], row["detail"]
+    good = {(hostile.images / "good" / name).read_bytes() for name in ("0.jpg", "1.jpg")}
+    assert {_image(sample)[1] for sample in _samples(summary.shards) if _image(sample)} == good
+
+
+def test_no_failure_quotes_the_file_it_describes(hostile, mix, mix_shards, tmp_path):
+    secret = Path("/etc/passwd").read_bytes()[:8]
+    records = [hostile_record(case, hostile) for case in ("/etc/passwd", "/etc/passwd by ..")]
+    summary = _shard_hostile(hostile, [*records, *hostile.good], tmp_path / "out")
+    written = [(tmp_path / "out" / FAILURES_FILE).read_bytes(), *(path.read_bytes() for path in summary.shards)]
+    assert not any(secret in data for data in written)
+    texts = [value for row in _failure_rows(tmp_path / "out") for value in row.values() if isinstance(value, str)]
+    assert not any(secret.decode("latin-1") in text for text in texts)
+    assert summary.failures == {"bad path": 1, "outside images": 1}
+    # A file inside the folder that is no image (an HTML error page) is described, not quoted.
+    details = {row["reason"]: row["detail"] for row in _failure_rows(mix_shards.out)}
+    assert "html" not in details["not an image"].lower()
+
+
+def test_devices_inside_the_images_folder_are_not_read(tmp_path):
+    records = [{"id": name, "image": name, "conversations": [{"from": "human", "value": "<image>"}]}
+               for name in ("zero", "null")]
+    (tmp_path / "dev.json").write_text(json.dumps(records))
+    summary = write_llava_shards(tmp_path / "dev.json", "/dev", tmp_path / "out", workers=1, progress=False)
+    assert summary.samples == 0 and summary.failures == {"not a file": 2}
+    assert [row["detail"] for row in _failure_rows(tmp_path / "out")] == [
+        "/dev/zero is a device, FIFO or socket, not a regular file", "/dev/null is a device, FIFO or socket, "
+        "not a regular file"]
+
+
+def test_a_record_with_text_utf8_cannot_hold_is_left_out(mix, tmp_path):
+    broken = {**mix.records[0], "id": "surrogate", "conversations": [{"from": "human", "value": "<image>\ud800"}]}
+    (tmp_path / "broken.json").write_text(json.dumps([broken, mix.records[1]]))
+    summary = write_llava_shards(tmp_path / "broken.json", mix.images, tmp_path / "out", workers=1, progress=False)
+    assert summary.samples == 1 and summary.failures == {"bad record": 1}
+    assert "lone surrogate" in _failure_rows(tmp_path / "out")[0]["detail"]
+
+
+def _cli(*args, timeout: float | None = None):
     return subprocess.run([sys.executable, "-m", "pipeline", "shards", "llava", *args], capture_output=True,
-                          text=True, cwd=REPO)
+                          text=True, cwd=REPO, timeout=timeout)
 
 
 def test_cli_help_explains_the_layout():
@@ -287,3 +375,70 @@ def test_cli_writes_shards_and_reports(mix, mix_shards, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "27 samples" in result.stdout and "1 missing" in result.stdout and "lying extensions: 1" in result.stdout
     assert _digests(sorted((tmp_path / "out").glob("*.tar"))) == _digests(mix_shards.shards)
+
+
+def test_cli_leaves_out_every_hostile_record_writes_the_rest_and_exits_0(hostile, tmp_path):
+    cases = sorted(hostile.hostile)
+    records = [*hostile.good, *(hostile_record(case, hostile) for case in cases)]
+    (tmp_path / "hostile.json").write_text(json.dumps(records))
+    result = _cli(str(tmp_path / "hostile.json"), "--images", str(hostile.images), "--out", str(tmp_path / "out"),
+                  "--samples-per-shard", "4", "--workers", "2", "--max-image-bytes", str(HOSTILE_LIMIT), "--quiet",
+                  timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(hostile.good)} samples" in result.stdout
+    rows = _failure_rows(tmp_path / "out")
+    assert {row["id"]: row["reason"] for row in rows} == {f"hostile {case}": hostile.hostile[case][1]
+                                                          for case in cases}
+
+
+def test_cli_refuses_to_resume_with_another_images_folder(mix, tmp_path):
+    copy = shutil.copytree(mix.images, tmp_path / "copy")
+    first = _cli(str(mix.json_path), "--images", str(mix.images), "--out", str(tmp_path / "out"), "--workers", "1",
+                 "--quiet")
+    assert first.returncode == 0, first.stderr
+    command = [str(mix.json_path), "--images", str(copy), "--out", str(tmp_path / "out"), "--workers", "1", "--quiet"]
+    refused = _cli(*command)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "--images was" in refused.stderr
+    assert _cli(*command, "--overwrite").returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_killing_the_command_takes_its_worker_processes_with_it(pretrain, tmp_path):
+    # Enough one-record shards to keep two workers busy for seconds; the kill comes after the first few.
+    records = [{**pretrain.records[i % len(pretrain.records)], "id": str(i)} for i in range(10_000)]
+    (tmp_path / "many.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline", "shards", "llava", str(tmp_path / "many.json"), "--images",
+               str(pretrain.images), "--out", str(out), "--samples-per-shard", "1", "--workers", "2", "--quiet"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    processes: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert job.poll() is None, f"the run ended (exit {job.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, "no two workers writing shards within 60 s"
+            processes = psutil.Process(job.pid).children(recursive=True)
+            workers = [p for p in processes if "--multiprocessing-fork" in _cmdline(p)]
+            if len(workers) == 2 and any(out.glob("*_stats.json")):
+                break
+            time.sleep(0.01)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=10)
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        assert not alive, f"alive 10 s after the command was killed: {[_cmdline(p) for p in alive]}"
+    finally:
+        job.kill()
+        for process in processes:
+            try:
+                process.kill()  # psutil checks the create time, so a reused pid is left alone
+            except psutil.Error:
+                pass
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # gone since it was listed
+        return []
