@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from pipeline.data.errors import PipelineError, UsageError
 from pipeline.data.images import DEFAULT_MAX_PIXELS
@@ -285,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", required=True, help="teacher manifest (manifests/teachers/*.yaml)")
     p.add_argument("--store", required=True, help="target store directory or fsspec URL (created if missing)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: $RAY_ADDRESS if set, else a local Ray on this machine)")
+                   help="Ray cluster to join: HEAD:PORT of `ray start --head`, ray://HOST:PORT, or auto (the cluster "
+                        "`ray start` last started on this machine); default: $RAY_ADDRESS if set, else a fresh local "
+                        "Ray that ends with the job. A cluster that cannot be reached or that refuses this driver's "
+                        "authentication is exit 2 before the store is touched")
     p.add_argument("--batch-size", type=int, default=None, help="override every teacher's batch size")
     p.add_argument("--workers", type=int, default=None, help="number of worker actors (default: one per CPU)")
     p.add_argument("--rows-per-block", type=int, default=64,
@@ -388,9 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as Kubernetes, Slurm and `ray job stop` send it: unwound like Ctrl-C, so that a job stops its
+    workers and releases its store's lock on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while unwinding ends the process at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
     except PipelineError as exc:
@@ -398,14 +415,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name, signum = ("SIGTERM", signal.SIGTERM) if isinstance(exc, Terminated) else ("Ctrl-C", signal.SIGINT)
+        print(f"interrupted by {name}: stopped; rerun the same command to resume", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 - one readable line unless --debug
         if args.debug:
             raise
         print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""A local Ray whose processes die with the process that started it, even when that process is SIGKILLed.
+"""Joining a Ray cluster, or starting a local Ray whose processes die with the process that started it, even when
+that process is SIGKILLed.
+
+Which Ray a job uses is decided here and nowhere else: the address it is given (`--address`), else $RAY_ADDRESS,
+else a fresh local Ray. Ray's own `ray.init()` without an address would join whatever cluster the last `ray start`
+on this machine recorded (its `ray_current_cluster` file), which may be someone else's or long gone; a job never
+does that. A named cluster must answer within CONNECT_TIMEOUT_SECONDS, and a refusal (an unreachable address, a
+cluster that wants Ray's authentication token) is a UsageError naming the fix, raised before the caller touches
+anything.
 
 `ray.init` starts gcs_server, raylet, the dashboard head, the log monitor and the autoscaler monitor as children
 of the caller; raylet then starts DashboardAgent, RuntimeEnvAgent and the workers. After a kill -9 of the caller
@@ -20,44 +28,61 @@ from __future__ import annotations
 
 import os
 import select
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
+from pipeline.data.errors import UsageError
+
 POLL_SECONDS = 0.5
 # Long enough for the watchdog's last scan and kill; it never waits on the processes it kills.
 WATCHDOG_EXIT_SECONDS = 10.0
 # psutil derives create times from clock ticks (0.01 s), so two readings of one process agree far closer than this.
 CREATE_TIME_TOLERANCE = 1e-3
+# A cluster's GCS accepts a TCP connection at once; Ray's own client would retry an unreachable one for minutes.
+CONNECT_TIMEOUT_SECONDS = 10.0
+AUTH_ADVICE = ("clusters started with `ray start` require Ray's authentication token by default: run with "
+               "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or the "
+               "~/.ray/auth_token that `ray start` wrote on the head node), or start every node with "
+               "RAY_AUTH_MODE=disabled on a private network")
 
 
 @contextmanager
 def ray_session(address: str | None = None, **init_kwargs) -> Iterator:
-    """Connect to `address` (or $RAY_ADDRESS) or start a local Ray, and yield the `ray` module.
+    """Join the cluster at `address` (or $RAY_ADDRESS) or start a fresh local Ray, and yield the `ray` module.
 
     A Ray already initialised in this process (a test's session fixture, a caller's own `ray.init`) is used as it
     is: `address` and `init_kwargs` are ignored, and it is neither shut down nor watched. Otherwise
-    `ray.init(address=address, **init_kwargs)` runs; the processes it started, if any (there are none when it
-    joins a running cluster), are shut down with `ray.shutdown()` on exit and killed, with everything they
-    started, if this process dies first, even by SIGKILL. Processes forked (not exec'd) from this process inherit
-    the watchdog's pipe, so the watchdog acts only once they are gone too.
+    `ray.init(address=..., **init_kwargs)` runs (see `init_address`); a cluster that cannot be joined is a
+    UsageError. The processes it started, if any (there are none when it joins a running cluster), are shut down
+    with `ray.shutdown()` on exit and killed, with everything they started, if this process dies first, even by
+    SIGKILL. Processes forked (not exec'd) from this process inherit the watchdog's pipe, so the watchdog acts only
+    once they are gone too. The caller's SIGTERM handler is kept: `ray.init` replaces it with its own.
     """
     import ray
 
     if ray.is_initialized():
         yield ray
         return
+    target = init_address(address)
     me = psutil.Process()
     before = {child.pid for child in me.children()}
     try:
-        ray.init(address=address, **init_kwargs)
-    except BaseException:
+        with _sigterm_handler_kept():
+            ray.init(address=target, **init_kwargs)
+    except BaseException as exc:
         # A half-started local Ray has no driver to shut it down: its processes would linger like after a kill.
         _kill(_tree(child for child in me.children() if child.pid not in before))
+        # Ray says ConnectionError for a refused token and RuntimeError for a missing one or another Ray version.
+        if isinstance(exc, (ConnectionError, RuntimeError)) and target != "local":
+            raise UsageError(_join_failure(target, exc)) from None
         raise
     started = [child for child in me.children() if child.pid not in before]
     watchdog = _start_watchdog(_tree(started)) if started else None
@@ -69,6 +94,63 @@ def ray_session(address: str | None = None, **init_kwargs) -> Iterator:
         finally:
             if watchdog is not None:
                 _stop_watchdog(watchdog)
+
+
+def init_address(address: str | None) -> str:
+    """What `ray.init` is given: the named cluster's host:port once it answers, or "local" when none is named.
+
+    `address` wins over $RAY_ADDRESS. "auto" means the cluster that `ray start` last recorded on this machine, as
+    in Ray, and it must be up. Raises UsageError, within CONNECT_TIMEOUT_SECONDS, for a cluster that cannot be
+    reached.
+    """
+    named = address or os.environ.get("RAY_ADDRESS") or None
+    if named is None or named == "local":
+        return "local"
+    where = named
+    if named == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            where = canonicalize_bootstrap_address("auto")
+        except ConnectionError:
+            raise UsageError("--address auto: no Ray cluster was started on this machine (`ray start --head`); "
+                             "pass the head node's HOST:PORT, or leave --address unset for a local Ray") from None
+    host, _, port = where.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {named}: expected HOST:PORT of a Ray head node (e.g. 10.0.0.1:6379), "
+                         "ray://HOST:PORT, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_SECONDS).close()
+    except OSError as exc:
+        raise UsageError(f"cannot reach the Ray cluster at {where} ({exc.strerror or exc}): check that `ray start "
+                         "--head` runs there and that --address or $RAY_ADDRESS names it, or unset both for a "
+                         "local Ray") from None
+    return where
+
+
+def _join_failure(address: str, exc: BaseException) -> str:
+    """The one line for a cluster that answered but would not take this driver."""
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 8:
+        causes.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(causes)
+    if "Unauthenticated" in text or "InvalidAuthToken" in text or "token" in text.lower():
+        return f"the Ray cluster at {address} refused this driver's authentication: {AUTH_ADVICE}"
+    return f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}"
+
+
+@contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """`ray.init` installs a SIGTERM handler that exits at once; the caller's own (the CLI's) must stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _start_watchdog(processes: set[psutil.Process]) -> subprocess.Popen:

@@ -1,17 +1,11 @@
 """`pipeline precompute`: run frozen teachers over WebDataset shards into a target store, with Ray.
 
-The driver indexes the shards, creates or checks the store, takes the store's lock and moves blocks of rows
-(one Zarr shard each) through the three stages of pipeline/block_stages.py: prepare (read, decode, the teachers'
-CPU preprocessing), compute (the forwards) and write (files, then the completion record). A `BlockWorker`
-actor holds every pending teacher's weights once; its GPU request is the sum of their `num_gpus`, so small
-teachers share a GPU. Two feeds (see `plan_workers`):
-
-- tasks (the default with GPUs): prepare and write are Ray CPU tasks on every core of the cluster, and each
-  device's worker only computes. At most `window` blocks are open at once (backpressure: Ray's object store
-  holds the prepared inputs and computed targets of those blocks only), so the accelerators are fed while the
-  CPUs work ahead of them.
-- inline (the default without GPUs): each worker runs the three stages of its blocks in turn, one worker per
-  group of cores, two blocks queued per worker.
+The driver indexes the shards, joins the Ray cluster (or starts a local Ray), creates or checks the store, takes
+the store's lock and moves blocks of rows (one Zarr shard each) through the three stages of
+pipeline/block_stages.py: prepare (read, decode, the teachers' CPU preprocessing), compute (the forwards) and
+write (files, then the completion record). A `BlockWorker` actor holds every pending teacher's weights once; its
+GPU request is the sum of their `num_gpus`, so small teachers share a GPU. How blocks reach the workers, and how a
+run survives losing them, is pipeline/workers.py.
 
 Re-running after any crash redoes exactly the blocks without a record.
 """
@@ -19,10 +13,9 @@ Re-running after any crash redoes exactly the blocks without a record.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,11 +31,10 @@ from pipeline.data.index import ShardIndex, build_index, duplicate_rows, first_d
 from pipeline.local_ray import ray_session
 from pipeline.data.shards import shard_name
 from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, TargetStore
+from pipeline.workers import (BLOCKS_IN_FLIGHT_PER_WORKER, WORKER_RESTARTS, BlockJob, BlockWorker, Feed,
+                              alive_resources, plan_workers, ray_cause, warm_task)
 
 DEFAULT_ROWS_PER_BLOCK = 64
-BLOCKS_IN_FLIGHT_PER_WORKER = 2
-HEARTBEAT_SECONDS = 10.0
-WARM_HOLD_SECONDS = 0.5
 
 
 class PrecomputeConfig(BaseModel):
@@ -98,6 +90,7 @@ class PrecomputeSummary:
     rows_computed: int = 0
     failures: int = 0
     workers: int = 0
+    nodes: int = 0  # the Ray nodes whose workers answered
     feed: str = ""  # how blocks reached the workers: "inline" or "tasks" (see WorkerPlan)
     seconds: float = 0.0  # the whole command: indexing, workers starting, teachers loading, computing
     compute_seconds: float = 0.0  # from every worker holding its teachers to the last block written
@@ -106,86 +99,6 @@ class PrecomputeSummary:
     @property
     def nothing_to_do(self) -> bool:
         return self.blocks_computed == 0 and not self.finished_earlier_run
-
-
-class BlockWorker:
-    """Holds the teachers of one job (a Ray actor, one per device). `compute` is the accelerator stage of
-    pipeline/block_stages.py; `process` runs all three stages of a block in turn (the CPU-only feed)."""
-
-    def __init__(self, store_path: str, specs: dict, shard_urls: dict[str, str], *, max_pixels: int, threads: int,
-                 token: str | None = None):
-        import ray
-        import torch
-
-        import teachers
-
-        torch.set_num_threads(max(1, threads))
-        self.store = TargetStore(store_path)
-        self.token = token  # the run's lock token: checked before every write (see pipeline/data/store_lock.py)
-        self.shard_urls = shard_urls
-        self.max_pixels = max_pixels
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.teachers = {name: teachers.create(spec, device=device) for name, spec in specs.items()}
-        self.storages = {name: t.spec.storage() for name, t in self.teachers.items()}
-        # With the tasks feed this actor runs BLOCKS_IN_FLIGHT_PER_WORKER `compute` calls in threads: one block's
-        # outputs are copied out while the next block's forwards run. Forwards take turns (TF32 flags are
-        # process-wide, and a device runs one batch at a time anyway).
-        self.device_lock = threading.Lock()
-
-    def describe(self) -> dict[str, dict]:
-        return {
-            name: {"target_shape": list(t.target_shape), "fingerprint": t.fingerprint, "host": socket.gethostname()}
-            for name, t in self.teachers.items()
-        }
-
-    def compute(self, prepared: stages.PreparedBlock) -> stages.ComputedBlock:
-        return stages.compute(self.teachers, prepared, self.storages, self.device_lock)
-
-    def process(self, rows: stages.BlockRows, names: list[str]) -> dict[str, dict]:
-        """Prepare, compute and write `names` for one block here; return each teacher's completion record."""
-        preprocessors = {n: (self.teachers[n].preprocess, self.teachers[n].spec.batch_size) for n in names}
-        prepared = stages.prepare(rows, preprocessors, self.shard_urls, self.max_pixels)
-        return stages.write(self.store, self.compute(prepared), token=self.token,
-                            fingerprints={n: self.teachers[n].fingerprint for n in names},
-                            batch_sizes={n: self.teachers[n].spec.batch_size for n in names})
-
-
-# Built once per worker process and teacher (keyed by its fingerprint): Ray reuses task processes.
-_PREPROCESSORS: dict[str, object] = {}
-
-
-def _preprocessors(teachers_: dict[str, tuple]) -> dict[str, tuple]:
-    """{name: (preprocessor, batch_size)} for {name: (spec, fingerprint)}: only the teachers' preprocessing, built
-    from the model's config files (never the weights), once per process."""
-    import teachers
-
-    preprocessors = {}
-    for name, (spec, fingerprint) in teachers_.items():
-        if fingerprint not in _PREPROCESSORS:
-            _PREPROCESSORS[fingerprint] = teachers.get_teacher_class(spec.kind).build_preprocessor(spec)
-        preprocessors[name] = (_PREPROCESSORS[fingerprint], spec.batch_size)
-    return preprocessors
-
-
-def _prepare_task(rows: stages.BlockRows, teachers_: dict[str, tuple], shard_urls: dict[str, str],
-                  max_pixels: int) -> stages.PreparedBlock:
-    """The CPU stage as a Ray task."""
-    return stages.prepare(rows, _preprocessors(teachers_), shard_urls, max_pixels)
-
-
-def _warm_task(teachers_: dict[str, tuple]) -> None:
-    """Import what the stages use and build the preprocessors in one task process while the devices' workers load
-    their teachers, so that the first blocks do not wait for it; held briefly so that each of the warm tasks
-    submitted together gets a process of its own."""
-    _preprocessors(teachers_)
-    time.sleep(WARM_HOLD_SECONDS)
-
-
-def _write_task(store_path: str, computed: stages.ComputedBlock, token: str, fingerprints: dict[str, str],
-                batch_sizes: dict[str, int]) -> dict[str, dict]:
-    """The write stage as a Ray task."""
-    return stages.write(TargetStore(store_path), computed, token=token, fingerprints=fingerprints,
-                        batch_sizes=batch_sizes)
 
 
 def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int, *,
@@ -280,30 +193,42 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
         raise UsageError(f"no samples found in {shards}")
     summary = PrecomputeSummary(store=store_path, num_rows=index.table.num_rows)
 
+    needs_ray = True
     if existing:
         store = open_or_create_store(store_path, index, config.rows_per_block, locked=False)
         present, todo = _pending_blocks(store, specs, fingerprints)
         if _finished(store, present, todo):  # touch nothing, not even the lock
             return _summarise(store, specs, summary, started)
-    with store.lock() as lock:
+        needs_ray = any(todo.values())  # else only the finish is left
+    with ExitStack() as stack:
+        # Ray first: a cluster that cannot be joined is refused before the store is created or locked.
+        ray = stack.enter_context(_ray(config)) if needs_ray else None
+        lock = stack.enter_context(store.lock())
         store = open_or_create_store(store_path, index, config.rows_per_block)
         present, todo = _pending_blocks(store, specs, fingerprints)
         if not all(present.values()):
             store.chunk_rows(config.rows_per_chunk)  # before any worker starts: the store's blocks may be others
         if any(todo.values()):
-            _compute(store, index, specs, fingerprints, present, todo, summary, lock, config, progress=progress)
+            ray = ray or stack.enter_context(_ray(config))  # another run left work between our look and the lock
+            _compute(ray, store, index, specs, fingerprints, present, todo, summary, lock, config,
+                     progress=progress)
         else:
             summary.finished_earlier_run = True  # killed after its last record: only the finish is left
         failpoint("last-record")
         _finish(store, index, list(specs))
         summary.seconds = time.perf_counter() - started
         store.write_run({"finished": time.time(), "seconds": round(summary.seconds, 3), "workers": summary.workers,
+                         "nodes": summary.nodes,
                          "blocks_computed": summary.blocks_computed, "rows_computed": summary.rows_computed,
                          "failures": summary.failures, "teachers": sorted(specs),
                          "batch_sizes": {name: spec.batch_size for name, spec in specs.items()},
                          "config": config.model_dump(mode="json"),
                          "rows_per_second": round(summary.rows_computed / max(summary.seconds, 1e-9), 3)})
     return _summarise(store, specs, summary, started)
+
+
+def _ray(config: PrecomputeConfig):
+    return ray_session(config.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
 
 def _fingerprint(manifest_path: str, name: str, spec) -> str:
@@ -342,188 +267,82 @@ def _summarise(store: TargetStore, specs: dict, summary: PrecomputeSummary, star
     return summary
 
 
-@dataclass(frozen=True)
-class WorkerPlan:
-    """How a run uses the cluster: `count` BlockWorker actors with Ray `options`, torch `threads` each, and the feed:
-    "inline" (each worker prepares, computes and writes its blocks) or "tasks" (CPU tasks on every core prepare
-    and write; the workers, one per device, only compute)."""
-
-    count: int
-    options: dict
-    threads: int
-    feed: str
-
-
-def plan_workers(ray, pending: dict, config: PrecomputeConfig, num_blocks: int) -> WorkerPlan:
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    per_worker_gpus = sum(spec.num_gpus for spec in pending.values()) if gpus else 0.0
-    feed = config.feed if config.feed != "auto" else ("tasks" if per_worker_gpus else "inline")
-    if per_worker_gpus:
-        count = config.workers or max(1, int(gpus // per_worker_gpus))
-        # With the tasks feed a device's worker only launches its forwards: every core is left to the CPU tasks.
-        options, threads = {"num_cpus": 0 if feed == "tasks" else 1, "num_gpus": per_worker_gpus}, 1
-    elif feed == "tasks":  # no device: one core per worker computes, the others prepare and write
-        count, options, threads = config.workers or 1, {"num_cpus": 1}, 1
-    else:
-        count = config.workers or cpus
-        threads = max(1, cpus // count)
-        options = {"num_cpus": threads}
-    return WorkerPlan(max(1, min(count, num_blocks)), options, threads, feed)
-
-
-def _compute(store, index, specs, fingerprints, present, todo, summary, lock, config: PrecomputeConfig, *, progress):
+def _compute(ray, store, index, specs, fingerprints, present, todo, summary, lock, config: PrecomputeConfig, *,
+             progress):
     from tqdm.auto import tqdm
 
-    with ray_session(config.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False) as ray:
-        pending = {name: spec for name, spec in specs.items() if todo[name]}
-        jobs: dict[int, list[str]] = {}
-        for name, blocks in todo.items():
-            for b in blocks:
-                jobs.setdefault(b.block, []).append(name)
-        failpoint("ray-started")
-        plan = plan_workers(ray, pending, config, len(jobs))
-        summary.workers, summary.feed = plan.count, plan.feed
-        concurrency = BLOCKS_IN_FLIGHT_PER_WORKER if plan.feed == "tasks" else 1
-        actor_cls = ray.remote(BlockWorker).options(**plan.options, max_restarts=3, max_task_retries=3,
-                                                    max_concurrency=concurrency)
-        shard_urls = {shard_name(url): url for url in index.urls}
-        actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=config.max_pixels,
-                                   threads=plan.threads, token=lock.token)
-                  for _ in range(plan.count)]
-        teachers_ = {n: (s, fingerprints[n]) for n, s in pending.items()}
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        warm = ray.remote(_warm_task).options(num_cpus=1)
-        warming = [warm.remote(teachers_) for _ in range(cpus)] if plan.feed == "tasks" else []
-        try:
-            described = ray.get(actors[0].describe.remote())
-            ray.get([actor.describe.remote() for actor in actors[1:]] + warming)
-        except ray.exceptions.RayError as exc:
-            raise JobError(f"teachers failed to load on a worker: {_ray_cause(exc)}") from None
+    failpoint("ray-started")
+    pending = {name: spec for name, spec in specs.items() if todo[name]}
+    jobs: dict[int, list[str]] = {}
+    for name, blocks in todo.items():
+        for b in blocks:
+            jobs.setdefault(b.block, []).append(name)
+    plan = plan_workers(ray, pending, config.workers, config.feed, len(jobs))
+    summary.workers, summary.feed = plan.count, plan.feed
+    concurrency = BLOCKS_IN_FLIGHT_PER_WORKER if plan.feed == "tasks" else 1
+    # Ray restarts a lost worker where there is room; its calls are not retried there, because the feed gives a
+    # lost worker's blocks to the workers left instead of waiting for resources that may have died with a node.
+    actor_cls = ray.remote(BlockWorker).options(**plan.options, max_restarts=WORKER_RESTARTS, max_task_retries=0,
+                                                max_concurrency=concurrency)
+    shard_urls = {shard_name(url): url for url in index.urls}
+    actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=config.max_pixels,
+                               threads=plan.threads, token=lock.token)
+              for _ in range(plan.count)]
+    teachers_ = {n: (s, fingerprints[n]) for n, s in pending.items()}
+    cpus = int(alive_resources(ray).get("CPU", 1))
+    warm = ray.remote(warm_task).options(num_cpus=1)
+    warming = [warm.remote(teachers_) for _ in range(cpus)] if plan.feed == "tasks" else []
+
+    def check_worker(described: dict[str, dict]) -> None:
         for name, info in described.items():
             if info["fingerprint"] != fingerprints[name]:
                 raise JobError(
                     f"teacher {name!r} has fingerprint {info['fingerprint'][:12]}.. on worker {info['host']} but "
                     f"{fingerprints[name][:12]}.. on the driver: are the weights the same on every node?")
+
+    ranges = {b.block: b for b in store.blocks()}
+    duplicates = duplicate_rows(index.table)
+    queue = deque(BlockJob(stages.BlockRows.from_index(index.table, ranges[b], duplicates), names)
+                  for b, names in sorted(jobs.items()))
+    blocks_done, halfway = 0, max(1, len(jobs) // 2)
+    bar = tqdm(total=sum(job.rows.block.rows * len(job.names) for job in queue), desc="precompute", unit="row",
+               disable=not progress, smoothing=0.1)
+
+    def finished(records: dict[str, dict]) -> None:
+        nonlocal blocks_done
+        for record in records.values():
+            summary.blocks_computed += 1
+            summary.rows_computed += record["rows"]
+            summary.failures += len(record["failures"])
+            bar.update(record["rows"])
+        bar.set_postfix(failures=summary.failures)
+        blocks_done += 1
+        if blocks_done == 1:
+            failpoint("first-block")
+        if blocks_done == halfway:
+            failpoint("mid-run")
+
+    feed = Feed(ray, actors, plan, lock, check_worker, finished)
+    try:
+        described = feed.first_answer()
+        for name, info in described.items():
             if not present[name]:
                 store.add_teacher(name, spec=specs[name].model_dump(mode="json"), fingerprint=fingerprints[name],
                                   target_shape=tuple(info["target_shape"]), storage=specs[name].storage(),
                                   rows_per_chunk=config.rows_per_chunk)
-        ranges = {b.block: b for b in store.blocks()}
-        duplicates = duplicate_rows(index.table)
-        queue = deque((stages.BlockRows.from_index(index.table, ranges[b], duplicates), names)
-                      for b, names in sorted(jobs.items()))
-        bar = tqdm(total=sum(rows.block.rows * len(names) for rows, names in queue), desc="precompute", unit="row",
-                   disable=not progress, smoothing=0.1)
-        blocks_done, halfway = 0, max(1, len(jobs) // 2)
-
-        def finished(records: dict[str, dict]) -> None:
-            nonlocal blocks_done
-            for record in records.values():
-                summary.blocks_computed += 1
-                summary.rows_computed += record["rows"]
-                summary.failures += len(record["failures"])
-                bar.update(record["rows"])
-            bar.set_postfix(failures=summary.failures)
-            blocks_done += 1
-            if blocks_done == 1:
-                failpoint("first-block")
-            if blocks_done == halfway:
-                failpoint("mid-run")
-
-        feed = _Feed(ray, actors, lock, finished)
+        ray.get(warming)
         compute_started = time.monotonic()
-        try:
-            if plan.feed == "inline":
-                feed.inline(queue)
-            else:
-                feed.tasks(queue, store.path, teachers_, shard_urls, config.max_pixels, cpus)
-            summary.compute_seconds = time.monotonic() - compute_started
-        except ray.exceptions.RayError as exc:
-            raise JobError(f"precompute workers failed: {_ray_cause(exc)}; rerun the same command to resume") from None
-        finally:
-            bar.close()
-
-
-class _Feed:
-    """Moves blocks through the stages with Ray, a bounded number at a time (the backpressure), calling `finished`
-    with each block's records; keeps the lock's heartbeat while it waits."""
-
-    def __init__(self, ray, actors: list, lock, finished):
-        self.ray, self.actors, self.lock, self.finished = ray, actors, lock, finished
-        self.last_beat = time.monotonic()
-
-    def _wait(self, refs: list) -> list:
-        done, _ = self.ray.wait(refs, num_returns=1, timeout=HEARTBEAT_SECONDS)
-        if time.monotonic() - self.last_beat > HEARTBEAT_SECONDS / 2:
-            self.lock.heartbeat()
-            self.last_beat = time.monotonic()
-        return done
-
-    def inline(self, queue: deque) -> None:
-        """Each worker prepares, computes and writes whole blocks, with BLOCKS_IN_FLIGHT_PER_WORKER queued."""
-        in_flight: dict = {}
-
-        def submit(actor) -> None:
-            if queue:
-                in_flight[actor.process.remote(*queue.popleft())] = actor
-
-        for actor in self.actors:
-            for _ in range(BLOCKS_IN_FLIGHT_PER_WORKER):
-                submit(actor)
-        while in_flight:
-            for ref in self._wait(list(in_flight)):
-                actor = in_flight.pop(ref)
-                self.finished(self.ray.get(ref))
-                submit(actor)
-
-    def tasks(self, queue: deque, store_path: str, teachers: dict[str, tuple], shard_urls: dict[str, str],
-              max_pixels: int, cpus: int) -> None:
-        """Prepare and write tasks on every core, each worker computing; at most `window` blocks open at once."""
-        ray = self.ray
-        prepare = ray.remote(_prepare_task).options(num_cpus=1, max_retries=3)
-        write = ray.remote(_write_task).options(num_cpus=1, max_retries=3)
-        teachers_ref, urls_ref = ray.put(teachers), ray.put(shard_urls)
-        fingerprints = {name: fingerprint for name, (_, fingerprint) in teachers.items()}
-        # Enough blocks open to keep every core and every device's queue busy, few enough to bound the memory
-        # that prepared inputs and computed targets hold in Ray's object store.
-        window = cpus + len(self.actors) * (BLOCKS_IN_FLIGHT_PER_WORKER + 1)
-        preparing, computing, writing = {}, {}, set()
-        ready: deque = deque()
-        load = {id(actor): 0 for actor in self.actors}
-        open_blocks = 0
-        while queue or preparing or ready or computing or writing:
-            while queue and open_blocks < window:
-                rows, names = queue.popleft()
-                subset = {n: teachers[n] for n in names}
-                ref = prepare.remote(rows, subset if len(subset) < len(teachers) else teachers_ref, urls_ref,
-                                     max_pixels)
-                preparing[ref] = {n: teachers[n][0].batch_size for n in names}
-                open_blocks += 1
-            for actor in self.actors:
-                while ready and load[id(actor)] < BLOCKS_IN_FLIGHT_PER_WORKER:
-                    prepared, batch_sizes = ready.popleft()
-                    computing[actor.compute.remote(prepared)] = (actor, batch_sizes)
-                    load[id(actor)] += 1
-            for ref in self._wait([*preparing, *computing, *writing]):
-                if ref in preparing:
-                    ready.append((ref, preparing.pop(ref)))
-                elif ref in computing:
-                    actor, batch_sizes = computing.pop(ref)
-                    load[id(actor)] -= 1
-                    names = list(batch_sizes)
-                    writing.add(write.remote(store_path, ref, self.lock.token,
-                                             {n: fingerprints[n] for n in names}, batch_sizes))
-                else:
-                    writing.discard(ref)
-                    open_blocks -= 1
-                    self.finished(ray.get(ref))
-
-
-def _ray_cause(exc: Exception) -> str:
-    """The user's exception inside a Ray error, in one line."""
-    cause = getattr(exc, "cause", None) or exc
-    return " ".join(f"{type(cause).__name__}: {cause}".split())[:500]
+        if plan.feed == "inline":
+            feed.inline(queue)
+        else:
+            feed.tasks(queue, store.path, teachers_, shard_urls, config.max_pixels, cpus)
+        summary.compute_seconds = time.monotonic() - compute_started
+        summary.nodes = len(feed.nodes)
+    except ray.exceptions.RayError as exc:
+        raise JobError(f"precompute workers failed: {ray_cause(exc)}; rerun the same command to resume") from None
+    finally:
+        bar.close()
+        feed.stop()
 
 
 def _finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:

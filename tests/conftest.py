@@ -26,6 +26,8 @@ DEMO_SAMPLES = 40
 DEMO_SHARDS = 4
 ROWS_PER_BLOCK = 16
 ROWS_PER_CHUNK = 4
+# Many small blocks, so that a crash, a signal or a lost node lands mid-run.
+SMALL_BLOCKS = {"rows_per_block": 4, "rows_per_chunk": 2, "batch_size": 2}
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +59,22 @@ def demo_store(demo_dir, ray_local) -> Path:
     run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store),
                    PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK), progress=False)
     return store
+
+
+@pytest.fixture(scope="session")
+def small_block_store(demo_dir, ray_local, tmp_path_factory) -> Path:
+    """An uninterrupted run with SMALL_BLOCKS: the yardstick of the crash, signal and cluster tests."""
+    from pipeline.precompute import PrecomputeConfig, run_precompute
+
+    store = tmp_path_factory.mktemp("small-blocks") / "store"
+    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**SMALL_BLOCKS),
+                   progress=False)
+    return store
+
+
+def small_block_flags() -> list[str]:
+    """SMALL_BLOCKS as `pipeline precompute` flags."""
+    return [arg for key, value in SMALL_BLOCKS.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 `PIPELINE_KILL_AT=<name>` in the environment makes the process SIGKILL itself when it reaches `failpoint(name)`:
 no cleanup, no `finally`, exactly what a `kill -9`, an out-of-memory kill or a lost node does at that moment.
-Unset (always, outside such tests), a failpoint is one dictionary lookup.
+`PIPELINE_KILL_AT=<name>:TERM` (or `:INT`) sends that signal instead, as a scheduler's stop or a Ctrl-C would
+arrive at that moment, and the process goes on to handle it. Unset (always, outside such tests), a failpoint is
+one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -14,5 +16,6 @@ ENV = "PIPELINE_KILL_AT"
 
 
 def failpoint(name: str) -> None:
-    if os.environ.get(ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    point, _, signame = os.environ.get(ENV, "").partition(":")
+    if point == name:
+        os.kill(os.getpid(), getattr(signal, f"SIG{signame or 'KILL'}"))

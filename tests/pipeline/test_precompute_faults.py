@@ -23,13 +23,12 @@ from pipeline.cli import main as cli
 from pipeline.data.errors import UsageError
 from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.verify import verify_store
-from tests.conftest import DEMO_TEACHERS, REPO
+from tests.conftest import DEMO_TEACHERS, REPO, SMALL_BLOCKS, small_block_flags
 from tests.pipeline.test_store_promises import store_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TEACHERS = ("depth", "seg", "gen")
-SMALL_BLOCKS = 4  # many blocks, so a crash lands mid-run
 
 
 def array_files(store: Path) -> dict[str, bytes]:
@@ -42,15 +41,6 @@ def array_files(store: Path) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture(scope="module")
-def reference_store(demo_dir, ray_local, tmp_path_factory) -> Path:
-    """An uninterrupted run with small blocks, the yardstick for the crash tests."""
-    store = tmp_path_factory.mktemp("reference") / "store"
-    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store),
-                   PrecomputeConfig(rows_per_block=SMALL_BLOCKS, rows_per_chunk=2, batch_size=2), progress=False)
-    return store
-
-
 def wait_for_records(store: Path, at_least: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,11 +50,10 @@ def wait_for_records(store: Path, at_least: int, timeout: float = 120) -> None:
     raise AssertionError(f"no {at_least} block records in {store} after {timeout}s")
 
 
-def test_kill_9_of_the_whole_job_then_rerun_gives_the_same_bytes(demo_dir, reference_store, tmp_path):
+def test_kill_9_of_the_whole_job_then_rerun_gives_the_same_bytes(demo_dir, small_block_store, tmp_path):
     store = tmp_path / "store"
     command = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
-               "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--rows-per-block", str(SMALL_BLOCKS),
-               "--rows-per-chunk", "2", "--batch-size", "2", "--quiet"]
+               "--teachers", str(DEMO_TEACHERS), "--store", str(store), *small_block_flags(), "--quiet"]
     job = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
@@ -73,12 +62,12 @@ def test_kill_9_of_the_whole_job_then_rerun_gives_the_same_bytes(demo_dir, refer
         # The whole job: the driver, its local Ray and every worker share the new session's process group.
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    total = 3 * len(list((reference_store / "_blocks" / "depth").glob("*.json")))
+    total = 3 * len(list((small_block_store / "_blocks" / "depth").glob("*.json")))
     assert len(list((store / "_blocks").rglob("*.json"))) < total, "the job finished before it was killed"
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert array_files(store) == array_files(reference_store)
+    assert array_files(store) == array_files(small_block_store)
     assert not (store / "_lock").exists()
 
 
@@ -91,36 +80,35 @@ PHASES = [(phase, "inline") for phase in
 
 @pytest.mark.parametrize("phase, feed", PHASES)
 def test_kill_9_of_the_driver_at_each_phase_then_rerun_gives_a_verified_identical_store(
-        phase, feed, demo_dir, reference_store, ray_local, tmp_path):
+        phase, feed, demo_dir, small_block_store, ray_local, tmp_path):
     store = tmp_path / "store"
-    options = {"rows_per_block": SMALL_BLOCKS, "rows_per_chunk": 2, "batch_size": 2}
     command = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
                "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet", "--feed", feed,
-               *[arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]]
+               *small_block_flags()]
     killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "PIPELINE_KILL_AT": phase})
     assert killed.returncode == -signal.SIGKILL, f"the run did not die at {phase}: {killed.stderr[-2000:]}"
     if (store / "zarr.json").exists():  # what the killed run left is no finished store, and verify says so
         assert cli(["verify", str(store), "--quiet"]) != 0
 
-    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**options),
+    summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**SMALL_BLOCKS),
                              progress=False)
     assert not summary.nothing_to_do
     assert verify_store(str(store), shards=str(demo_dir / "shards"), manifest=str(DEMO_TEACHERS)).problems == []
-    got, want = store_files(store), store_files(reference_store)
+    got, want = store_files(store), store_files(small_block_store)
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
 
 
-def test_the_tasks_feed_writes_the_same_store_as_the_inline_feed(demo_dir, reference_store, ray_local, tmp_path):
+def test_the_tasks_feed_writes_the_same_store_as_the_inline_feed(demo_dir, small_block_store, ray_local, tmp_path):
     store = tmp_path / "store"
-    config = PrecomputeConfig(rows_per_block=SMALL_BLOCKS, rows_per_chunk=2, batch_size=2, feed="tasks")
+    config = PrecomputeConfig(**SMALL_BLOCKS, feed="tasks")
     summary = run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), config, progress=False)
     assert summary.feed == "tasks" and summary.blocks_computed == 3 * len(list((store / "_blocks" / "depth").iterdir()))
-    assert store_files(store) == store_files(reference_store)
+    assert store_files(store) == store_files(small_block_store)
 
 
-def test_a_killed_worker_actor_is_replaced_and_the_store_completes(demo_dir, reference_store, tmp_path):
+def test_a_killed_worker_actor_is_replaced_and_the_store_completes(demo_dir, small_block_store, tmp_path):
     store = tmp_path / "store"
     outcome: dict = {}
 
@@ -128,7 +116,7 @@ def test_a_killed_worker_actor_is_replaced_and_the_store_completes(demo_dir, ref
         try:
             outcome["summary"] = run_precompute(
                 str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store),
-                PrecomputeConfig(rows_per_block=SMALL_BLOCKS, rows_per_chunk=2, batch_size=2), progress=False)
+                PrecomputeConfig(**SMALL_BLOCKS), progress=False)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = exc
 
@@ -140,7 +128,7 @@ def test_a_killed_worker_actor_is_replaced_and_the_store_completes(demo_dir, ref
     workers[0].send_signal(signal.SIGKILL)
     thread.join(timeout=240)
     assert "error" not in outcome, outcome.get("error")
-    assert array_files(store) == array_files(reference_store)
+    assert array_files(store) == array_files(small_block_store)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
@@ -307,3 +295,52 @@ def test_complete_teachers_carry_channel_mean_and_std(demo_store):
         target = np.asarray(root[name]["target"][:], dtype=np.float64).reshape(-1, attrs["target_shape"][1])
         np.testing.assert_allclose(attrs["mean"], target.mean(axis=0), atol=2e-3)
         np.testing.assert_allclose(attrs["std"], target.std(axis=0), atol=2e-3, rtol=1e-2)
+
+
+# ---- stop signals ---------------------------------------------------------------------------------------------
+# SIGTERM is what Kubernetes, Slurm and `ray job stop` send, SIGINT what Ctrl-C sends. Sent by the driver itself at
+# a phase (a failpoint), or by another process while the driver waits on its workers.
+SIGNALS = [("store-created", signal.SIGTERM), ("ray-started", signal.SIGINT), ("finish", signal.SIGTERM),
+           ("from outside, mid-run", signal.SIGTERM), ("from outside, mid-run", signal.SIGINT)]
+
+
+@pytest.mark.parametrize("phase, signum", SIGNALS)
+def test_a_stop_signal_at_each_phase_stops_the_workers_frees_the_lock_and_the_rerun_gives_the_same_store(
+        phase, signum, demo_dir, small_block_store, ray_local, tmp_path):
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
+               "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet", *small_block_flags()]
+    env = dict(os.environ)
+    if not phase.startswith("from outside"):
+        env["PIPELINE_KILL_AT"] = f"{phase}:{signal.Signals(signum).name.removeprefix('SIG')}"
+    job = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        if phase.startswith("from outside"):
+            wait_for_records(store, at_least=2)
+            job.send_signal(signum)
+        _, stderr = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 128 + signum, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted by ") and last.endswith("rerun the same command to resume"), stderr[-2000:]
+    assert not (store / "_lock").exists(), "the lock outlived the stopped run"
+    # The driver's local Ray and its workers share the job's process group: all gone with the driver.
+    deadline = time.monotonic() + 15
+    while (left := [p for p in psutil.process_iter() if _process_group(p) == job.pid]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], f"processes of the stopped run are still alive: {left}"
+
+    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**SMALL_BLOCKS),
+                   progress=False)
+    assert verify_store(str(store), shards=str(demo_dir / "shards"), manifest=str(DEMO_TEACHERS)).problems == []
+    assert store_files(store) == store_files(small_block_store)
+
+
+def _process_group(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except OSError:
+        return None
