@@ -74,6 +74,9 @@ def _cmd_index(args) -> int:
 
     from pipeline.data.index import build_index
 
+    if os.path.isdir(args.out):  # before reading every shard, not when the index is written
+        raise UsageError(f"--out {args.out} is a directory; pass the file to write, e.g. "
+                         f"{os.path.join(args.out, 'index.parquet')}")
     index = build_index(args.shards, progress=not args.quiet)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     pq.write_table(index.table, args.out)
@@ -188,14 +191,30 @@ def _cmd_visualize(args) -> int:
     return 0
 
 
-def _int_list(text):
-    return tuple(int(x) for x in text.split(",")) if text else None
+def _int_list(text: str) -> tuple[int, ...] | None:
+    """argparse type of a comma-separated list of integers (`1,3,4`); '' -> None (the default)."""
+    try:
+        return tuple(int(x) for x in text.split(",")) if text else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers; write e.g. "
+                                         "1,3,4") from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1; pass e.g. 64")
+    return value
 
 
 def _cmd_probe(args) -> int:
     from student.probe import ProbeConfig, format_table, run_probe
 
-    given = {"layers": _int_list(args.layers), "teachers": tuple(args.teachers.split(",")) if args.teachers else None,
+    given = {"layers": args.layers, "teachers": tuple(args.teachers.split(",")) if args.teachers else None,
              "test_shards": args.test_shards, "max_images": args.max_images, "steps": args.steps,
              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
     config = ProbeConfig(**{k: v for k, v in given.items() if v is not None})
@@ -335,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a student directory written by `pipeline train`")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question or instruction")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="at most this many tokens (default 64)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("visualize", help="decode a student's predicted embeddings with the teachers' own heads: "
@@ -357,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, metavar="DIR2",
                    help="a second checkpoint, probed on the same split and drawn dashed in the same plot")
     p.add_argument("--out", required=True, help="directory for probe.json, probe.csv and probe.png")
-    p.add_argument("--layers", default=None, help="comma-separated LLM layers, 1-indexed (default: all)")
+    p.add_argument("--layers", type=_int_list, default=None,
+                   help="comma-separated LLM layers, 1-indexed (default: all)")
     p.add_argument("--teachers", default=None, help="comma-separated teachers (default: every teacher in the store)")
     p.add_argument("--test-shards", type=int, default=None, help="how many last shards are held out (default 1)")
     p.add_argument("--max-images", type=int, default=None, help="at most this many train and held-out images each")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.data.config import load_config
+from pipeline.data.errors import UsageError
+from pipeline.data.shards import expand_braces
 from student.loss import LossConfig
 from student.task import TaskHeadConfig
 
@@ -47,6 +49,16 @@ class DataConfig(BaseModel):
         description="A/B mode: compute the targets with the teachers whose specs the store recorded, in the training "
         "process, instead of reading them (same storage rounding and valid flags); for parity checks and timing",
     )
+
+    @field_validator("shards")
+    @classmethod
+    def _braces_pair_up(cls, shards: str) -> str:
+        # Here, not only where the trainer expands the pattern: that comes after the student has loaded.
+        try:
+            expand_braces(shards)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return shards
 
 
 class TaskConfig(TaskHeadConfig):

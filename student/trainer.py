@@ -131,13 +131,15 @@ def _check_sharded(accelerator) -> None:
                          "processes with `accelerate launch --multi_gpu --num_processes N` and no FSDP config")
 
 
-def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None = None) -> TrainingParts:
+def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None = None,
+                   progress: bool = True) -> TrainingParts:
     """Everything `train` needs for `cfg`; `online_targets` builds the store's teachers when
-    `cfg.data.online_teachers` (see `train`)."""
+    `cfg.data.online_teachers` (see `train`); `progress`: a bar while the shards are indexed."""
     if cfg.data.online_teachers and online_targets is None:
         raise UsageError("data.online_teachers=true computes the targets with the store's teachers, which the trainer "
                          "does not import: pass online_targets=pipeline.online_targets.online_targets_factory(cfg) "
                          "(as `pipeline train --online-teachers` does), or set data.online_teachers=false")
+    _make_output_dir(cfg.output_dir)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -175,7 +177,7 @@ def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactor
     previous = store.previous_index(stored) if store is not None else None
     with accelerator.main_process_first():
         index = training_index(cfg.data.shards, os.path.join(cfg.output_dir, DATA_INDEX_DIR), previous=previous,
-                               progress=accelerator.is_main_process)
+                               progress=progress and accelerator.is_main_process)
     encoder = SampleEncoder(image_processor, tokenizer, cfg.data.max_length, keep_image=online,
                             image_aspect_ratio=cfg.data.image_aspect_ratio)
     dataset = TrainingSamples(cfg.data.shards, cfg.data.store, read, encoder, index=index, stored_index=stored,
@@ -208,6 +210,18 @@ def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactor
     teachers = _online_teachers(online_targets, accelerator.device, store_info) if online else None
     return TrainingParts(cfg, accelerator, model, optimizer, scheduler, loader, dataset, order, tokenizer,
                          image_processor, store_info, teachers)
+
+
+def _make_output_dir(path: str) -> None:
+    """Create output_dir first thing, so that a path that cannot hold the run fails now, not after the models load."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"output_dir={path} is a file, not a directory; set output_dir (--set output_dir=DIR) to a "
+                         "new or existing directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"output_dir={path} cannot be created ({exc.strerror or exc}); set output_dir "
+                         "(--set output_dir=DIR) to a directory this user can write") from None
 
 
 def _online_teachers(factory: OnlineTargetsFactory, device: torch.device, store_info: dict) -> OnlineTargetSource:
@@ -311,9 +325,8 @@ def train(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None 
     mode is a `UsageError`.
     """
     started = time.perf_counter()
-    parts = build_training(cfg, online_targets=online_targets)
+    parts = build_training(cfg, online_targets=online_targets, progress=progress)
     acc = parts.accelerator
-    os.makedirs(cfg.output_dir, exist_ok=True)
     layout = _data_layout(parts)
     from accelerate.utils import gather_object
 

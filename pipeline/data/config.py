@@ -83,10 +83,10 @@ def load_config(path: str | os.PathLike, model: type[Model], overrides: Iterable
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{source}: cannot read ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}; saved "
+                         "as UTF-16 or in a legacy code page?); save it as UTF-8") from None
+    data = _parse_yaml(text, source, "fix it there")
     if not isinstance(data, dict):
         raise UsageError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     data = _apply_overrides(data, overrides)
@@ -98,6 +98,29 @@ def load_config(path: str | os.PathLike, model: type[Model], overrides: Iterable
         raise UsageError(f"{source}: {exc}") from None
     except ValidationError as exc:
         raise UsageError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def _parse_yaml(text: str, what: str, fix: str) -> Any:
+    """`yaml.safe_load(text)`, or one UsageError line naming `what` (a file, a `--set` item), why, and `fix`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{what}: not valid YAML ({_yaml_problem(exc)}); {fix}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively: a few hundred levels exhaust Python's stack. A manifest
+        # needs a handful, so this is a damaged or generated file, not a config.
+        raise UsageError(f"{what}: nested too deeply to read (hundreds of levels of brackets or mappings, where a "
+                         "config needs a few); is it the file or value you meant?") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what it expected and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem is None or mark is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"{context + ': ' if context else ''}{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
@@ -113,5 +136,6 @@ def _apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(child, dict):
                 raise UsageError(f"override {key}: {part} is not a mapping")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        fix = "quote a text value (--set 'key=\"text\"') or write a YAML value such as 10, 1e-3, true or [1, 2]"
+        node[parts[-1]] = _parse_yaml(raw, f"--set {item}", fix) if raw.strip() else ""
     return data

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import fsspec
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.data.errors import UsageError
@@ -69,7 +69,7 @@ def list_shard_infos(shards: str) -> list[ShardInfo]:
     """`list_shards` with each shard's identity, from the listing alone (one `ls` per directory, one `info` per
     named file): no shard is opened."""
     infos: list[ShardInfo] = []
-    for pattern in braceexpand(shards):
+    for pattern in expand_braces(shards):
         fs, path = fsspec.core.url_to_fs(pattern)
         if fs.isdir(path):
             entries = sorted((e for e in fs.ls(path, detail=True) if e["name"].endswith(".tar")),
@@ -90,6 +90,16 @@ def list_shard_infos(shards: str) -> list[ShardInfo]:
     if duplicates:
         raise UsageError(f"two shards share the name {duplicates[0]}; shard names must be unique")
     return infos
+
+
+def expand_braces(shards: str) -> list[str]:
+    """The paths or URLs a SHARDS brace pattern stands for (`shard-{00000..00002}.tar` -> three names; a string
+    without braces -> itself); UsageError naming the pattern if its braces do not pair up."""
+    try:
+        return list(braceexpand(shards))
+    except UnbalancedBracesError:
+        raise UsageError(f"shards {shards}: unbalanced braces; write a range with both braces, as in "
+                         "shard-{00000..00009}.tar, or escape a literal brace as \\{") from None
 
 
 _ETAG_KEYS = ("ETag", "etag", "e_tag")  # s3fs, gcsfs / adlfs, others
