@@ -11,7 +11,9 @@ One checkpoint holds, written in this order:
   directory without it is an interrupted save: `resume: auto` ignores it and the next save at that step redoes it.
 
 Resuming = `accelerate.load_state` + each rank's epoch order starting after what it had drawn, so on CPU the losses
-after a resume are the losses the uninterrupted run would have logged.
+after a resume are the losses the uninterrupted run would have logged. A complete checkpoint can still fail to load
+(a file cut short by a full disk or an interrupted copy): `resume: auto` then warns, naming the file, and resumes
+from the checkpoint before it (`resume_training_state`).
 
 The other kind of checkpoint, a finished student (`output_dir`, `save_pretrained`), is read here too:
 `load_student` for the next stage's `model.init_from`, `load_frozen_student` for inference (`pipeline probe`,
@@ -25,6 +27,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import zipfile
 from dataclasses import dataclass, field
 
 from pipeline.data.errors import UsageError
@@ -126,8 +130,53 @@ def save_training_state(accelerator, output_dir: str, state: TrainState, layout:
     return path
 
 
+class UnloadableCheckpoint(UsageError):
+    """A complete checkpoint (it has its `trainer_state.json`) whose files do not load: cut short by a full disk or an
+    interrupted copy, or damaged. `problem` names the file and why."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"checkpoint {path} does not load: {problem}; resume from another checkpoint "
+                         "(--resume PATH, train.resume=PATH) or start over (--resume none)")
+        self.path = path
+        self.problem = problem
+
+
+def resume_training_state(accelerator, resume: str, output_dir: str, layout: dict) -> tuple[str | None, TrainState]:
+    """(the checkpoint resumed from or None, the loop's position) for `train.resume` (collective).
+
+    'auto' takes the newest complete checkpoint that loads: one that does not is skipped with a one-line warning
+    naming its file, and the one before it is tried. If checkpoints exist but none loads, that is a UsageError naming
+    each: a run never silently starts over from scratch. A path that does not load is an `UnloadableCheckpoint`.
+    """
+    if resume != "auto":
+        path = resolve_resume(resume, output_dir)
+        return path, (load_training_state(accelerator, path, layout) if path is not None else TrainState())
+    failed: list[UnloadableCheckpoint] = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load_training_state(accelerator, path, layout)
+        except UnloadableCheckpoint as exc:
+            failed.append(exc)
+            if accelerator.is_main_process:
+                print(f"warning: skipping checkpoint {path}: {exc.problem}; trying the one before it",
+                      file=sys.stderr, flush=True)
+    if failed:
+        each = "; ".join(f"{os.path.basename(exc.path)}: {exc.problem}" for exc in failed)
+        raise UsageError(f"no checkpoint under {os.path.join(output_dir, CHECKPOINTS_DIR)} loads ({each}); restore "
+                         "the damaged files, pass an intact checkpoint with --resume PATH, or start over with "
+                         "--resume none (train.resume=none)")
+    return None, TrainState()
+
+
 def load_training_state(accelerator, path: str, layout: dict) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG from `path` and return the loop's position (collective)."""
+    """Restore model, optimizer, scheduler and RNG from `path` and return the loop's position (collective).
+
+    Raises `UnloadableCheckpoint` on every rank if a file does not load on any rank (so that all of them move on to
+    the same earlier checkpoint), and UsageError if the run's `layout` differs from the checkpoint's.
+    """
+    problem = _agreed(accelerator, checkpoint_problem(path))
+    if problem is not None:
+        raise UnloadableCheckpoint(path, problem)
     with open(os.path.join(path, STATE_FILE)) as f:
         record = json.load(f)
     changed = {k: (record["layout"].get(k), v) for k, v in layout.items() if record["layout"].get(k) != v}
@@ -135,12 +184,86 @@ def load_training_state(accelerator, path: str, layout: dict) -> TrainState:
         what = ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
         raise UsageError(f"checkpoint {path} cannot resume this run: {what}; restore those settings, or set "
                          "train.resume=none to start over")
-    data_file = os.path.join(path, f"data-rank{accelerator.process_index}.json")
-    with open(data_file) as f:
-        data = json.load(f)
-    accelerator.load_state(path)
+    data_name = f"data-rank{accelerator.process_index}.json"
+    data, problem = _read_json(path, data_name)
+    if problem is None:
+        problem = _load_state(accelerator, path)
+    problem = _agreed(accelerator, problem)
+    if problem is not None:
+        raise UnloadableCheckpoint(path, problem)
     return TrainState(step=record["step"], samples=record["samples"], batches=data["batches"], drawn=data["drawn"],
                       text_only=data["text_only"], skipped=data["skipped"])
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot load (`model.safetensors is cut short or damaged (...)`), or None.
+
+    Cheap enough for every resume: it reads the small JSON records whole, but of the weight files only what tells a
+    whole file from a cut one (the safetensors header with its offsets, the index at the end of a torch archive).
+    """
+    for name in sorted(os.listdir(path)):
+        problem = _read_json(path, name)[1] if name.endswith(".json") else _weights_problem(path, name)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _weights_problem(path: str, name: str) -> str | None:
+    """Why the weight file `path/name` is not whole, or None (also for files that hold no weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = os.path.join(path, name)
+    try:
+        if name.endswith(".safetensors"):
+            with safe_open(file, framework="pt"):
+                pass
+        elif name.endswith((".bin", ".pkl")):
+            # accelerate writes these with torch.save: zip archives whose index is at the end, lost in a cut.
+            zipfile.ZipFile(file).close()
+    except (SafetensorError, zipfile.BadZipFile, OSError) as exc:
+        return f"{name} is cut short or damaged ({_one_line(exc)})"
+    return None
+
+
+def _read_json(path: str, name: str) -> tuple[dict, str | None]:
+    """(the JSON object in `path/name`, None), or ({}, why it cannot be read)."""
+    try:
+        with open(os.path.join(path, name)) as f:
+            content = json.load(f)
+    except FileNotFoundError:
+        return {}, f"{name} is missing"
+    except (OSError, ValueError) as exc:
+        return {}, f"{name} is cut short or damaged ({_one_line(exc)})"
+    if not isinstance(content, dict):
+        return {}, f"{name} is damaged (a JSON {type(content).__name__}, not an object)"
+    return content, None
+
+
+def _load_state(accelerator, path: str) -> str | None:
+    """`accelerator.load_state(path)`; what went wrong if it failed (what `checkpoint_problem` cannot see, such as
+    weights of another shape)."""
+    import torch
+
+    try:
+        accelerator.load_state(path)
+    except torch.OutOfMemoryError:
+        raise  # the device's problem, not the checkpoint's
+    except Exception as exc:  # noqa: BLE001 - any file that does not load makes the checkpoint unusable
+        return f"accelerate could not load it ({type(exc).__name__}: {_one_line(exc)})"
+    return None
+
+
+def _agreed(accelerator, problem: str | None) -> str | None:
+    """This rank's `problem`, else the first other rank's: every rank must give up on a checkpoint together."""
+    if accelerator.num_processes == 1:
+        return problem
+    from accelerate.utils import gather_object
+
+    return next((p for p in gather_object([problem]) if p is not None), None)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def load_student(path: str, *, field: str = "checkpoint"):

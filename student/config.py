@@ -139,8 +139,9 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(default=2, ge=0, description="keep the newest N resumable checkpoints; 0 = all")
     resume: str = Field(
         default="auto",
-        description="'auto': the newest complete checkpoint under output_dir/checkpoints (else start fresh); "
-        "'none': start fresh; or a checkpoint directory",
+        description="'auto': the newest complete checkpoint under output_dir/checkpoints that loads (one that does "
+        "not is skipped with a warning; with no checkpoint at all, start fresh); 'none': start fresh; or a checkpoint "
+        "directory",
     )
     record_rows: bool = Field(default=False, description="write the store rows each rank trained on to "
                               "output_dir/rows-rank{R}.json")

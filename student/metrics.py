@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 
 import torch
 
+from pipeline.data.errors import UsageError
 from student.checkpoint import TrainState
 from student.config import ExperimentConfig
 
@@ -33,14 +35,46 @@ def hparams(cfg: ExperimentConfig) -> dict:
 
 
 def open_metrics(path: str, resumed_step: int):
-    """metrics.jsonl for appending: records after `resumed_step` (from a run that died later) are dropped."""
+    """metrics.jsonl for appending, holding the records up to `resumed_step` (none for a fresh run): those after it
+    are from a run that died later.
+
+    A last line that is not a whole record is what a kill in the middle of a write leaves: it is dropped with a
+    warning. A damaged line before it is a UsageError naming the file and line. The file is rewritten atomically, so
+    a kill now cannot lose the records kept.
+    """
+    kept = _records_until(path, resumed_step) if resumed_step and os.path.exists(path) else []
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def _records_until(path: str, step: int) -> list[str]:
+    """The lines of metrics.jsonl at `path` whose record is of `step` or before, each ending in a newline."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
     kept = []
-    if resumed_step and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
-    f = open(path, "w")
-    f.writelines(kept)
-    return f
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, TypeError, KeyError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            if number < len(lines):
+                raise UsageError(f"{path} line {number} is not a metrics record ({why}); repair or delete that "
+                                 "line, then rerun") from None
+            print(f"warning: {path} line {number} is cut short ({why}), as a kill in the middle of a write leaves "
+                  "it; dropped", file=sys.stderr, flush=True)
+            break
+        if keep:
+            kept.append(line + "\n")
+    return kept
 
 
 def mean_terms(accelerator, sums: dict[str, float], count: int) -> dict[str, float]:

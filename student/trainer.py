@@ -17,8 +17,8 @@ The parts it wires have modules of their own: the student (`student/build.py`), 
 (`accelerate launch --cpu` runs ONE process whatever --num_processes says; `--multi_gpu` picks the torchrun
 launcher, and the trainer falls back to CPU by itself on a machine without GPUs.)
 
-Rerunning the same command resumes from the newest checkpoint under output_dir (`train.resume: auto`) when
-`train.save_every` > 0.
+Rerunning the same command resumes from the newest checkpoint under output_dir that loads (`train.resume: auto`)
+when `train.save_every` > 0; one cut short is skipped with a warning naming the file.
 """
 
 from __future__ import annotations
@@ -40,13 +40,7 @@ from pipeline.data.errors import PipelineError, UsageError
 from pipeline.data.loader import IMAGE_CHANGED, EpochOrder, TrainingSamples, training_index
 from pipeline.data.store import TargetStore
 from student.build import assemble_student
-from student.checkpoint import (
-    PROVENANCE_FILE,
-    TrainState,
-    load_training_state,
-    resolve_resume,
-    save_training_state,
-)
+from student.checkpoint import PROVENANCE_FILE, TrainState, resume_training_state, save_training_state
 from student.config import ExperimentConfig, load_experiment
 from student.data import BatchCollator, SampleEncoder
 from student.loss import coupled_loss
@@ -330,11 +324,9 @@ def train(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None 
     layout = _data_layout(parts)
     from accelerate.utils import gather_object
 
-    resume_dir = resolve_resume(cfg.train.resume, cfg.output_dir)
-    state = TrainState()
+    resume_dir, state = resume_training_state(acc, cfg.train.resume, cfg.output_dir, layout)
     earlier_rows = rows_of(resume_dir) if resume_dir is not None else []
     if resume_dir is not None:
-        state = load_training_state(acc, resume_dir, layout)
         parts.order.start = state.drawn
         if acc.is_main_process:
             print(f"resuming from {resume_dir} (step {state.step})", flush=True)
