@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.verify import verify_store
@@ -53,6 +54,21 @@ def cluster():
     started.close()
 
 
+def wait_for_work_under(raylet_pid: int, timeout: float = 120) -> None:
+    """Until a worker started by this raylet (its node's) is computing a block: Ray titles the process
+    `ray::BlockWorker.process` while it runs that method."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(raylet_pid).children(recursive=True):
+            try:
+                if child.cmdline()[:1] and child.cmdline()[0].startswith("ray::BlockWorker.process"):
+                    return
+            except psutil.Error:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of raylet {raylet_pid} computed a block within {timeout}s")
+
+
 def precompute(demo_dir: Path, store: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
             "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet", *small_block_flags(), *extra]
@@ -80,15 +96,28 @@ def test_losing_a_node_mid_run_finishes_on_the_nodes_left_with_the_local_runs_by
         command = precompute(demo_dir, store, "--address", doomed.address)
         job = subprocess.Popen(command, cwd=REPO, env=doomed.driver_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        wait_for_records(store, at_least=2)
+        wait_for_records(store, at_least=1)
+        wait_for_work_under(doomed.second_raylet_pid)
         os.kill(doomed.second_raylet_pid, signal.SIGKILL)
         _, stderr = job.communicate(timeout=300)
-        if job.returncode != 0:  # the promise is the job's or its rerun's: the rerun must finish on the head alone
-            assert "rerun the same command" in stderr, stderr[-2000:]
-            rerun = subprocess.run(command, cwd=REPO, env=doomed.driver_env(), capture_output=True, text=True,
-                                   timeout=300)
-            assert rerun.returncode == 0, rerun.stderr[-2000:]
+        # The lost worker's blocks went to the worker left on the head node, within the same run.
+        assert job.returncode == 0, stderr[-2000:]
+        assert last_run(store)["nodes"] == 2, "the second node had no worker to lose"
         assert verify_store(str(store), shards=str(demo_dir / "shards"), manifest=str(DEMO_TEACHERS)).problems == []
+        assert store_files(store) == store_files(small_block_store)
+    finally:
+        doomed.close()
+
+
+def test_a_run_started_just_after_a_node_died_never_waits_for_its_resources(demo_dir, small_block_store, tmp_path):
+    # The head still counts the dead node's CPU for a while; a worker planned for it can never start.
+    store = tmp_path / "store"
+    doomed = TwoNodeCluster()
+    try:
+        os.kill(doomed.second_raylet_pid, signal.SIGKILL)
+        done = subprocess.run(precompute(demo_dir, store, "--address", doomed.address), cwd=REPO,
+                              env=doomed.driver_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
         assert store_files(store) == store_files(small_block_store)
     finally:
         doomed.close()
