@@ -12,13 +12,17 @@ text-only ones included, in one read and in any order.)
 
 `image_sha1` is "" for a sample without an image member; such rows get `valid = 0` downstream.
 
+A sample whose text cannot be read (a `KEY.json` that is not JSON, or JSON nested too deep to parse) is
+indexed without a conversation, and what went wrong is recorded for that sample: indexing never stops at one
+sample, as decoding does not.
+
 Beside it, a store keeps `shards.parquet`, one row per shard in shard order (SHARDS_SCHEMA): the shard's
-identity when it was read (size, mtime or ETag: see `pipeline.data.shards.ShardInfo`), its rows in the index
-and the damage reading it found (a truncated tar), which is in no row of the index. Indexing the shards of
-an existing store (`build_index(..., previous=...)`) re-reads only the shards whose identity changed or that
-are new, and takes the others' rows from the store; re-reading and re-hashing every shard is
-`pipeline verify --shards`. Shards are read in parallel processes, one task per shard, when there is
-enough to read; the result is the same as a serial scan's: shard order, then file order.
+identity when it was read (size, mtime or ETag: see `pipeline.data.shards.ShardInfo`), its rows in the index,
+the damage reading it found (a truncated tar), which is in no row of the index, and its samples whose text
+could not be read. Indexing the shards of an existing store (`build_index(..., previous=...)`) re-reads only
+the shards whose identity changed or that are new, and takes the others' rows from the store; re-reading and
+re-hashing every shard is `pipeline verify --shards`. Shards are read in parallel processes, one task per
+shard, when there is enough to read; the result is the same as a serial scan's: shard order, then file order.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 
+# One sample of a shard whose text (caption or conversation) could not be read: `row` counts from 0 within the shard.
+SAMPLE_ERROR = pa.struct([("row", pa.int64()), ("key", pa.string()), ("error", pa.string())])
+
 SHARDS_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),  # the name, as in index.parquet
@@ -64,8 +71,11 @@ SHARDS_SCHEMA = pa.schema(
         ("row_stop", pa.int64()),
         ("error", pa.string()),  # null, or why reading the shard stopped early (kept samples are in the index)
         ("error_key", pa.string()),  # the sample cut by that damage, "" if none or not legible
+        ("sample_errors", pa.list_(SAMPLE_ERROR)),  # samples indexed without their text, and why
     ]
 )
+# shards.parquet as written before `sample_errors` existed: read as a shard set without such samples.
+_SHARDS_SCHEMA_WITHOUT_SAMPLE_ERRORS = pa.schema(list(SHARDS_SCHEMA)[:-1])
 
 # Below this many bytes to read, this process reads them about as soon as worker processes would: starting
 # spawned workers (each imports pyarrow, fsspec, PIL) costs 0.4-1 s, and one process indexes page-cached shards
@@ -81,7 +91,8 @@ class ShardIndex:
     table: pa.Table
     urls: list[str]
     fingerprint: str
-    shard_errors: list[dict]  # {"shard", "key", "error"} for truncated or unreadable shards
+    # {"shard", "key", "error"} for truncated or unreadable shards, plus "row" for a sample indexed without its text
+    shard_errors: list[dict]
     shards: pa.Table = field(default_factory=SHARDS_SCHEMA.empty_table)  # one row per shard (SHARDS_SCHEMA)
     scanned: list[str] = field(default_factory=list)  # names of the shards read this time (the others were reused)
 
@@ -93,6 +104,11 @@ class PreviousIndex:
     index: pa.Table
     shards: pa.Table
     _by_name: dict | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.shards.schema.remove_metadata().equals(_SHARDS_SCHEMA_WITHOUT_SAMPLE_ERRORS):
+            empty = pa.array([[]] * self.shards.num_rows, pa.list_(SAMPLE_ERROR))
+            self.shards = self.shards.append_column(SHARDS_SCHEMA.field("sample_errors"), empty)
 
     def problem(self) -> str | None:
         """Why the two files do not describe the same shards (an edited or damaged shards.parquet), or None."""
@@ -110,6 +126,10 @@ class PreviousIndex:
             return f"the row ranges of shards.parquet do not tile the {self.index.num_rows} rows of index.parquet"
         if any(start > stop for start, stop in zip(starts, stops)):
             return "shards.parquet has a row range that ends before it starts"
+        for name, start, stop, errors in zip(names, starts, stops, self.shards.column("sample_errors").to_pylist()):
+            if errors is None or any(e is None or e["row"] is None or not 0 <= e["row"] < stop - start
+                                     for e in errors):
+                return f"shards.parquet records a sample error of {name} outside its rows"
         expected = pa.array(np.repeat(np.array(names, dtype=object), np.subtract(stops, starts)), pa.string())
         if not expected.equals(self.index.column("shard").combine_chunks()):
             return "the shard names of shards.parquet do not match the rows of index.parquet"
@@ -127,18 +147,25 @@ class PreviousIndex:
 
 
 def _conversation_present(raw: bytes | None) -> bool:
+    """Whether a sample's JSON member holds a LLaVA conversation; raises if it is not JSON (or too deep to parse)."""
     if not raw:
         return False
-    try:
-        turns = json.loads(raw).get("conversations")
-    except (ValueError, AttributeError):
-        return False
+    record = json.loads(raw)
+    turns = record.get("conversations") if isinstance(record, dict) else None  # img2dataset metadata has none
     return isinstance(turns, list) and len(turns) > 0
 
 
-def _caption_present(sample: SampleMembers) -> bool:
-    text = sample.caption.decode("utf-8", errors="replace").strip() if sample.caption else ""
-    return bool(text) or _conversation_present(sample.conversation)
+def _text_flags(sample: SampleMembers) -> tuple[bool, bool, str | None]:
+    """(caption_present, has_conversation, why the sample's text could not be read or None)."""
+    caption = bool(sample.caption.decode("utf-8", errors="replace").strip()) if sample.caption else False
+    try:
+        conversation = _conversation_present(sample.conversation)
+    except Exception as exc:  # noqa: BLE001 - whatever one sample's bytes raise is that sample's failure
+        # (a KEY.json nested 100000 deep raises RecursionError); the sample keeps its image and caption.
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        return caption, False, (f"sample {sample.key}: its .json member cannot be read ({why}); indexed without a "
+                                "conversation")
+    return caption or conversation, conversation, None
 
 
 def dataset_fingerprint(table: pa.Table) -> str:
@@ -170,11 +197,13 @@ def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: 
     for info, part in zip(infos, parts):
         table = pa.Table.from_arrays(part["table"].columns, schema=INDEX_SCHEMA)
         tables.append(table)
+        shard_errors.extend({"shard": info.name, "row": start + e["row"], "key": e["key"], "error": e["error"]}
+                            for e in part["sample_errors"])
         if part["error"] is not None:
             shard_errors.append({"shard": info.name, "key": part["error_key"], "error": part["error"]})
         records.append({"shard": info.name, "size": info.size, "mtime_ns": info.mtime_ns, "etag": info.etag,
                         "row_start": start, "row_stop": start + table.num_rows, "error": part["error"],
-                        "error_key": part["error_key"]})
+                        "error_key": part["error_key"], "sample_errors": part["sample_errors"]})
         start += table.num_rows
     table = pa.concat_tables(tables).combine_chunks() if tables else INDEX_SCHEMA.empty_table()
     table = table.set_column(0, "row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
@@ -218,25 +247,30 @@ def available_cpus() -> int:
 
 def index_shard(url: str) -> dict:
     """Read one shard: {"table": its index rows (INDEX_SCHEMA; `row` counts from 0 within the shard), "error":
-    why reading stopped early or None, "error_key": the sample that damage cut, or ""}. Runs in worker
-    processes: it takes a URL and returns only picklable values."""
+    why reading stopped early or None, "error_key": the sample that damage cut, or "", "sample_errors": the
+    samples whose text could not be read, as SAMPLE_ERROR dicts}. Runs in worker processes: it takes a URL and
+    returns only picklable values."""
     listing = scan_shard(url)
     name = shard_name(url)
     columns: dict[str, list] = {column: [] for column in INDEX_SCHEMA.names}
+    sample_errors = []
     for sample in listing.samples:
+        caption_present, has_conversation, error = _text_flags(sample)
+        if error is not None:
+            sample_errors.append({"row": len(columns["row"]), "key": sample.key, "error": error})
         columns["row"].append(len(columns["row"]))
         columns["shard"].append(name)
         columns["key"].append(sample.key)
         columns["image_sha1"].append(sample.image_sha1)
-        columns["caption_present"].append(_caption_present(sample))
-        columns["has_conversation"].append(_conversation_present(sample.conversation))
+        columns["caption_present"].append(caption_present)
+        columns["has_conversation"].append(has_conversation)
         columns["image_member"].append(sample.image_member or "")
         columns["image_offset"].append(sample.image_offset)
         columns["image_size"].append(sample.image_size)
         columns["sample_offset"].append(sample.offset)
         columns["sample_size"].append(sample.end - sample.offset)
     return {"table": pa.table(columns, schema=INDEX_SCHEMA), "error": listing.error,
-            "error_key": (listing.broken_key or "") if listing.error else ""}
+            "error_key": (listing.broken_key or "") if listing.error else "", "sample_errors": sample_errors}
 
 
 def first_difference(expected: pa.Table, actual: pa.Table) -> str:
