@@ -1,9 +1,14 @@
-"""`pipeline status`: what a store holds, read from its records and attributes (no torch, no Ray)."""
+"""`pipeline status`: what a store holds, read from its records and attributes (no torch, no Ray).
+
+Damage it meets is named in one line each (a block record that is not sound, a damaged errors.parquet or run
+summary) and the rest is still shown; `pipeline verify` checks everything.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pipeline.data.errors import UsageError
 from pipeline.data.store import TargetStore
 
 
@@ -21,6 +26,7 @@ class TeacherStatus:
     fingerprint: str
     complete: bool
     seconds: float
+    problems: list[str] = field(default_factory=list)  # its damaged block records, one line each
 
 
 def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
@@ -45,6 +51,7 @@ def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
                 fingerprint=attrs.get("teacher_fingerprint", ""),
                 complete=bool(attrs.get("complete")),
                 seconds=round(sum(r["seconds"] for r in records), 3),
+                problems=store.damaged_records(name),
             )
         )
     return store, result
@@ -64,9 +71,16 @@ def format_status(store: TargetStore, teachers: list[TeacherStatus]) -> str:
             f"{t.failures} failed, target {t.target_shape} {t.dtype}, {t.bytes / 1e6:.1f} MB, "
             f"fingerprint {t.fingerprint[:12]}.."
         )
-    errors = store.read_errors().num_rows
-    lines.append(f"  errors.parquet: {errors} row(s)")
-    run = store.last_run()
+        lines.extend(f"    problem: {problem}" for problem in t.problems)
+    try:
+        lines.append(f"  errors.parquet: {store.read_errors().num_rows} row(s)")
+    except UsageError as exc:
+        lines.append(f"  problem: {exc}")
+    try:
+        run = store.last_run()
+    except UsageError as exc:
+        lines.append(f"  problem: {exc}")
+        run = None
     if run:
         lines.append(f"  last run: {run['rows_computed']} teacher-rows in {run['seconds']:.1f}s "
                      f"({run['rows_per_second']:.1f} rows/s) on {run['workers']} worker(s), {run['failures']} failed")

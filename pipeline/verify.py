@@ -5,7 +5,9 @@ bytes on disk hash to the sha256 the record kept (so a damaged or edited shard f
 valid flags agree with the record; valid rows hold finite numbers and invalid rows hold zeros. Store
 wide: index.parquet is, byte for byte, the index the store was made with (every column: the offsets and
 sizes that workers seek by as much as the keys), it matches the dataset fingerprint, shards.parquet agrees with
-it, and, when given, the shards and a teacher manifest. `--shards` is the deep check: every shard is read and
+it, and, when given, the shards and a teacher manifest. Every parquet file is read (a damaged one is a problem
+naming it), and every file that is not part of the store's format is named: the partial files a killed write
+leaves (a precompute rerun removes them) and anything else. `--shards` is the deep check: every shard is read and
 every image re-hashed, whatever identities (size, mtime, ETag) the store recorded; precompute reruns trust those
 identities and re-read only the shards whose identity changed.
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from pipeline.data.errors import UsageError
 from pipeline.data.index import PreviousIndex, build_index, dataset_fingerprint, first_difference
-from pipeline.data.store import TargetStore
+from pipeline.data.store import TargetStore, is_partial_write
 
 
 @dataclass
@@ -54,20 +56,18 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
                             f"{store.num_rows}")
         if dataset_fingerprint(index) != store.dataset_fingerprint:
             problems.append("index.parquet does not hash to the store's dataset_fingerprint (edited index?)")
-        records = store.read_shard_records()
-        damaged = PreviousIndex(index, records).problem() if records is not None else None
-        if records is None:
-            report.notes.append("the store records no shard identities (shards.parquet; made by an older version): "
-                                "precompute reruns re-read every shard until a run with work records them")
-        elif damaged:
-            problems.append(f"shards.parquet does not match index.parquet ({damaged}); edited or damaged? delete "
-                            "it (precompute reruns then re-read every shard) or restore it")
+        records = _shard_records(store, index, report)
         if shards is not None:
             current = build_index(shards, progress=progress)  # every shard read and re-hashed: no reuse here
             if current.fingerprint != store.dataset_fingerprint or not index.equals(current.table):
                 problems.append(f"the shards differ from the store's: {first_difference(index, current.table)}")
-            elif records is not None and not damaged:
+            elif records is not None:
                 _compare_shard_records(records, current.shards, report)
+    try:
+        store.read_errors()
+    except UsageError as exc:
+        problems.append(str(exc))
+    problems.extend(_stray_file_problem(store, stray) for stray in store.stray_files())
     expected = _manifest_fingerprints(manifest) if manifest else {}
     if not store.teacher_names():
         problems.append("the store holds no teacher yet; run `pipeline precompute` to compute its targets")
@@ -80,6 +80,7 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
         if name in expected and expected[name] != fingerprint:
             problems.append(f"{name}: store fingerprint {str(fingerprint)[:12]}.. but the manifest's teacher has "
                             f"{expected[name][:12]}..")
+        problems.extend(store.damaged_records(name))
         records = {r["block"]: r for r in store.read_records(name)}
         missing = [b.block for b in blocks if b.block not in records]
         if missing:
@@ -102,6 +103,33 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
     return report
 
 
+def _shard_records(store: TargetStore, index, report: VerifyReport):
+    """shards.parquet (SHARDS_SCHEMA) if it is there and agrees with `index`, else None, with a problem or note."""
+    try:
+        records = store.read_shard_records()
+    except UsageError as exc:
+        report.problems.append(str(exc))
+        return None
+    if records is None:
+        report.notes.append("the store records no shard identities (shards.parquet; made by an older version): "
+                            "precompute reruns re-read every shard until a run with work records them")
+        return None
+    previous = PreviousIndex(index, records)
+    damaged = previous.problem()
+    if damaged:
+        report.problems.append(f"shards.parquet does not match index.parquet ({damaged}); edited or damaged? delete "
+                               "it (precompute reruns then re-read every shard) or restore it")
+        return None
+    return previous.shards
+
+
+def _stray_file_problem(store: TargetStore, path: str) -> str:
+    if is_partial_write(path):
+        return (f"{store.path}/{path} is the unfinished file of a write that was killed; rerun `pipeline precompute` "
+                "to remove it")
+    return f"{store.path}/{path} is not part of the store's format; move it out of the store"
+
+
 def _compare_shard_records(records, current, report: VerifyReport) -> None:
     """The store's shards.parquet against a fresh read of the same samples: the damage found must agree; a moved
     identity (a touched or copied shard, same samples) is a note, since reruns then re-read that shard."""
@@ -111,7 +139,7 @@ def _compare_shard_records(records, current, report: VerifyReport) -> None:
         old = stored.pop(new["shard"], None)
         if old is None:
             moved.append(new["shard"])  # a shard without samples (the indexes are equal) the store never saw
-        elif any(old[c] != new[c] for c in ("row_start", "row_stop", "error", "error_key")):
+        elif any(old[c] != new[c] for c in ("row_start", "row_stop", "error", "error_key", "sample_errors")):
             report.problems.append(
                 f"shards.parquet records {old['shard']} as rows {old['row_start']}..{old['row_stop']} with error "
                 f"{old['error']!r} but reading it gives rows {new['row_start']}..{new['row_stop']} with error "

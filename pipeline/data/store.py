@@ -21,6 +21,12 @@
 Any Zarr v3 reader opens the arrays without this package. A block is the unit of work and of
 writing: two workers never write the same file, and a block without a record is simply redone.
 
+Nothing else belongs in a store. A write killed half-way (kill -9) leaves its temporary file beside its
+target: zarr's `<name>.<32 hex digits>.partial`, or `<name>.tmp-<pid>` of `_atomic_write`. The next run that
+holds the lock deletes them (`remove_partial_writes`); `pipeline verify` names them and any other stray file.
+A damaged file is named where it is read: a block record that does not parse or lacks a field counts as
+missing (its block is computed again), and a damaged `zarr.json` or parquet file is a one-line error.
+
 Compact storage (opt-in per teacher, recorded in the `storage` attribute): `pool: p` averages
 p x p windows of a square token grid (stored T' = T / p^2; readers upsample back by repeating each
 token, so pooling loses detail), `quantize: int8` stores int8 codes with a float16 scale per row and
@@ -36,8 +42,8 @@ import json
 import math
 import os
 import posixpath
+import re
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -66,6 +72,9 @@ RUNS_DIR = "_runs"
 ZSTD_LEVEL = 3
 SCALE_DTYPE = np.dtype(np.float16)  # the per-token scales of int8 storage
 _PARTIAL = ".tmp-"  # infix of the temporary files `_atomic_write` renames into place
+# The temporary files of writes that were never renamed into place: zarr-python's LocalStore writes
+# `path.with_suffix(f".{uuid4().hex}.partial")`, `_atomic_write` writes f"{path}{_PARTIAL}{pid}".
+_PARTIAL_WRITE = re.compile(r"(\.[0-9a-f]{32}\.partial|" + re.escape(_PARTIAL) + r"\d+)$")
 # What the store keeps beside its teacher groups. A teacher of one of these names would overwrite or delete them,
 # so they are refused, as is any name starting with "_" or "." (kept for the store's own future entries).
 RESERVED_NAMES = frozenset({INDEX_FILE, SHARDS_FILE, ERRORS_FILE, BLOCKS_DIR, RUNS_DIR, LOCK_FILE, "zarr.json"})
@@ -200,9 +209,15 @@ class TargetStore:
     """Read and write one target store at a local path or fsspec URL."""
 
     def __init__(self, path: str):
-        self.path = str(path).rstrip("/")
+        text = str(path)
+        if not fsspec.core.split_protocol(text)[1].strip("/"):  # "", "/", "file:///", "s3://"
+            raise UsageError(_no_location(text))
+        self.path = text.rstrip("/")
         self.fs, self._root = fsspec.core.url_to_fs(self.path)
+        if self._is_local() and posixpath.normpath(self._root) == "/":  # "/tmp/..", "//"
+            raise UsageError(_no_location(text))
         self._group: zarr.Group | None = None
+        self._records: dict[str, tuple[tuple, dict | str]] = {}  # record path -> (its identity, record or why not)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -216,14 +231,16 @@ class TargetStore:
         if self.fs.isfile(self._root):
             raise UsageError(f"--store {self.path} is a file; pass a directory (new, empty, or a target store)")
         if self.fs.isdir(self._root):
-            entries = [p for p in self.fs.ls(self._root, detail=False) if posixpath.basename(p) != LOCK_FILE]
+            # A first run killed while writing the group's zarr.json leaves only its lock and partial files.
+            entries = [p for p in self.fs.ls(self._root, detail=False)
+                       if posixpath.basename(p) != LOCK_FILE and not is_partial_write(p)]
             if entries:
                 raise UsageError(f"--store {self.path} is a directory that is not a target store (it holds "
                                  f"{posixpath.basename(entries[0])}, ...); pass a new or empty directory, or a store")
 
     def half_created(self) -> bool:
         """A crash inside `create`: the group is there but neither its attributes nor any teacher are."""
-        return _creation_interrupted(zarr.open_group(self.path, mode="r", zarr_format=3))
+        return "format" not in self._root_metadata().get("attributes", {}) and not self._teacher_folders()
 
     def create(self, index: pa.Table, dataset_fingerprint: str, *, rows_per_block: int,
                shards: pa.Table | None = None) -> None:
@@ -233,6 +250,7 @@ class TargetStore:
             raise UsageError(f"rows_per_block must be >= 1, got {rows_per_block}")
         if self.exists():  # a half-created store (see `half_created`): start its group again
             self.fs.rm(self._join("zarr.json"))
+        self.remove_partial_writes()  # what the killed creation was writing
         group = zarr.open_group(self.path, mode="a", zarr_format=3)  # unlike "w", keeps the job's lock file
         index_bytes = _parquet_bytes(index)
         self._atomic_write(self._join(INDEX_FILE), index_bytes)
@@ -259,11 +277,11 @@ class TargetStore:
         if self._group is None:
             if not self.exists():
                 raise UsageError(f"{self.path} is not a target store (no zarr.json); run `pipeline precompute` first")
-            group = zarr.open_group(self.path, mode="r+" if self._writable() else "r", zarr_format=3)
-            fmt, ver = group.attrs.get("format"), group.attrs.get("format_version")
-            if _creation_interrupted(group):
+            if self.half_created():  # also refuses a damaged zarr.json, naming it
                 raise UsageError(f"{self.path} is a target store whose creation was interrupted; rerun "
                                  "`pipeline precompute` to make it")
+            group = zarr.open_group(self.path, mode="r+" if self._writable() else "r", zarr_format=3)
+            fmt, ver = group.attrs.get("format"), group.attrs.get("format_version")
             if fmt != FORMAT:
                 raise UsageError(f"{self.path} is a Zarr group but not a target store (format={fmt!r})")
             if ver != FORMAT_VERSION:
@@ -310,15 +328,26 @@ class TargetStore:
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
             raise UsageError(f"{self.path}/{INDEX_FILE} differs from the index this store was made with (edited or "
                              "damaged); restore it, or rebuild the store with `pipeline precompute` into a new --store")
-        return pq.read_table(pa.BufferReader(data))
+        return self._parse_parquet(INDEX_FILE, data, "restore it, or rebuild the store with `pipeline precompute` "
+                                                     "into a new --store")
 
     def read_shard_records(self) -> pa.Table | None:
-        """shards.parquet (see pipeline/data/index.py, SHARDS_SCHEMA), or None for a store made before it existed."""
+        """shards.parquet (see pipeline/data/index.py, SHARDS_SCHEMA), or None for a store made before it existed.
+        UsageError if it is not a parquet file."""
         path = self._join(SHARDS_FILE)
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(pa.BufferReader(f.read()))
+            return self._parse_parquet(SHARDS_FILE, f.read(), "delete it: a precompute rerun that has work writes "
+                                                              "it again (until then reruns re-read every shard)")
+
+    def _parse_parquet(self, filename: str, data: bytes, remedy: str) -> pa.Table:
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, ValueError, OSError) as exc:
+            why = " ".join(str(exc).split())[:200]
+            raise UsageError(f"store {self.path}: {self.path}/{filename} is not a readable parquet file (damaged: "
+                             f"{why}); {remedy}") from None
 
     def record_shards(self, shards: pa.Table) -> bool:
         """Write shards.parquet unless it already holds exactly `shards`; True if it wrote. Only under the lock."""
@@ -335,16 +364,25 @@ class TargetStore:
         """This store's record of its shards for `pipeline.data.index.build_index(previous=...)`: a rerun then re-reads
         only shards that changed. None for a store made before shards.parquet existed (every shard is read). `index`:
         the store's index.parquet when the caller has read it already."""
-        shards = self.read_shard_records()
+        try:
+            shards = self.read_shard_records()
+        except UsageError:
+            return None  # damaged: every shard is read again, and a run with work writes the record anew
         return None if shards is None else PreviousIndex(index=self.read_index() if index is None else index,
                                                          shards=shards)
 
     def read_errors(self) -> pa.Table:
+        """errors.parquet (ERRORS_SCHEMA; empty before a run finished); UsageError naming it if it is damaged."""
         path = self._join(ERRORS_FILE)
         if not self.fs.exists(path):
             return ERRORS_SCHEMA.empty_table()
+        remedy = "a precompute rerun writes it again"
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f)
+            table = self._parse_parquet(ERRORS_FILE, f.read(), remedy)
+        if not table.schema.remove_metadata().equals(ERRORS_SCHEMA):
+            raise UsageError(f"store {self.path}: {self.path}/{ERRORS_FILE} has columns {table.column_names}, not "
+                             f"{ERRORS_SCHEMA.names} (damaged or edited); {remedy}")
+        return table
 
     def write_errors(self, rows: list[dict]) -> None:
         rows = sorted(rows, key=lambda r: (r["row"], r["teacher"], r["shard"], r["key"]))
@@ -353,7 +391,48 @@ class TargetStore:
     # ---- teachers ----------------------------------------------------------------------------
 
     def teacher_names(self) -> list[str]:
-        return _child_groups(self.group)
+        self.group  # noqa: B018 - refuse what is not a store (or not made yet) before reading its folders
+        return self._teacher_folders()
+
+    def _teacher_folders(self) -> list[str]:
+        """The Zarr groups beside the store's own entries: its teachers. UsageError naming a damaged zarr.json."""
+        folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in self.fs.ls(self._root, detail=True)
+                         if e["type"] == "directory")
+        teachers = []
+        for folder in folders:
+            if folder.startswith(("_", ".")):  # the store's own (`check_teacher_name`)
+                continue
+            metadata = self._node_metadata(folder)
+            if metadata is not None and metadata["node_type"] == "group":
+                teachers.append(folder)
+        return teachers
+
+    def _root_metadata(self) -> dict:
+        metadata = self._node_metadata("")
+        if metadata is None:
+            raise UsageError(f"{self.path} is not a target store (no zarr.json); run `pipeline precompute` first")
+        return metadata
+
+    def _node_metadata(self, folder: str) -> dict | None:
+        """`folder`/zarr.json, parsed (None if absent); UsageError naming it, and what to do, if it is damaged."""
+        try:
+            with self.fs.open(self._join(folder, "zarr.json"), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            metadata = json.loads(data)
+        except (ValueError, RecursionError):
+            why = "not valid JSON"
+        else:
+            why = _metadata_problem(metadata)
+        if why is None:
+            return metadata
+        teacher = folder.split("/")[0]
+        remedy = (f"delete the teacher's folder {posixpath.join(self.path, teacher)} and rerun `pipeline precompute` "
+                  f"to compute teacher {teacher} again") if teacher else "restore it, or precompute into a new --store"
+        raise UsageError(f"store {self.path}: {posixpath.join(self.path, folder, 'zarr.json')} is {why} (damaged); "
+                         f"{remedy}")
 
     def teacher_attrs(self, name: str) -> dict:
         if name not in self.teacher_names():
@@ -455,18 +534,49 @@ class TargetStore:
         self._atomic_write(self._record_path(name, block), json.dumps(record, sort_keys=True, indent=1).encode())
 
     def done_blocks(self, name: str) -> set[int]:
-        folder = self._join(BLOCKS_DIR, name)
-        if not self.fs.exists(folder):
-            return set()
-        names = (posixpath.basename(p) for p in self.fs.ls(folder, detail=False))
-        return {int(n[: -len(".json")]) for n in names if n.endswith(".json") and n[: -len(".json")].isdigit()}
+        """The blocks of teacher `name` with a sound completion record; a damaged record counts as missing."""
+        return set(self._scan_records(name)[0])
 
     def read_records(self, name: str) -> list[dict]:
-        records = []
-        for block in sorted(self.done_blocks(name)):
-            with self.fs.open(self._record_path(name, block), "rb") as f:
-                records.append(json.load(f))
-        return records
+        """The sound completion records of teacher `name`, in block order (see `damaged_records`)."""
+        records = self._scan_records(name)[0]
+        return [records[block] for block in sorted(records)]
+
+    def damaged_records(self, name: str) -> list[str]:
+        """One line per record file of teacher `name` that does not parse or lacks a field, naming it."""
+        return self._scan_records(name)[1]
+
+    def _scan_records(self, name: str) -> tuple[dict[int, dict], list[str]]:
+        """({block: sound record}, [one line per damaged record]) of teacher `name`. A record file is parsed once
+        per identity (a rewrite is a new file): a run reads its records several times, and they are many."""
+        folder = self._join(BLOCKS_DIR, name)
+        if not self.fs.exists(folder):
+            return {}, []
+        ranges = {b.block: b for b in self.blocks()}
+        channels = self.teacher_attrs(name).get("target_shape", [None, None])[1]
+        files = {}  # the files named as `write_record` names them (anything else is a stray file: `stray_files`)
+        for entry in self.fs.ls(folder, detail=True):
+            block = _record_block(posixpath.basename(entry["name"]))
+            if block in ranges:
+                files[block] = (entry["name"], tuple(entry.get(key) for key in _FILE_IDENTITY))
+        unread = [path for path, identity in files.values() if self._records.get(path, (None,))[0] != identity]
+        # One call for all: object stores fetch them concurrently.
+        contents = self.fs.cat(unread, on_error="return") if unread else {}
+        records, damaged = {}, []
+        for block, (path, identity) in sorted(files.items()):
+            if path in contents:
+                if isinstance(contents[path], FileNotFoundError):
+                    continue  # removed since the listing
+                if isinstance(contents[path], Exception):
+                    raise contents[path]
+                self._records[path] = (identity, _parse_record(contents[path], name, ranges[block], channels))
+            record = self._records[path][1]
+            if isinstance(record, dict):
+                records[block] = record
+            else:
+                damaged.append(f"{self.path}/{BLOCKS_DIR}/{name}/{posixpath.basename(path)} is not a sound "
+                               f"completion record ({record}); a precompute rerun computes block {block} again")
+        return records, damaged
 
     # ---- runs and the job lock -----------------------------------------------------------------
 
@@ -482,7 +592,15 @@ class TargetStore:
         if not paths:
             return None
         with self.fs.open(paths[-1], "rb") as f:
-            return json.load(f)
+            data = f.read()
+        try:
+            run = json.loads(data)
+        except (ValueError, RecursionError):
+            run = None
+        if not isinstance(run, dict):
+            raise UsageError(f"store {self.path}: {self.path}/{RUNS_DIR}/{posixpath.basename(paths[-1])} is not a "
+                             "run summary (damaged); delete it (it only describes a past run)")
+        return run
 
     def lock(self) -> StoreLock:
         """The store's job lock (see pipeline/data/store_lock.py); its `token` fences the run's workers."""
@@ -521,23 +639,64 @@ class TargetStore:
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path))
 
+    def partial_writes(self) -> list[str]:
+        """The temporary files of writes that a killed process never renamed into place (`is_partial_write`),
+        anywhere in the store: ours beside the groups and under _blocks/ and _runs/, zarr's beside any zarr.json
+        and chunk file."""
+        if not self._is_local():
+            return []  # object-store writes are single PUTs: nothing partial is left behind
+        return sorted(os.path.join(folder, name) for folder, _, files in os.walk(self._root) for name in files
+                      if is_partial_write(name))
+
     def remove_partial_writes(self) -> list[str]:
-        """Delete the temporary files of writes that a killed process never renamed into place; returns them.
+        """Delete `partial_writes`; returns them.
 
         Only the holder of the store's lock may call this: a dead run's workers are fenced out by then (see
         pipeline/data/store_lock.py), so no live writer owns such a file.
         """
-        if not self._is_local():
-            return []  # object-store writes are single PUTs: nothing partial is left behind
-        # `_atomic_write` writes the store's own files: beside the groups, and under _blocks/ and _runs/.
-        folders = [self._root, *(folder for top in (BLOCKS_DIR, RUNS_DIR)
-                                 for folder, _, _ in os.walk(self._join(top)))]
-        found = [entry.path for folder in folders if os.path.isdir(folder) for entry in os.scandir(folder)
-                 if _PARTIAL in entry.name and entry.is_file()]
+        found = self.partial_writes()
         for path in found:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         return found
+
+    def needs_repair(self) -> list[str]:
+        """What a finished store holds that only a rerun holding the lock repairs, one line each: partial files of
+        killed writes (removed by `remove_partial_writes`) and a damaged errors.parquet (written by the finish)."""
+        found = [f"{path} is left by a write that was killed" for path in self.partial_writes()]
+        try:
+            self.read_errors()
+        except UsageError as exc:
+            found.append(str(exc))
+        return found
+
+    def stray_files(self) -> list[str]:
+        """Paths, relative to the store, of what does not belong to its format (see the module docstring): partial
+        files of killed writes and anything else. A folder that has no place in the format is one entry, "name/"."""
+        layout = self._layout()
+        found = []
+        for path in sorted(self.fs.find(self._root)):
+            parts = posixpath.relpath(path, self._root).split("/")
+            entry = "/".join(parts) if is_partial_write(parts[-1]) else _outside(layout, parts)
+            if entry is not None and entry not in found:
+                found.append(entry)
+        return found
+
+    def _layout(self) -> dict:
+        """The files the format allows, as a tree for `_outside`: {name: subtree} for a folder, True for a file, and
+        for a folder of many files a test of their paths relative to it."""
+        teachers = self.teacher_names()
+        records = {f"{block:06d}.json" for block in range(len(self.blocks()))}  # as `_record_path` names them
+        layout: dict = {name: True for name in _STORE_FILES}
+        layout[BLOCKS_DIR] = {name: records.__contains__ for name in teachers}
+        layout[RUNS_DIR] = lambda relative: "/" not in relative and relative.endswith(".json")
+        for name in teachers:
+            layout[name] = {"zarr.json": True}
+            for array in _TEACHER_ARRAYS:
+                metadata = self._node_metadata(posixpath.join(name, array))
+                if metadata is not None and metadata["node_type"] == "array":
+                    layout[name][array] = {"zarr.json", *_chunk_keys(metadata)}.__contains__
+        return layout
 
     def _fsync_local(self, relative: str) -> None:
         if not self._is_local():
@@ -554,21 +713,138 @@ class TargetStore:
                 os.close(fd)
 
 
+def is_partial_write(path: str) -> bool:
+    """Whether `path` names the temporary file of a write that was never renamed into place (`_PARTIAL_WRITE`)."""
+    return _PARTIAL_WRITE.search(posixpath.basename(path)) is not None
+
+
+# The store's own files at its top (its folders are _blocks/, _runs/ and one per teacher), and a teacher's arrays.
+_STORE_FILES = frozenset({"zarr.json", INDEX_FILE, SHARDS_FILE, ERRORS_FILE, LOCK_FILE})
+_TEACHER_ARRAYS = ("target", "scale", "valid")
+
+
+def _outside(layout: dict, parts: list[str]) -> str | None:
+    """None if the file at `parts` (a path split at "/") has a place in `layout` (see `TargetStore._layout`), else
+    what to name: the file, or the first folder on its path that has no place."""
+    node = layout
+    for depth, part in enumerate(parts):
+        if callable(node):
+            return None if node("/".join(parts[depth:])) else "/".join(parts)
+        if not isinstance(node, dict) or part not in node:
+            return "/".join(parts[: depth + 1]) + ("/" if depth + 1 < len(parts) else "")
+        node = node[part]
+    return None if node is True else "/".join(parts)
+
+
+def _no_location(text: str) -> str:
+    """Why `text` cannot be a store's location: it is the filesystem root, or names no directory at all."""
+    if fsspec.core.split_protocol(text)[1].startswith("/"):
+        return f"refusing to use {text} as a store: it is the filesystem root /; pass a directory below it"
+    return f"store path {text!r} names no directory; pass the store's directory (or URL)"
+
+
+def _metadata_problem(metadata) -> str | None:
+    """Why parsed zarr.json content is not the Zarr v3 metadata of a group or array, or None."""
+    if not isinstance(metadata, dict) or metadata.get("zarr_format") != 3 \
+            or metadata.get("node_type") not in ("group", "array"):
+        return "not Zarr v3 metadata (no zarr_format 3 and node_type)"
+    if not isinstance(metadata.get("attributes", {}), dict):
+        return "not Zarr v3 metadata (its attributes are not an object)"
+    return None
+
+
+def _chunk_keys(metadata: dict) -> set[str]:
+    """The paths of every chunk file (a shard file, for a sharded array) of a regular-grid Zarr v3 array, relative
+    to its folder; none if the metadata does not say (damaged: reading the array reports it)."""
+    try:
+        shape = [int(n) for n in metadata["shape"]]
+        chunk = [int(n) for n in metadata["chunk_grid"]["configuration"]["chunk_shape"]]
+        encoding = metadata.get("chunk_key_encoding", {"name": "default"})
+        default = encoding["name"] == "default"
+        separator = encoding.get("configuration", {}).get("separator", "/" if default else ".")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return set()
+    keys = [["c"] if default else []]
+    for size, step in zip(shape, chunk):
+        keys = [key + [str(i)] for key in keys for i in range(-(-size // max(step, 1)))]
+    return {separator.join(key) for key in keys}
+
+
+def _record_block(filename: str) -> int | None:
+    """The block a completion record file is named after (`_record_path`), or None if it is not named so."""
+    stem, ext = posixpath.splitext(filename)
+    if ext != ".json" or not stem.isdigit() or f"{int(stem):06d}" != stem:
+        return None
+    return int(stem)
+
+
+# What tells a rewritten file from the one read before: fsspec's listing of a local file or an object.
+_FILE_IDENTITY = ("size", "mtime", "ino", "ETag", "LastModified")
+
+
+def _parse_record(data: bytes, name: str, block: BlockRange, channels: int | None) -> dict | str:
+    """A completion record file's content: the record, or why it is not a sound one."""
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):
+        return "not valid JSON"
+    return _record_problem(record, name, block, channels) or record
+
+
+def _record_problem(record, name: str, block: BlockRange, channels: int | None) -> str | None:
+    """Why a parsed completion record of teacher `name`'s `block` is not one that `write_record` wrote, or None:
+    every field that status, verify and the finish of a run read must be there, with its type."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    required = {"block": block.block, "rows": block.rows}
+    optional = {"teacher": name, "start": block.start, "stop": block.stop}  # older records lack them
+    for key, value in {**required, **optional}.items():
+        if (key in required or key in record) and record.get(key) != value:
+            return f"{key} is {record.get(key)!r}, not {value!r}"
+    if not (_is_int(record.get("written")) and 0 <= record["written"] <= block.rows):
+        return f"written is {record.get('written')!r}, not a row count of the block"
+    for key in ("sha256", "fingerprint"):
+        if not isinstance(record.get(key), str):
+            return f"{key} is {record.get(key)!r}, not a string"
+    if not _is_number(record.get("seconds")):
+        return f"seconds is {record.get('seconds')!r}, not a number"
+    if "batch_size" in record and not _is_int(record["batch_size"]):
+        return f"batch_size is {record['batch_size']!r}, not an integer"
+    failures = record.get("failures")
+    if not isinstance(failures, list) or not all(_is_failure(f) for f in failures):
+        return "failures is not a list of {row, shard, key, error}"
+    stats = record.get("stats")
+    if not (isinstance(stats, dict) and _is_int(stats.get("count")) and stats["count"] >= 0
+            and all(_is_sums(stats.get(key), channels) for key in ("sum", "sumsq"))):
+        return f"stats is not {{count, sum, sumsq}} over {channels} channels"
+    return None
+
+
+_JSON_NUMBERS = frozenset({int, float})  # what json.loads gives for a number (bool is not one)
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _is_number(value) -> bool:
+    return type(value) in _JSON_NUMBERS
+
+
+def _is_failure(failure) -> bool:
+    return isinstance(failure, dict) and _is_int(failure.get("row")) and all(
+        isinstance(failure.get(key), str) for key in ("shard", "key", "error"))
+
+
+def _is_sums(values, channels: int | None) -> bool:
+    return isinstance(values, list) and (channels is None or len(values) == channels) and set(
+        map(type, values)) <= _JSON_NUMBERS
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
-
-
-def _creation_interrupted(group: zarr.Group) -> bool:
-    return "format" not in group.attrs and not _child_groups(group)
-
-
-def _child_groups(group: zarr.Group) -> list[str]:
-    with warnings.catch_warnings():
-        # index.parquet, errors.parquet and _blocks/ live beside the Zarr nodes on purpose.
-        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
-        return sorted(name for name, _ in group.groups())
 
 
 def _fsync_dir(path: str) -> None:

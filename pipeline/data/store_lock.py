@@ -43,12 +43,13 @@ def _is_local(fs) -> bool:
 
 
 def read_holder(fs, root: str) -> dict:
-    """The lock file's holder ({} when there is no lock file or it is being written)."""
+    """The lock file's holder ({} when there is no lock file, it is being written, or it is damaged)."""
     try:
         with fs.open(posixpath.join(root, LOCK_FILE), "rb") as f:
-            return json.loads(f.read() or b"{}")
-    except (FileNotFoundError, ValueError):
+            holder = json.loads(f.read() or b"{}")
+    except (FileNotFoundError, ValueError, RecursionError):
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def check_fence(fs, root: str, token: str) -> None:
