@@ -48,9 +48,9 @@ WATCHDOG_EXIT_SECONDS = 10.0
 CREATE_TIME_TOLERANCE = 1e-3
 # A cluster's GCS accepts a TCP connection at once; Ray's own client would retry an unreachable one for minutes.
 CONNECT_TIMEOUT_SECONDS = 10.0
-AUTH_ADVICE = ("clusters started with `ray start` require Ray's authentication token by default: run with "
-               "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or the "
-               "~/.ray/auth_token that `ray start` wrote on the head node), or start every node with "
+AUTH_ADVICE = ("it uses Ray's token authentication: run with RAY_AUTH_MODE=token and the cluster's token "
+               "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token copied from the head node), or start "
+               "every node and this driver with "
                "RAY_AUTH_MODE=disabled on a private network")
 
 
