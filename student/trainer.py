@@ -133,7 +133,7 @@ def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactor
         raise UsageError("data.online_teachers=true computes the targets with the store's teachers, which the trainer "
                          "does not import: pass online_targets=pipeline.online_targets.online_targets_factory(cfg) "
                          "(as `pipeline train --online-teachers` does), or set data.online_teachers=false")
-    _make_output_dir(cfg.output_dir)
+    _check_output_dir(cfg.output_dir)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -206,16 +206,18 @@ def build_training(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactor
                          image_processor, store_info, teachers)
 
 
-def _make_output_dir(path: str) -> None:
-    """Create output_dir first thing, so that a path that cannot hold the run fails now, not after the models load."""
+def _check_output_dir(path: str) -> None:
+    """Fail now, not after the models load, when output_dir cannot hold the run; create nothing yet, so that a run
+    refused for another reason leaves no folder behind."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"output_dir={path} is a file, not a directory; set output_dir (--set output_dir=DIR) to a "
                          "new or existing directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"output_dir={path} cannot be created ({exc.strerror or exc}); set output_dir "
-                         "(--set output_dir=DIR) to a directory this user can write") from None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output_dir={path} cannot be created: {existing} is not a directory this user can write; "
+                         "set output_dir (--set output_dir=DIR) to one")
 
 
 def _online_teachers(factory: OnlineTargetsFactory, device: torch.device, store_info: dict) -> OnlineTargetSource:
@@ -324,6 +326,7 @@ def train(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None 
     layout = _data_layout(parts)
     from accelerate.utils import gather_object
 
+    os.makedirs(cfg.output_dir, exist_ok=True)
     resume_dir, state = resume_training_state(acc, cfg.train.resume, cfg.output_dir, layout)
     earlier_rows = rows_of(resume_dir) if resume_dir is not None else []
     if resume_dir is not None:
