@@ -197,7 +197,7 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
     if existing:
         store = open_or_create_store(store_path, index, config.rows_per_block, locked=False)
         present, todo = _pending_blocks(store, specs, fingerprints)
-        if _finished(store, present, todo):  # touch nothing, not even the lock
+        if _finished(store, present, todo) and not store.needs_repair():  # touch nothing, not even the lock
             return _summarise(store, specs, summary, started)
         needs_ray = any(todo.values())  # else only the finish is left
     with ExitStack() as stack:

@@ -290,3 +290,12 @@ def test_a_lock_file_holding_no_holder_is_refused_in_one_line():
     fs.pipe_file("/held-by-garbage/_lock", b"[1, 2]")
     with pytest.raises(UsageError, match="remove /held-by-garbage/_lock if no precompute is running"):
         StoreLock(fs, "/held-by-garbage").__enter__()
+
+
+def test_a_finished_store_with_leftovers_is_repaired_by_a_rerun(demo_dir, demo_store, store_copy):
+    killed = store_copy / "_runs" / "20990101T000000Z-1.json.tmp-4242"  # write_run killed after the finish
+    killed.write_bytes(b'{"fini')
+    (store_copy / "errors.parquet").write_bytes(b"garbage")
+    summary = precompute(demo_dir / "shards", store_copy)
+    assert summary.finished_earlier_run and not killed.exists()
+    assert store_files(store_copy) == store_files(demo_store)
