@@ -114,3 +114,16 @@ def test_readme_layout_table_names_every_module_of_its_folders():
         present = {p.name for p in (ROOT / folder).glob("*.py")} - {"__init__.py", "__main__.py"}
         assert named == present, (f"README Layout row {folder}: names missing files {sorted(named - present)}, "
                                   f"leaves out {sorted(present - named)}")
+
+
+def test_every_test_the_readme_cites_for_a_promise_exists():
+    # `test_name` names one test, `test_prefix...` the tests whose names start so, `test_file.py` a test file.
+    cited = set(re.findall(r"`(test_[a-z0-9_]+(?:\.\.\.|\.py)?)`", (ROOT / "README.md").read_text(encoding="utf-8")))
+    assert cited, "the README cites no test"
+    files = {path.name for path in (ROOT / "tests").rglob("test_*.py")}
+    tests = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text(encoding="utf-8") for p in
+                                                          (ROOT / "tests").rglob("test_*.py")), re.M))
+    missing = [name for name in sorted(cited)
+               if name not in files and not (name.endswith("...") and any(t.startswith(name[:-3]) for t in tests))
+               and name not in tests]
+    assert missing == [], f"the README cites tests that do not exist: {missing}"

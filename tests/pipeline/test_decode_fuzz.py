@@ -265,7 +265,7 @@ def _decode_outcome(data: bytes, max_pixels: int = FUZZ_MAX_PIXELS) -> str:
 # ---- decode_rgb -------------------------------------------------------------------------------------------
 
 
-def test_item3_png_with_malformed_exif_is_a_decode_error():
+def test_png_with_malformed_exif_is_a_decode_error():
     png = _encode(_photos()["chelsea"], "PNG")
     bad = _with_malformed_exif(png, "PNG")
     assert b"eXIf" in bad and Image.open(io.BytesIO(bad)).info["exif"] == GARBAGE_EXIF  # the chunk is read

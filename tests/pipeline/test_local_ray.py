@@ -67,7 +67,7 @@ def describe(processes: list[psutil.Process]) -> str:
     return ", ".join(names)
 
 
-def test_item9_a_killed_driver_leaves_no_ray_process_behind():
+def test_a_killed_driver_leaves_no_ray_process_behind():
     driver = start_driver()
     descendants = psutil.Process(driver.pid).children(recursive=True)
     try:

@@ -66,7 +66,7 @@ def test_precompute_reads_shards_from_and_writes_the_store_to_s3(s3_env, demo_di
 # ---- the store lock on an object store: conditional create, stale takeover, fencing ------------------------------
 
 
-def test_item4_racing_runs_on_s3_get_the_lock_exactly_once(s3_env):
+def test_racing_runs_on_s3_get_the_lock_exactly_once(s3_env):
     import threading
 
     import s3fs
@@ -101,7 +101,7 @@ def test_item4_racing_runs_on_s3_get_the_lock_exactly_once(s3_env):
         lock.__exit__(None, None, None)
 
 
-def test_item4_an_s3_lock_is_taken_over_only_when_stale_and_a_lost_lock_stops_its_run(s3_env):
+def test_an_s3_lock_is_taken_over_only_when_stale_and_a_lost_lock_stops_its_run(s3_env):
     import json
     import time
 

@@ -84,7 +84,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("name", ["_blocks", "_runs", "_lock", "index.parquet", "errors.parquet", "zarr.json",
                                   "_anything"])
-def test_item1_a_teacher_named_like_a_store_entry_is_refused_before_anything_is_written(
+def test_a_teacher_named_like_a_store_entry_is_refused_before_anything_is_written(
         name, demo_dir, store_copy, tmp_path, capsys):
     before = store_files(store_copy)
     manifest = manifest_with(tmp_path, rename={"gen": name})
@@ -102,7 +102,7 @@ def test_item1_a_teacher_named_like_a_store_entry_is_refused_before_anything_is_
 # ---- 2. a run killed after its last record but before it finished -----------------------------------------------
 
 
-def test_item2_a_run_killed_after_its_last_record_is_finished_by_the_rerun(demo_dir, demo_store, store_copy):
+def test_a_run_killed_after_its_last_record_is_finished_by_the_rerun(demo_dir, demo_store, store_copy):
     # Exactly what a kill -9 between the last block record and the finish leaves: every record, but no
     # errors.parquet, no mean/std and no teacher marked complete.
     (store_copy / "errors.parquet").unlink()
@@ -153,7 +153,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_item4_racing_runs_on_a_new_store_get_the_lock_exactly_once(tmp_path):
+def test_racing_runs_on_a_new_store_get_the_lock_exactly_once(tmp_path):
     trials, racers, window = 40, 4, 0.1
     start = time.time() + 4.0  # every racer has imported the package by then
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(trials), str(start), str(window)],
@@ -164,7 +164,7 @@ def test_item4_racing_runs_on_a_new_store_get_the_lock_exactly_once(tmp_path):
     assert not any((tmp_path / f"trial-{t}" / "_lock").exists() for t in range(trials))
 
 
-def test_item4_a_refused_run_leaves_the_holders_lock_and_kill_9_frees_it(demo_dir, store_copy):
+def test_a_refused_run_leaves_the_holders_lock_and_kill_9_frees_it(demo_dir, store_copy):
     (store_copy / "_blocks" / "gen" / "000000.json").unlink()  # give a run something to do
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(store_copy)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True)
@@ -182,7 +182,7 @@ def test_item4_a_refused_run_leaves_the_holders_lock_and_kill_9_frees_it(demo_di
     assert not (store_copy / "_lock").exists()
 
 
-def test_item4_a_worker_of_a_dead_run_cannot_write_into_a_store_another_run_holds(demo_dir, store_copy, ray_local):
+def test_a_worker_of_a_dead_run_cannot_write_into_a_store_another_run_holds(demo_dir, store_copy, ray_local):
     store = TargetStore(str(store_copy))
     with store.lock() as dead_run:  # a run that held the store, then died
         stale_token = dead_run.token
@@ -223,7 +223,7 @@ def demo_samples(demo_dir: Path, count: int) -> list[tuple[str, bytes, bytes]]:
     return [(k, members[f"{k}.jpg"], members[f"{k}.txt"]) for k in keys]
 
 
-def test_item5_a_tar_cut_inside_a_member_header_is_recorded(demo_dir, ray_local, tmp_path):
+def test_a_tar_cut_inside_a_member_header_is_recorded(demo_dir, ray_local, tmp_path):
     samples = demo_samples(demo_dir, 6)
     whole = io.BytesIO()
     with tarfile.open(fileobj=whole, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -261,7 +261,7 @@ def edit_index(store: Path, column: str, row: int, value) -> None:
 
 @pytest.mark.parametrize("column, value", [("image_offset", 512), ("image_size", 99), ("caption_present", False),
                                            ("key", "renamed")])
-def test_item6_an_edited_index_column_is_caught_by_verify_precompute_and_training(
+def test_an_edited_index_column_is_caught_by_verify_precompute_and_training(
         column, value, demo_dir, store_copy, capsys):
     edit_index(store_copy, column, 3, value)
     code, out, _ = run_cli(capsys, "verify", str(store_copy), "--quiet")
@@ -273,7 +273,7 @@ def test_item6_an_edited_index_column_is_caught_by_verify_precompute_and_trainin
         TrainingSamples(str(demo_dir / "shards"), str(store_copy), ["depth"], transform=lambda s: s)
 
 
-def test_item6_shards_whose_layout_changed_are_refused_naming_the_column(demo_dir, store_copy, tmp_path):
+def test_shards_whose_layout_changed_are_refused_naming_the_column(demo_dir, store_copy, tmp_path):
     # The same samples, bytes and order, re-tarred with an extended (pax) header before each member: the
     # dataset fingerprint holds, but every offset moves.
     shards = tmp_path / "shards"
@@ -293,7 +293,7 @@ def test_item6_shards_whose_layout_changed_are_refused_naming_the_column(demo_di
 # ---- 7. duplicate keys: one rule for precompute and training -----------------------------------------------------
 
 
-def test_item7_a_duplicate_key_is_the_first_occurrence_in_precompute_and_in_training(demo_dir, ray_local, tmp_path):
+def test_a_duplicate_key_is_the_first_occurrence_in_precompute_and_in_training(demo_dir, ray_local, tmp_path):
     (a, a_jpg, a_txt), (b, b_jpg, b_txt), (_, c_jpg, _) = demo_samples(demo_dir, 3)
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -323,7 +323,7 @@ def test_item7_a_duplicate_key_is_the_first_occurrence_in_precompute_and_in_trai
 # ---- 8. batch size: recorded per block, mixed sizes reported -----------------------------------------------------
 
 
-def test_item8_blocks_record_their_batch_size_and_verify_reports_mixed_sizes(demo_dir, store_copy, capsys):
+def test_blocks_record_their_batch_size_and_verify_reports_mixed_sizes(demo_dir, store_copy, capsys):
     records = store_copy / "_blocks" / "depth"
     assert {json.loads(p.read_text())["batch_size"] for p in records.glob("*.json")} == {8}
     (records / "000001.json").unlink()
@@ -338,7 +338,7 @@ def test_item8_blocks_record_their_batch_size_and_verify_reports_mixed_sizes(dem
 # ---- 10. bad input: exit 2, one line naming the field, nothing left behind ----------------------------------------
 
 
-def test_item10_a_store_path_that_is_a_file_or_a_foreign_directory_is_exit_2(demo_dir, tmp_path, capsys):
+def test_a_store_path_that_is_a_file_or_a_foreign_directory_is_exit_2(demo_dir, tmp_path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     code, _, err = run_cli(capsys, "precompute", "--shards", str(demo_dir / "shards"), "--teachers",
@@ -351,7 +351,7 @@ def test_item10_a_store_path_that_is_a_file_or_a_foreign_directory_is_exit_2(dem
     assert not (demo_dir / "shards" / "zarr.json").exists() and not (demo_dir / "shards" / "_lock").exists()
 
 
-def test_item10_a_missing_model_directory_is_exit_2_naming_the_teacher(demo_dir, tmp_path, capsys):
+def test_a_missing_model_directory_is_exit_2_naming_the_teacher(demo_dir, tmp_path, capsys):
     manifest = manifest_with(tmp_path, depth={"model": str(tmp_path / "no-such-model")})
     store = tmp_path / "store"
     code, _, err = run_cli(capsys, "precompute", "--shards", str(demo_dir / "shards"), "--teachers", str(manifest),
@@ -363,7 +363,7 @@ def test_item10_a_missing_model_directory_is_exit_2_naming_the_teacher(demo_dir,
 @pytest.mark.parametrize("flag, value", [("--rows-per-block", "0"), ("--rows-per-chunk", "0"),
                                          ("--batch-size", "0"), ("--workers", "0"), ("--max-pixels", "-1"),
                                          ("--rows-per-chunk", "5")])
-def test_item10_bad_run_settings_are_exit_2_naming_the_flag_and_leave_no_store(flag, value, demo_dir, tmp_path,
+def test_bad_run_settings_are_exit_2_naming_the_flag_and_leave_no_store(flag, value, demo_dir, tmp_path,
                                                                                capsys):
     store = tmp_path / "store"
     code, _, err = run_cli(capsys, "precompute", "--shards", str(demo_dir / "shards"), "--teachers",
@@ -373,12 +373,12 @@ def test_item10_bad_run_settings_are_exit_2_naming_the_flag_and_leave_no_store(f
 
 
 @pytest.mark.parametrize("command", ["verify", "status"])
-def test_item10_verify_and_status_on_a_directory_that_is_not_a_store_are_exit_2(command, demo_dir, capsys):
+def test_verify_and_status_on_a_directory_that_is_not_a_store_are_exit_2(command, demo_dir, capsys):
     code, _, err = run_cli(capsys, command, str(demo_dir / "shards"))
     assert code == 2 and "is not a target store" in err and len(err.strip().splitlines()) == 1
 
 
-def test_item10_a_rerun_on_a_store_with_other_blocks_refuses_bad_chunking_before_starting_workers(
+def test_a_rerun_on_a_store_with_other_blocks_refuses_bad_chunking_before_starting_workers(
         demo_dir, store_copy, tmp_path, capsys):
     manifest = manifest_with(tmp_path, rename={"gen": "gen2"})
     code, _, err = run_cli(capsys, "precompute", "--shards", str(demo_dir / "shards"), "--teachers", str(manifest),

@@ -63,7 +63,7 @@ def saved_student(demo_checkpoint, tmp_path) -> Path:
     return copy
 
 
-def test_item11_student_parts_with_pickled_weights_are_refused(demo_dir, demo_store, saved_student, tmp_path,
+def test_student_parts_with_pickled_weights_are_refused(demo_dir, demo_store, saved_student, tmp_path,
                                                               capsys):
     sentinel = tmp_path / "PICKLE_RAN"
 
@@ -102,7 +102,7 @@ def test_item11_student_parts_with_pickled_weights_are_refused(demo_dir, demo_st
     assert not (tmp_path / "probe").exists()
 
 
-def test_item10_task_layer_beyond_llm_depth_is_exit_2(demo_dir, demo_store, tmp_path, capsys, monkeypatch):
+def test_task_layer_beyond_llm_depth_is_exit_2(demo_dir, demo_store, tmp_path, capsys, monkeypatch):
     from transformers import PreTrainedModel
 
     # Observe every model-weight load: the refusal must come from the configs alone.
