@@ -14,7 +14,6 @@ import sys
 import threading
 
 from pipeline.data.errors import PipelineError, UsageError
-from pipeline.data.images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """\
 Precompute frozen-teacher targets once into Zarr v3 target stores, then train OLA-VLM students on them.
@@ -90,9 +89,7 @@ def _cmd_index(args) -> int:
 def _cmd_precompute(args) -> int:
     from pipeline.precompute import PrecomputeConfig, run_precompute
 
-    config = PrecomputeConfig.from_flags(address=args.address, batch_size=args.batch_size, workers=args.workers,
-                                         rows_per_block=args.rows_per_block, rows_per_chunk=args.rows_per_chunk,
-                                         max_pixels=args.max_pixels, feed=args.feed)
+    config = PrecomputeConfig.from_args(args)
     summary = run_precompute(args.shards, args.teachers, args.store, config, progress=not args.quiet)
     if summary.nothing_to_do:
         print(f"store {summary.store} is complete for these teachers: nothing to do")
@@ -305,24 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="directory, brace pattern or fsspec URL of WebDataset tars")
     p.add_argument("--teachers", required=True, help="teacher manifest (manifests/teachers/*.yaml)")
     p.add_argument("--store", required=True, help="target store directory or fsspec URL (created if missing)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join: HEAD:PORT of `ray start --head`, ray://HOST:PORT, or auto (the cluster "
-                        "`ray start` last started on this machine); default: $RAY_ADDRESS if set, else a fresh local "
-                        "Ray that ends with the job. A cluster that cannot be reached or that refuses this driver's "
-                        "authentication is exit 2 before the store is touched")
-    p.add_argument("--batch-size", type=int, default=None, help="override every teacher's batch size")
-    p.add_argument("--workers", type=int, default=None, help="number of worker actors (default: one per CPU)")
-    p.add_argument("--rows-per-block", type=int, default=64,
-                   help="rows per unit of work = per Zarr shard file (new stores only; default 64)")
-    p.add_argument("--rows-per-chunk", type=int, default=1,
-                   help="rows per compressed chunk inside a shard, the unit of decoding; training reads rows in "
-                        "random order, so more than 1 decodes rows it does not use (default 1)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"larger images are recorded as errors, not decoded (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--feed", choices=("auto", "inline", "tasks"), default="auto",
-                   help="tasks: Ray CPU tasks on every core read, decode, preprocess and write while each device's "
-                        "worker only computes; inline: each worker does all of it for its blocks; auto (default): "
-                        "tasks when the teachers use GPUs, else inline")
+    from pipeline.precompute import PrecomputeConfig
+
+    PrecomputeConfig.add_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_precompute)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import typing
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -44,11 +45,15 @@ class PrecomputeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     address: str | None = Field(
-        default=None, description="Ray cluster to join; None: $RAY_ADDRESS if set, else a local Ray on this machine")
+        default=None, description="Ray cluster to join: HEAD:PORT of `ray start --head`, ray://HOST:PORT, or auto "
+                                  "(the cluster `ray start` last started on this machine); unset: $RAY_ADDRESS if "
+                                  "set, else a fresh local Ray that ends with the job. A cluster that cannot be "
+                                  "reached or refuses this driver's authentication is exit 2 before the store is "
+                                  "touched")
     batch_size: int | None = Field(
-        default=None, ge=1, description="every teacher's batch size instead of its manifest's (None: the manifest's)")
+        default=None, ge=1, description="every teacher's batch size instead of its manifest's (unset: the manifest's)")
     workers: int | None = Field(
-        default=None, ge=1, description="worker actors holding the teachers (None: as many as the GPUs hold; "
+        default=None, ge=1, description="worker actors holding the teachers (unset: as many as the GPUs hold; "
                                         "without GPUs one per CPU with the inline feed, one with the tasks feed)")
     rows_per_block: int = Field(
         default=DEFAULT_ROWS_PER_BLOCK, ge=1,
@@ -60,7 +65,10 @@ class PrecomputeConfig(BaseModel):
     max_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS, ge=1, description="larger images are recorded as errors, not decoded")
     feed: Literal["auto", "inline", "tasks"] = Field(
-        default="auto", description="how blocks reach the workers (see `plan_workers`); auto: tasks with GPUs")
+        default="auto", description="how blocks reach the workers: tasks, Ray CPU tasks on every core read, decode, "
+                                    "preprocess and write while each device's worker only computes; inline, each "
+                                    "worker does all of it for its blocks; auto, tasks when the teachers use GPUs, "
+                                    "else inline")
 
     @model_validator(mode="after")
     def _chunks_tile_blocks(self) -> PrecomputeConfig:
@@ -68,6 +76,22 @@ class PrecomputeConfig(BaseModel):
             raise ValueError(f"rows_per_chunk: {self.rows_per_chunk} does not divide --rows-per-block "
                              f"{self.rows_per_block} (a chunk never spans two blocks)")
         return self
+
+    @classmethod
+    def add_flags(cls, parser) -> None:
+        """One `--flag` per field, with the field's type, default and description: the CLI states none of them."""
+        for name, info in cls.model_fields.items():
+            literal = typing.get_origin(info.annotation) is Literal
+            choices = typing.get_args(info.annotation) if literal else None
+            kinds = [t for t in typing.get_args(info.annotation) or (info.annotation,) if t is not type(None)]
+            default = "" if info.default is None else f" (default {info.default})"
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=info.default, choices=choices,
+                                type=None if choices else kinds[0], help=f"{info.description}{default}")
+
+    @classmethod
+    def from_args(cls, args) -> PrecomputeConfig:
+        """The config of parsed `add_flags` arguments (see `from_flags`)."""
+        return cls.from_flags(**{name: getattr(args, name) for name in cls.model_fields})
 
     @classmethod
     def from_flags(cls, **options) -> PrecomputeConfig:
