@@ -32,6 +32,7 @@ from pipeline.data.index import ShardIndex, build_index, duplicate_rows, first_d
 from pipeline.local_ray import ray_session
 from pipeline.data.shards import shard_name
 from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, TargetStore
+from pipeline.data.store_lock import StoreLock
 from pipeline.workers import (BLOCKS_IN_FLIGHT_PER_WORKER, WORKER_RESTARTS, BlockJob, BlockWorker, Feed,
                               alive_resources, plan_workers, ray_cause, warm_task)
 
@@ -123,6 +124,23 @@ class PrecomputeSummary:
     @property
     def nothing_to_do(self) -> bool:
         return self.blocks_computed == 0 and not self.finished_earlier_run
+
+
+@dataclass
+class ComputeJob:
+    """What the compute step of a run needs, read under the store's lock: the teachers' specs and fingerprints,
+    which of them the store holds already (`present`) and each one's blocks without a record (`todo`)."""
+
+    store: TargetStore
+    index: ShardIndex
+    specs: dict
+    fingerprints: dict[str, str]
+    present: dict[str, bool]
+    todo: dict[str, list]
+    config: PrecomputeConfig
+    summary: PrecomputeSummary
+    lock: StoreLock
+    progress: bool
 
 
 def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int, *,
@@ -234,8 +252,8 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
             store.chunk_rows(config.rows_per_chunk)  # before any worker starts: the store's blocks may be others
         if any(todo.values()):
             ray = ray or stack.enter_context(_ray(config))  # another run left work between our look and the lock
-            _compute(ray, store, index, specs, fingerprints, present, todo, summary, lock, config,
-                     progress=progress)
+            _compute(ray, ComputeJob(store, index, specs, fingerprints, present, todo, config, summary, lock,
+                                     progress))
         else:
             summary.finished_earlier_run = True  # killed after its last record: only the finish is left
         failpoint("last-record")
@@ -291,17 +309,20 @@ def _summarise(store: TargetStore, specs: dict, summary: PrecomputeSummary, star
     return summary
 
 
-def _compute(ray, store, index, specs, fingerprints, present, todo, summary, lock, config: PrecomputeConfig, *,
-             progress):
+def _compute(ray, job: ComputeJob) -> None:
+    """Run the job's pending (teacher, block) pairs on Ray workers, adding teachers new to the store first."""
     from tqdm.auto import tqdm
 
+    store, index, specs, fingerprints, config, summary = (job.store, job.index, job.specs, job.fingerprints,
+                                                          job.config, job.summary)
+
     failpoint("ray-started")
-    pending = {name: spec for name, spec in specs.items() if todo[name]}
-    jobs: dict[int, list[str]] = {}
-    for name, blocks in todo.items():
+    pending = {name: spec for name, spec in specs.items() if job.todo[name]}
+    names_by_block: dict[int, list[str]] = {}
+    for name, blocks in job.todo.items():
         for b in blocks:
-            jobs.setdefault(b.block, []).append(name)
-    plan = plan_workers(ray, pending, config.workers, config.feed, len(jobs))
+            names_by_block.setdefault(b.block, []).append(name)
+    plan = plan_workers(ray, pending, config.workers, config.feed, len(names_by_block))
     summary.workers, summary.feed = plan.count, plan.feed
     concurrency = BLOCKS_IN_FLIGHT_PER_WORKER if plan.feed == "tasks" else 1
     # Ray restarts a lost worker where there is room; its calls are not retried there, because the feed gives a
@@ -310,7 +331,7 @@ def _compute(ray, store, index, specs, fingerprints, present, todo, summary, loc
                                                 max_concurrency=concurrency)
     shard_urls = {shard_name(url): url for url in index.urls}
     actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=config.max_pixels,
-                               threads=plan.threads, token=lock.token)
+                               threads=plan.threads, token=job.lock.token)
               for _ in range(plan.count)]
     teachers_ = {n: (s, fingerprints[n]) for n, s in pending.items()}
     cpus = int(alive_resources(ray).get("CPU", 1))
@@ -327,10 +348,10 @@ def _compute(ray, store, index, specs, fingerprints, present, todo, summary, loc
     ranges = {b.block: b for b in store.blocks()}
     duplicates = duplicate_rows(index.table)
     queue = deque(BlockJob(stages.BlockRows.from_index(index.table, ranges[b], duplicates), names)
-                  for b, names in sorted(jobs.items()))
-    blocks_done, halfway = 0, max(1, len(jobs) // 2)
-    bar = tqdm(total=sum(job.rows.block.rows * len(job.names) for job in queue), desc="precompute", unit="row",
-               disable=not progress, smoothing=0.1)
+                  for b, names in sorted(names_by_block.items()))
+    blocks_done, halfway = 0, max(1, len(names_by_block) // 2)
+    bar = tqdm(total=sum(q.rows.block.rows * len(q.names) for q in queue), desc="precompute", unit="row",
+               disable=not job.progress, smoothing=0.1)
 
     def finished(records: dict[str, dict]) -> None:
         nonlocal blocks_done
@@ -346,11 +367,11 @@ def _compute(ray, store, index, specs, fingerprints, present, todo, summary, loc
         if blocks_done == halfway:
             failpoint("mid-run")
 
-    feed = Feed(ray, actors, plan, lock, check_worker, finished)
+    feed = Feed(ray, actors, plan, job.lock, check_worker, finished)
     try:
         described = feed.first_answer()
         for name, info in described.items():
-            if not present[name]:
+            if not job.present[name]:
                 store.add_teacher(name, spec=specs[name].model_dump(mode="json"), fingerprint=fingerprints[name],
                                   target_shape=tuple(info["target_shape"]), storage=specs[name].storage(),
                                   rows_per_chunk=config.rows_per_chunk)
