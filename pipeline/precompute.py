@@ -184,10 +184,10 @@ def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -
         return False  # a crash between creating the group and writing its attributes: create it again
     if attrs.get("teacher_fingerprint") == fingerprint:
         return True
-    from teachers.spec import SCHEDULING_FIELDS
+    from teachers.spec import NON_OUTPUT_FIELDS
 
     stored = attrs.get("spec", {})
-    changed = sorted(k for k in (set(stored) | set(spec)) - SCHEDULING_FIELDS if stored.get(k) != spec.get(k))
+    changed = sorted(k for k in (set(stored) | set(spec)) - NON_OUTPUT_FIELDS if stored.get(k) != spec.get(k))
     # A local checkpoint is identified by its files' contents, not its path: a moved copy is the same teacher.
     moved = "model" in changed and os.path.isdir(str(spec.get("model")))
     changed = [k for k in changed if not (moved and k == "model")]
@@ -239,7 +239,7 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
     if existing:
         store = open_or_create_store(store_path, index, config.rows_per_block, locked=False)
         present, todo = _pending_blocks(store, specs, fingerprints)
-        if _finished(store, present, todo) and not store.needs_repair():  # touch nothing, not even the lock
+        if _already_complete(store, present, todo) and not store.needs_repair():  # touch nothing, not even the lock
             return _summarise(store, specs, summary, started)
         needs_ray = any(todo.values())  # else only the finish is left
     with ExitStack() as stack:
@@ -257,7 +257,7 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
         else:
             summary.finished_earlier_run = True  # killed after its last record: only the finish is left
         failpoint("last-record")
-        _finish(store, index, list(specs))
+        _write_finish(store, index, list(specs))
         summary.seconds = time.perf_counter() - started
         store.write_run({"finished": time.time(), "seconds": round(summary.seconds, 3), "workers": summary.workers,
                          "nodes": summary.nodes,
@@ -285,7 +285,7 @@ def _fingerprint(manifest_path: str, name: str, spec) -> str:
                          else f"{manifest_path}: teachers.{name}: {reason}") from None
 
 
-def _finished(store: TargetStore, present: dict, todo: dict) -> bool:
+def _already_complete(store: TargetStore, present: dict, todo: dict) -> bool:
     """Every teacher present, recorded and marked complete. `_finish` marks teachers complete last, so a run
     killed before or during its finish leaves a store that is not finished, and the next run finishes it."""
     return all(present.values()) and not any(todo.values()) and all(
@@ -333,10 +333,10 @@ def _compute(ray, job: ComputeJob) -> None:
     actors = [actor_cls.remote(store.path, pending, shard_urls, max_pixels=config.max_pixels,
                                threads=plan.threads, token=job.lock.token)
               for _ in range(plan.count)]
-    teachers_ = {n: (s, fingerprints[n]) for n, s in pending.items()}
+    preprocess_specs = {n: (s, fingerprints[n]) for n, s in pending.items()}
     cpus = int(alive_resources(ray).get("CPU", 1))
     warm = ray.remote(warm_task).options(num_cpus=1)
-    warming = [warm.remote(teachers_) for _ in range(cpus)] if plan.feed == "tasks" else []
+    warming = [warm.remote(preprocess_specs) for _ in range(cpus)] if plan.feed == "tasks" else []
 
     def check_worker(described: dict[str, dict]) -> None:
         for name, info in described.items():
@@ -353,7 +353,7 @@ def _compute(ray, job: ComputeJob) -> None:
     bar = tqdm(total=sum(q.rows.block.rows * len(q.names) for q in queue), desc="precompute", unit="row",
                disable=not job.progress, smoothing=0.1)
 
-    def finished(records: dict[str, dict]) -> None:
+    def block_written(records: dict[str, dict]) -> None:
         nonlocal blocks_done
         for record in records.values():
             summary.blocks_computed += 1
@@ -367,7 +367,7 @@ def _compute(ray, job: ComputeJob) -> None:
         if blocks_done == halfway:
             failpoint("mid-run")
 
-    feed = Feed(ray, actors, plan, job.lock, check_worker, finished)
+    feed = Feed(ray, actors, plan, job.lock, check_worker, block_written)
     try:
         described = feed.first_answer()
         for name, info in described.items():
@@ -380,7 +380,7 @@ def _compute(ray, job: ComputeJob) -> None:
         if plan.feed == "inline":
             feed.inline(queue)
         else:
-            feed.tasks(queue, store.path, teachers_, shard_urls, config.max_pixels, cpus)
+            feed.tasks(queue, store.path, preprocess_specs, shard_urls, config.max_pixels, cpus)
         summary.compute_seconds = time.monotonic() - compute_started
         summary.nodes = len(feed.nodes)
     except ray.exceptions.RayError as exc:
@@ -390,7 +390,7 @@ def _compute(ray, job: ComputeJob) -> None:
         feed.stop()
 
 
-def _finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:
+def _write_finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:
     """After the data: errors.parquet from every record, then each complete teacher's mean/std and flag."""
     errors = [{"row": -1, "teacher": "", **e} for e in index.shard_errors]
     for name in store.teacher_names():

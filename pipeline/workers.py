@@ -88,30 +88,30 @@ class BlockWorker:
 _PREPROCESSORS: dict[str, object] = {}
 
 
-def _preprocessors(teachers_: dict[str, tuple]) -> dict[str, tuple]:
+def _preprocessors(specs: dict[str, tuple]) -> dict[str, tuple]:
     """{name: (preprocessor, batch_size)} for {name: (spec, fingerprint)}: only the teachers' preprocessing, built
     from the model's config files (never the weights), once per process."""
     import teachers
 
     preprocessors = {}
-    for name, (spec, fingerprint) in teachers_.items():
+    for name, (spec, fingerprint) in specs.items():
         if fingerprint not in _PREPROCESSORS:
             _PREPROCESSORS[fingerprint] = teachers.get_teacher_class(spec.kind).build_preprocessor(spec)
         preprocessors[name] = (_PREPROCESSORS[fingerprint], spec.batch_size)
     return preprocessors
 
 
-def _prepare_task(rows: stages.BlockRows, teachers_: dict[str, tuple], shard_urls: dict[str, str],
+def _prepare_task(rows: stages.BlockRows, specs: dict[str, tuple], shard_urls: dict[str, str],
                   max_pixels: int) -> stages.PreparedBlock:
     """The CPU stage as a Ray task."""
-    return stages.prepare(rows, _preprocessors(teachers_), shard_urls, max_pixels)
+    return stages.prepare(rows, _preprocessors(specs), shard_urls, max_pixels)
 
 
-def warm_task(teachers_: dict[str, tuple]) -> None:
+def warm_task(specs: dict[str, tuple]) -> None:
     """Import what the stages use and build the preprocessors in one task process while the devices' workers load
     their teachers, so that the first blocks do not wait for it; held briefly so that each of the warm tasks
     submitted together gets a process of its own."""
-    _preprocessors(teachers_)
+    _preprocessors(specs)
     time.sleep(WARM_HOLD_SECONDS)
 
 

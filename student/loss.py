@@ -109,15 +109,11 @@ def masked_infonce(
 
 
 def _scale_for(logit_scales: Mapping, task: str, layer: int) -> torch.Tensor:
-    # Three accepted layouts: the model's flat ParameterDict ("depth_18" or, shared per task, "depth"), or nested
-    # {task: {layer: scale}}.
-    flat = f"{task}_{layer}"
-    if flat in logit_scales:
-        return logit_scales[flat]
-    if task not in logit_scales:
-        raise KeyError(f"no logit scale for task {task!r} layer {layer}; have {sorted(logit_scales)}")
-    scales = logit_scales[task]
-    return scales[layer] if isinstance(scales, Mapping) else scales
+    """The model's scale for a tapped layer: `"<task>_<layer>"`, or `"<task>"` when shared per task."""
+    for key in (f"{task}_{layer}", task):
+        if key in logit_scales:
+            return logit_scales[key]
+    raise KeyError(f"no logit scale for task {task!r} layer {layer}; have {sorted(logit_scales)}")
 
 
 def coupled_loss(
@@ -137,8 +133,8 @@ def coupled_loss(
         predictions: ``{task: {layer: [B, T, C]}}`` from ``OlaStudent`` (any float dtype).
         targets: ``{task: [B, T, C]}`` float16/bfloat16/float32 teacher targets.
         valid: ``{task: [B]}`` bool (or 0/1), False where the store has no target for the row.
-        logit_scales: ``OlaStudent.logit_scales`` (keys ``"<task>_<layer>"`` or ``"<task>"``), or nested
-            ``{task: {layer: scalar}}`` (``OlaStudent.logit_scale_dict()``), or ``{task: scalar}``.
+        logit_scales: ``OlaStudent.logit_scales``: scalars keyed ``"<task>_<layer>"``, or ``"<task>"`` when
+            shared per task.
         cfg: weights; ``LossConfig()`` when None.
         gather: concatenates a tensor's rows across data-parallel ranks in rank order (e.g.
             ``accelerator.gather``); identity when None. Per-rank batch sizes must match, or the callable must pad

@@ -217,16 +217,6 @@ class OlaStudent(PreTrainedModel):
                 getattr(self, attr).requires_grad_(True)
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def logit_scale_dict(self) -> dict[str, dict[int, nn.Parameter]]:
-        """``{task: {layer: scalar Parameter}}`` for ``student.loss.coupled_loss`` (shared per task if configured)."""
-        out: dict[str, dict[int, nn.Parameter]] = {}
-        for spec in self.config.task_specs():
-            out[spec.name] = {
-                layer: self.logit_scales[spec.name if self.config.logit_scale_per == "task" else f"{spec.name}_{layer}"]
-                for layer in spec.layers
-            }
-        return out
-
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 

@@ -17,7 +17,7 @@ from teachers.registry import (
     spec_fingerprint,
     to_spec,
 )
-from teachers.spec import NON_OUTPUT_FIELDS, SCHEDULING_FIELDS, TeacherSpecBase
+from teachers.spec import NON_OUTPUT_FIELDS, TeacherSpecBase
 
 # Imports (and so registers) every family in teachers/kinds/; a family's spec class is reached through the
 # registry (`get_teacher_class(kind).spec_cls`) or its own module, so nothing here lists the kinds.
@@ -25,7 +25,6 @@ from teachers import kinds  # noqa: F401  isort: skip
 
 __all__ = [
     "NON_OUTPUT_FIELDS",
-    "SCHEDULING_FIELDS",
     "ManifestError",
     "TargetShapeMismatch",
     "Teacher",

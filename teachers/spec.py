@@ -20,8 +20,6 @@ from pipeline.data.store import Storage
 # Fields the targets do not depend on: how the work is scheduled, and `target_shape`, which only declares what the
 # model must produce (a check, so that adding or removing it never changes a fingerprint or strands a store).
 NON_OUTPUT_FIELDS: frozenset[str] = frozenset({"batch_size", "num_gpus", "target_shape"})
-# The older name, kept because pipeline/precompute.py uses it to list the spec fields two stored teachers differ in.
-SCHEDULING_FIELDS = NON_OUTPUT_FIELDS
 
 StorageDType = Literal["float16", "bfloat16"]
 ComputeDType = Literal["float32", "float16", "bfloat16"]

@@ -20,7 +20,7 @@ def make_inputs(batch: int = 4, seed: int = 0, target_dtype=torch.float16):
              for t in SHAPES}
     targets = {t: torch.randn(batch, *SHAPES[t], generator=gen).to(target_dtype) for t in SHAPES}
     valid = {t: torch.ones(batch, dtype=torch.bool) for t in SHAPES}
-    scales = {t: {l: torch.tensor(2.0 + 0.1 * l, requires_grad=True) for l in LAYERS[t]} for t in SHAPES}
+    scales = {f"{t}_{l}": torch.tensor(2.0 + 0.1 * l, requires_grad=True) for t in SHAPES for l in LAYERS[t]}
     return preds, targets, valid, scales
 
 
@@ -39,7 +39,7 @@ def reference_total(lm, preds, targets, valid, scales, keys_extra=None, cw=0.3, 
                 if keys_extra is not None:
                     keys += [k.float().flatten() for k in keys_extra[task]]
                 key_mat = F.normalize(torch.stack(keys), dim=-1)
-                s = min(math.exp(float(scales[task][layer].detach())), cap)
+                s = min(math.exp(float(scales[f"{task}_{layer}"].detach())), cap)
                 nce = 0.0
                 for j, i in enumerate(rows):
                     logits = s * (F.normalize(pred[i].flatten(), dim=0) @ key_mat.t())
@@ -69,7 +69,7 @@ def test_parity_with_an_independent_computation():
 
 def test_weights_and_cap_are_applied():
     preds, targets, valid, scales = make_inputs()
-    scales["depth"][2] = torch.tensor(6.0)  # exp(6) = 403 > 100: capped
+    scales["depth_2"] = torch.tensor(6.0)  # exp(6) = 403 > 100: capped
     cfg = LossConfig(contrastive_weight=0.7, layer_weight=0.25, lm_weight=1.0)
     total, terms = coupled_loss(torch.tensor(0.5), preds, targets, valid, scales, cfg, task_weights={"gen": 2.0})
     expected = reference_total(torch.tensor(0.5), preds, targets, valid, scales, cw=0.7, lw=0.25,
@@ -144,14 +144,15 @@ def test_each_infonce_sees_the_micro_batch_of_every_rank_as_keys(batch, world):
     assert math.exp(float(terms["depth_1/infonce"])) == pytest.approx(batch * world, rel=1e-5)
 
 
-def test_accepts_the_models_flat_logit_scale_dict_and_bf16():
-    preds, targets, valid, scales = make_inputs(target_dtype=torch.bfloat16)
-    flat = {f"{t}_{l}": s for t, per in scales.items() for l, s in per.items()}
-    a, _ = coupled_loss(None, preds, targets, valid, scales)
-    b, _ = coupled_loss(None, preds, targets, valid, flat)
+def test_a_scale_shared_per_task_weighs_each_of_its_layers_and_bf16_targets_train_it():
+    preds, targets, valid, per_layer = make_inputs(target_dtype=torch.bfloat16)
+    same = {key: torch.tensor(2.0) for key in per_layer}
+    shared = {task: torch.tensor(2.0, requires_grad=True) for task in SHAPES}
+    a, _ = coupled_loss(None, preds, targets, valid, same)
+    b, _ = coupled_loss(None, preds, targets, valid, shared)
     assert torch.equal(a, b)
-    a.backward()
-    assert scales["depth"][2].grad is not None and scales["depth"][2].grad != 0
+    b.backward()
+    assert shared["depth"].grad is not None and shared["depth"].grad != 0
 
 
 def test_shape_mismatch_and_missing_task_are_clear_errors():
