@@ -3,9 +3,10 @@
     prepare (CPU)          read each image's bytes by offset, check their sha1, decode them once, and run every
                            pending teacher's CPU preprocessing on them (the PIL resizes that decide the pixels):
                            compact inputs (uint8 pixels), already cut into the teacher's batches
-    compute (accelerator)  the teachers' forwards; their linear steps (rescale, normalise, dtype) run on the device;
-                           the outputs are checked, summed for the statistics and encoded for storage (float16,
-                           bfloat16, int8, pooling), so half the bytes of float32 travel on
+    compute (accelerator)  the teachers' forwards; their linear steps (rescale, normalise, dtype) run on the device,
+                           and so do the finiteness check, the statistics and the storage encoding (float16,
+                           bfloat16, int8, pooling) of the outputs: only the stored bytes (half those of float32
+                           for float16) and the per-channel sums cross to the host
     write (CPU)            compress and write the block's files, then its completion record, each only while
                            this run still holds the store (the fence)
 
@@ -77,6 +78,16 @@ class TeacherOutputs:
     valid: np.ndarray
     stats: dict
     errors: list[tuple[int, str]]
+
+    def __reduce__(self):
+        # Ray hands numpy arrays to another process without copying them, but ml_dtypes' bfloat16 arrays pickle
+        # in-band (copied twice: 4x the time to put and 100x to get a block); their uint16 view goes zero-copy.
+        plain = self.stored.view(f"u{self.stored.dtype.itemsize}")
+        return _teacher_outputs, (plain, self.stored.dtype, self.scale, self.valid, self.stats, self.errors)
+
+
+def _teacher_outputs(plain: np.ndarray, dtype: np.dtype, *fields) -> TeacherOutputs:
+    return TeacherOutputs(plain.view(dtype), *fields)
 
 
 @dataclass
@@ -199,21 +210,83 @@ def _slice(batch, i: int):
     return batch[i : i + 1]
 
 
+@dataclass
+class FinishedBatch:
+    """One batch of outputs as it leaves the device: which rows are finite (bool [n]), and for those rows only
+    their `Storage.encode` codes and scales, token count and per-channel float64 sums of values and squares [C]."""
+
+    finite: np.ndarray
+    codes: np.ndarray
+    scales: np.ndarray | None
+    tokens: int
+    sums: np.ndarray
+    squares: np.ndarray
+
+
+# Float64 elements per slice of the statistics on a CPU: a slice that stays in the cache makes them 3-4x faster
+# than one pass over the whole batch (torch reduces a middle dimension slowly there). An accelerator takes the batch
+# in one pass: each slice would cost a kernel launch of host time.
+_CPU_SLICE = 1 << 16
+
+
+def finish(values, storage: Storage) -> FinishedBatch:
+    """Check, sum and encode a batch of outputs [n, T, C] (a torch tensor) where it lies, on the teacher's device.
+
+    A row is finite iff its float64 sums over tokens are: float32 values cannot overflow them and a NaN or an
+    infinity carries through, so the sums that the statistics need are the check too (`torch.isfinite` over the
+    whole output would cost more than they do on a CPU).
+    """
+    import torch
+
+    with torch.inference_mode():
+        values = values.to(torch.float32)
+        sums, squares = _token_sums(values)
+        finite = torch.isfinite(sums).all(dim=1)
+        rows = finite.cpu().numpy()
+        if not rows.all():
+            values, sums, squares = values[finite], sums[finite], squares[finite]
+        codes, scales = storage.encode(values)
+        return FinishedBatch(rows, codes, scales, values.shape[0] * values.shape[1], sums.sum(dim=0).cpu().numpy(),
+                             squares.sum(dim=0).cpu().numpy())
+
+
+def _token_sums(values):
+    """float32 [n, T, C] -> float64 sums over tokens of the values and of their squares, [n, C] each (the squares
+    of float32 values are exact in float64)."""
+    import torch
+
+    n, tokens, channels = values.shape
+    if values.device.type != "cpu":
+        wide = values.to(torch.float64)
+        sums = wide.sum(dim=1)
+        return sums, wide.square_().sum(dim=1)
+    sums = torch.zeros((n, channels), dtype=torch.float64)
+    squares = torch.zeros_like(sums)
+    step = max(1, _CPU_SLICE // channels)
+    for row in range(n):
+        for start in range(0, tokens, step):
+            wide = values[row, start : start + step].to(torch.float64)
+            sums[row] += wide.sum(dim=0)
+            squares[row] += wide.square_().sum(dim=0)
+    return sums, squares
+
+
 def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], size: int, storage: Storage,
                errors: list[tuple[int, str]] = (), device_lock=None) -> TeacherOutputs:
     """Forward prepared batches; input position p becomes row `slots[p]` of the result. `errors` are the
     preprocessing failures, carried into the result.
 
-    A batch whose forward raises is redone one image at a time; a non-finite output is a failure. Each batch is
-    encoded for storage as it comes (encoding works row by row), so no float32 copy of the whole block is ever
-    made. `device_lock`, when given, is held around each forward only: threads computing other blocks encode
-    their outputs meanwhile, but one forward runs at a time.
+    A batch whose forward raises is redone one image at a time; a non-finite output is a failure. Each batch's
+    outputs are finished where the teacher computed them (`finish`: checked, summed, encoded on its device), so
+    only stored bytes come to the host, and no float32 copy of the block is ever made. `device_lock`, when given,
+    is held around each forward only: threads computing other blocks finish their outputs meanwhile, but one
+    forward runs at a time.
     """
     device_lock = device_lock or contextlib.nullcontext()
 
     def forward(batch):
         with device_lock:
-            return teacher(_as_torch(batch))
+            return teacher.device_forward(_as_torch(batch))
 
     tokens, channels = teacher.target_shape
     stored_tokens, _ = storage.stored_shape(tokens, channels)
@@ -233,22 +306,17 @@ def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], 
                 except Exception as exc:  # noqa: BLE001 - recorded per sample, the job goes on
                     errors.append((position, f"{type(exc).__name__}: {exc}"))
         for done, out in results:
-            values = out.numpy()
-            finite = np.isfinite(values.reshape(len(done), -1)).all(axis=1)  # 20x faster than torch's on CPU
-            errors.extend((p, "teacher output is not finite") for p, ok in zip(done, finite) if not ok)
-            good = values if finite.all() else values[finite]
-            rows = [slots[p] for p, ok in zip(done, finite) if ok]
+            finished = finish(out, storage)
+            errors.extend((p, "teacher output is not finite") for p, ok in zip(done, finished.finite) if not ok)
+            rows = [slots[p] for p, ok in zip(done, finished.finite) if ok]
             if not rows:
                 continue
-            flat = good.reshape(-1, channels)
-            # float64 accumulators over float32 values, without a float64 copy of the batch.
-            sums += flat.sum(axis=0, dtype=np.float64)
-            squares += np.einsum("ij,ij->j", flat, flat, dtype=np.float64)
-            count += flat.shape[0]
-            codes, scales = storage.encode(good)
-            stored[rows] = codes
+            sums += finished.sums
+            squares += finished.squares
+            count += finished.tokens
+            stored[rows] = finished.codes
             if scale is not None:
-                scale[rows] = scales
+                scale[rows] = finished.scales
             valid[rows] = 1
     stats = {"count": count, "sum": sums.tolist(), "sumsq": squares.tolist()}
     return TeacherOutputs(stored, scale, valid, stats, sorted(errors))

@@ -5,6 +5,7 @@ Life of a teacher::
     t = SomeTeacher.from_spec(spec, device="cpu")   # resolve weights, load, freeze
     batch = t.preprocess(images)                    # list[PIL.Image RGB] -> uint8 [B, 3, H, W] (CPU)
     out = t(batch)                                  # Tensor [B, T, C] float32 on CPU, t.target_shape == (T, C)
+    out = t.device_forward(batch)                   # the same before the copy: on t.device, in its compute dtype
 
 Preprocessing is split in two (see `teachers.pixels`). The CPU half is a picklable `Preprocessor` that
 `SomeTeacher.build_preprocessor(spec)` builds from config files alone, so CPU-only workers that never hold the
@@ -318,13 +319,19 @@ class Teacher(nn.Module):
             return {k: move(v) for k, v in batch.items()}
         return move(batch)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """batch from `preprocess` -> targets [B, T, C] float32 on CPU (no autograd history).
+    def device_forward(self, batch: Batch) -> torch.Tensor:
+        """batch from `preprocess` -> targets [B, T, C] as the forward left them: on `device`, in `compute_dtype`,
+        an inference tensor (read it; do not modify it in place). For callers that finish the targets on the device,
+        as precompute does (pipeline/block_stages.py); `forward` is this copied to the host.
 
         On a CUDA device, TF32 is allowed exactly when `spec.tf32` is set (see `tf32_mode`)."""
         with torch.inference_mode(), tf32_mode(self.spec.tf32, self.device):
             out = self.compute(self.normalize(self._move(batch)))
         if out.shape[1:] != self.target_shape:
             raise RuntimeError(f"{type(self).__name__} produced {tuple(out.shape)}, expected [B, *{self.target_shape}]")
+        return out
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """batch from `preprocess` -> targets [B, T, C] float32 on CPU (no autograd history); see `device_forward`."""
         # One copy, made outside inference mode: an ordinary CPU tensor that callers may modify in place.
-        return out.to(device="cpu", dtype=torch.float32, copy=True)
+        return self.device_forward(batch).to(device="cpu", dtype=torch.float32, copy=True)

@@ -44,6 +44,7 @@ import os
 import posixpath
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -142,24 +143,24 @@ class Storage:
         1-byte `valid` flag is not counted). UsageError if the pool does not fit the shape."""
         return sum(self.array_row_nbytes(tokens, channels).values())
 
-    def encode(self, target: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """float32 [n, T, C] -> (stored [n, T', C] in the array dtype, scale [n, T'] float16 or None)."""
-        if self.pool > 1:
-            n, tokens, channels = target.shape
-            grid, p = int(round(tokens ** 0.5)), self.pool
-            target = target.reshape(n, grid // p, p, grid // p, p, channels).mean(axis=(2, 4))
-            target = target.reshape(n, -1, channels)
-        if self.quantize == "int8":
-            scale = (np.abs(target).max(axis=-1) / 127.0).astype(SCALE_DTYPE)
-            safe = np.where(scale > 0, scale.astype(np.float32), 1.0)[..., None]
-            return np.clip(np.rint(target / safe), -127, 127).astype(np.int8), scale
-        if self.dtype == "float16":
-            import torch
+    def encode(self, target) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 [n, T, C], a numpy array or a torch tensor on any device -> (stored [n, T', C] in the array dtype,
+        scale [n, T'] float16 or None), numpy arrays on the host.
 
-            # The same IEEE round-to-nearest-even as numpy's astype, bit for bit, but vectorised: numpy converts
-            # to float16 one value at a time, 30x slower (5 ms for one depth row, more than compressing it).
-            return torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(torch.float16).numpy(), None
-        return target.astype(self.array_dtype), None
+        The arithmetic runs where the tensor is, so from a teacher's device only the stored bytes cross to the
+        host, and it gives the same bits on every device: casts and divisions round to nearest even (IEEE),
+        `torch.round` rounds halves to even as `np.rint` did, and pooling adds in numpy's order (`_pool_mean`).
+        """
+        import torch
+
+        values = _float32_tensor(target)
+        if self.pool > 1:
+            values = _pool_mean(values, self.pool)
+        if self.quantize == "int8":
+            scale = (values.abs().amax(dim=-1) / 127.0).to(torch.float16)
+            safe = torch.where(scale > 0, scale.to(torch.float32), 1.0).unsqueeze(-1)
+            return _host_array(torch.round(values / safe).clamp_(-127, 127).to(torch.int8)), _host_array(scale)
+        return _host_array(values.to(torch.bfloat16 if self.dtype == "bfloat16" else torch.float16)), None
 
     def decode(self, stored: np.ndarray, scale: np.ndarray | None, tokens: int) -> np.ndarray:
         """Undo `encode` as far as it can be undone: [n, T', C] -> float32 [n, T, C]."""
@@ -178,6 +179,44 @@ class Storage:
         if self.quantize == "int8":
             return np.dtype(np.int8)
         return zarr_bfloat16.BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+
+def _float32_tensor(target):
+    """`target` as a float32 torch tensor where it is; a numpy array is shared, not copied (read-only ones too:
+    `encode` never writes to its input)."""
+    import torch
+
+    if isinstance(target, torch.Tensor):
+        return target.to(torch.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))
+
+
+def _pool_mean(values, p: int):
+    """Means of p x p windows of a square token grid: float32 [n, g*g, C] -> [n, (g/p)^2, C], bit for bit what
+    numpy's `values.reshape(n, g/p, p, g/p, p, C).mean(axis=(2, 4))` gives when C > 1 (every teacher's case):
+    numpy adds a window's values to +0.0 one at a time, row by row, in float32, then divides by p*p in float64.
+    (For C == 1 numpy sums each window row apart first, so the last bit of a mean may differ from its.)"""
+    import torch
+
+    n, tokens, channels = values.shape
+    side = int(round(tokens ** 0.5)) // p
+    windows = values.reshape(n, side, p, side, p, channels)
+    total = torch.zeros((n, side, side, channels), dtype=torch.float32, device=values.device)
+    for row in range(p):
+        for column in range(p):
+            total += windows[:, :, row, :, column]
+    return (total.to(torch.float64) / (p * p)).to(torch.float32).reshape(n, side * side, channels)
+
+
+def _host_array(tensor) -> np.ndarray:
+    """A torch tensor's values as a numpy array on the host (numpy has no bfloat16: its bits, as ml_dtypes')."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).cpu().numpy().view(zarr_bfloat16.BFLOAT16)
+    return tensor.cpu().numpy()
 
 
 def new_teacher_attrs(spec: dict, fingerprint: str, target_shape: tuple[int, int], storage: Storage,
