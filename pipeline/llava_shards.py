@@ -36,7 +36,7 @@ Decisions:
   uses); else a single-turn image record, a human turn holding `<image>` and a one-line instruction that is no
   question, then a gpt turn, has that gpt answer as caption, as LLaVA-558K's records are. Other records (VQA,
   multi-turn, text-only) have none; the training loader prefers KEY.json's conversation anyway.
-- Resumable: a shard is written to `NAME.tar.partial`, renamed, and only then given its stats file; a rerun
+- Resumable: a shard is written to `NAME.tar.tmp-PID`, renamed, and only then given its stats file; a rerun
   skips the shards that have one and rewrites the others. `sharding.json` makes a rerun with another input,
   another images folder or other arguments an error instead of a mix of two datasets (`overwrite=True` replaces
   the earlier run).
@@ -77,6 +77,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from pipeline.data.atomic import TEMPORARY_INFIX, atomic_file, atomic_write
 from pipeline.data.errors import JobError, UsageError
 from pipeline.data.index import available_cpus
 
@@ -102,7 +103,6 @@ FAILURES_SCHEMA = pa.schema(
 TAR_MTIME = 1_700_000_000
 
 _KEY_DIGITS = 4
-_TEMPORARY = ".partial"
 # (signature at offset 0, extension). WebP (RIFF....WEBP) and BMP are checked in `image_extension`.
 _SIGNATURES = (
     (b"\xff\xd8\xff", "jpg"),
@@ -238,6 +238,8 @@ def write_llava_shards(
                                records=[(p, records[p]) for p in positions]))
         start += size
 
+    for leftover in out.glob(f"*{TEMPORARY_INFIX}*"):  # what writes killed before their rename left
+        leftover.unlink()
     todo = [task for task in tasks if _finished(task) is None]
     left = sum(len(task.records) for task in todo)
     with tqdm(total=start, initial=start - left, desc="llava shards", unit="record", disable=not progress) as bar:
@@ -315,7 +317,7 @@ def _claim(out: Path, run: dict, overwrite: bool) -> None:
                              "they would be read as part of this dataset: choose an empty output directory or pass "
                              "--overwrite to delete them")
         _clear(out)
-    _write_atomically(record, (json.dumps(run, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(record, (json.dumps(run, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _run_difference(earlier: dict, run: dict) -> str | None:
@@ -335,7 +337,7 @@ def _run_difference(earlier: dict, run: dict) -> str | None:
 
 
 def _clear(out: Path) -> None:
-    for pattern in ("*.tar", f"*{_TEMPORARY}", "*_stats.json", FAILURES_FILE, RUN_RECORD):
+    for pattern in ("*.tar", f"*{TEMPORARY_INFIX}*", "*_stats.json", FAILURES_FILE, RUN_RECORD):
         for path in out.glob(pattern):
             path.unlink()
 
@@ -354,17 +356,10 @@ def _finished(task: ShardTask) -> dict | None:
         return None
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(path.name + _TEMPORARY)
-    temporary.write_bytes(payload)
-    os.replace(temporary, path)
-
-
 def _write_failures(out: Path, stats: list[dict]) -> None:
     rows = sorted((f for s in stats for f in s["failures"]), key=lambda f: f["record"])
-    temporary = out / (FAILURES_FILE + _TEMPORARY)
-    pq.write_table(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), temporary)
-    os.replace(temporary, out / FAILURES_FILE)
+    with atomic_file(out / FAILURES_FILE) as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), f)
 
 
 def _summarise(out: Path, tasks: list[ShardTask], stats: list[dict], run: dict, *, duplicate_ids: int,
@@ -438,10 +433,10 @@ def _exit_when_orphaned(parent: int) -> None:
 def write_shard(task: ShardTask) -> dict:
     """Write one shard (tar, then its stats file) and return its stats. Runs in worker processes."""
     shard = Path(task.path)
-    temporary = shard.with_name(shard.name + _TEMPORARY)
     stats = {"shard": shard.name, "samples": 0, "images": 0, "text_only": 0, "captions": 0, "lying_extensions": 0,
              "failures": []}
-    with open(temporary, "wb") as raw:
+    # A reader never sees a half-written shard under its final name.
+    with atomic_file(shard) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i, (position, record) in enumerate(task.records):
                 try:
@@ -458,11 +453,8 @@ def write_shard(task: ShardTask) -> dict:
                 stats["text_only"] += len(extensions) == 1
                 stats["captions"] += "txt" in extensions
                 stats["lying_extensions"] += lied
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(temporary, shard)  # a reader never sees a half-written shard under its final name
     stats["bytes"] = shard.stat().st_size
-    _write_atomically(_stats_path(shard), (json.dumps(stats, indent=1) + "\n").encode())
+    atomic_write(_stats_path(shard), (json.dumps(stats, indent=1) + "\n").encode())
     return stats
 
 

@@ -31,6 +31,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 
+from pipeline.data.atomic import atomic_file
 from pipeline.data.errors import UsageError
 from student.loading import from_pretrained_safetensors, load_image_processor
 from student.model import OlaStudent
@@ -117,12 +118,8 @@ def save_training_state(accelerator, output_dir: str, state: TrainState, layout:
             with open(os.path.join(path, name), "w") as f:
                 json.dump(content, f, indent=1, sort_keys=True)
         record = {"step": state.step, "samples": state.samples, "layout": layout}
-        tmp = os.path.join(path, STATE_FILE + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_file(os.path.join(path, STATE_FILE), "w") as f:  # the checkpoint's completion record, last
             json.dump(record, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(path, STATE_FILE))
         if keep > 0:
             for _, old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

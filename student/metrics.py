@@ -11,6 +11,7 @@ from collections import Counter
 
 import torch
 
+from pipeline.data.atomic import atomic_file
 from pipeline.data.errors import UsageError
 from student.checkpoint import TrainState
 from student.config import ExperimentConfig
@@ -43,12 +44,8 @@ def open_metrics(path: str, resumed_step: int):
     a kill now cannot lose the records kept.
     """
     kept = _records_until(path, resumed_step) if resumed_step and os.path.exists(path) else []
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path, "w") as f:
         f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return open(path, "a")
 
 

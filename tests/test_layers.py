@@ -186,4 +186,14 @@ def test_a_cycle_dodged_by_a_function_level_import_is_found(tmp_path):
 
     assert _new(layer_violations(edges), layer_violations(import_edges(REPO))) == []
     cycles = _new(import_cycles(edges), import_cycles(import_edges(REPO)))
-    assert cycles == [["pipeline.data.images", "pipeline.data.index", "pipeline.data.shards", "pipeline.data.images"]]
+    # Where the search enters a cycle depends on the rest of the graph: compare cycles from their first module.
+    assert [_from_first(c) for c in cycles] == [
+        ["pipeline.data.images", "pipeline.data.index", "pipeline.data.shards", "pipeline.data.images"]]
+
+
+def _from_first(cycle: list[str]) -> list[str]:
+    """A cycle [a, b, c, a] rotated to start at its alphabetically first module."""
+    body = cycle[:-1]
+    start = body.index(min(body))
+    body = body[start:] + body[:start]
+    return [*body, body[0]]

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.data.atomic import atomic_file
 from pipeline.data.errors import UsageError
 from pipeline.data.images import ImageDecodeError, decode_rgb
 from pipeline.data.index import PreviousIndex, build_index, duplicate_rows
@@ -122,8 +123,8 @@ def training_index(shards: str, cache_dir: str | None, *, previous: PreviousInde
     if cache_dir is not None and (previous is None or index.scanned):
         os.makedirs(cache_dir, exist_ok=True)
         for name, table in (("index.parquet", index.table), ("shards.parquet", index.shards)):
-            pq.write_table(table, os.path.join(cache_dir, name + ".tmp"))
-            os.replace(os.path.join(cache_dir, name + ".tmp"), os.path.join(cache_dir, name))
+            with atomic_file(os.path.join(cache_dir, name)) as f:
+                pq.write_table(table, f)
     return index.table
 
 

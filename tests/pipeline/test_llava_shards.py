@@ -203,7 +203,7 @@ def test_a_killed_run_is_finished_by_a_rerun(mix, tmp_path):
     killed_after_tar = first.shards[1]  # tar renamed, stats file not yet written
     (tmp_path / killed_after_tar.name.replace(".tar", "_stats.json")).unlink()
     killed_while_writing = first.shards[3]  # only a partial tar, cut short, and no stats file
-    partial = killed_while_writing.with_name(killed_while_writing.name + ".partial")
+    partial = killed_while_writing.with_name(killed_while_writing.name + ".tmp-4242")
     partial.write_bytes(killed_while_writing.read_bytes()[:700])
     killed_while_writing.unlink()
     (tmp_path / killed_while_writing.name.replace(".tar", "_stats.json")).unlink()
@@ -211,7 +211,7 @@ def test_a_killed_run_is_finished_by_a_rerun(mix, tmp_path):
     again = _shard(mix, tmp_path)
     assert (again.shards_written, again.shards_skipped) == (2, 2)
     assert _digests(again.shards) == before
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.tmp-*"))
     assert pq.read_table(tmp_path / FAILURES_FILE).num_rows == len(mix.left_out)
 
 
