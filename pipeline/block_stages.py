@@ -372,7 +372,7 @@ def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fin
             "rows": block.rows,
             "written": int(out.valid.sum()),
             "failures": done.failures,
-            "sha256": digest,
+            "digest": digest,
             "stats": out.stats,
             # Batch composition changes the last float bits: byte identity between runs needs equal batch sizes.
             "batch_size": batch_sizes[name],

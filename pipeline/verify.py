@@ -1,7 +1,7 @@
 """`pipeline verify`: prove a store is complete, intact and aligned, or say what is wrong with it.
 
 Checks, per teacher: every block has a completion record made by the same teacher fingerprint; the
-bytes on disk hash to the sha256 the record kept (so a damaged or edited shard file is caught); the
+stored values on disk hash to the digest the record kept (so a damaged or edited shard file is caught); the
 valid flags agree with the record; valid rows hold finite numbers and invalid rows hold zeros. Store
 wide: index.parquet is, byte for byte, the index the store was made with (every column: the offsets and
 sizes that workers seek by as much as the keys), it matches the dataset fingerprint, shards.parquet agrees with
@@ -162,8 +162,9 @@ def _check_block(store: TargetStore, name: str, block, record: dict, fingerprint
         values, valid = store.read_rows(name, block.start, block.stop)
     except Exception as exc:  # noqa: BLE001 - a damaged shard can fail in the codec in many ways
         return found + [f"cannot be read ({type(exc).__name__}: {exc})"]
-    if digest != record.get("sha256"):
-        found.append("bytes on disk differ from those written (damaged or edited shard)")
+    if digest != record.get("digest"):
+        found.append("stored values on disk differ from those written (damaged or edited shard): their digest is "
+                     f"{digest}, the record's {record.get('digest')}")
     if int(valid.sum()) != record.get("written"):
         found.append(f"{int(valid.sum())} valid rows but the record says {record.get('written')}")
     good = valid.astype(bool)

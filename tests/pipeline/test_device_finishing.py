@@ -1,17 +1,20 @@
-"""The device's process finishes outputs where they lie without changing a stored byte: the codes, scales and
-valid flags are those of the host path it replaces (float32 copies checked, summed and encoded with numpy)."""
+"""The device's process finishes outputs where they lie and the write stage writes each block file in one go, and
+neither changes a stored byte: the codes, scales and valid flags are those of the host path they replace (float32
+copies checked, summed and encoded with numpy), and the files are those zarr-python writes."""
 
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from pipeline.block_stages import TeacherOutputs, run_inputs, run_teacher
-from pipeline.data.store import Storage
+from pipeline.data.store import BlockRange, Storage, TargetStore
 from tests.conftest import DEMO_TEACHERS
 
 STORAGES = {
@@ -165,3 +168,73 @@ def test_bfloat16_outputs_cross_processes_without_a_copy():
     back = pickle.loads(payload, buffers=buffers)
     assert back.stored.dtype == stored.dtype and back.stored.tobytes() == stored.tobytes()
     assert back.valid.tolist() == [1, 1, 1, 1] and back.stats == {"count": 36}
+
+
+# ---- the write stage: each block's file in one go, the bytes zarr writes ------------------------------------------
+
+
+def twin_stores(tmp_path: Path, rows: int, rows_per_block: int, rows_per_chunk: int, storage: Storage,
+                shape: tuple[int, int]) -> tuple[TargetStore, TargetStore]:
+    """Two empty stores made alike, each with a teacher "t": one written through zarr, one by `write_encoded`."""
+    made = []
+    for name in ("zarr", "ours"):
+        store = TargetStore(str(tmp_path / name))
+        store.create(pa.table({"row": pa.array(range(rows), pa.int64())}), "dataset", rows_per_block=rows_per_block)
+        store.add_teacher("t", spec={}, fingerprint="f", target_shape=shape, storage=storage,
+                          rows_per_chunk=rows_per_chunk)
+        made.append(store)
+    return made[0], made[1]
+
+
+def block_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "c" in p.relative_to(root).parts}
+
+
+@pytest.mark.parametrize(("rows", "rows_per_block", "rows_per_chunk"), [(40, 8, 1), (37, 8, 2), (10, 4, 4)],
+                         ids=["one row a chunk", "last block and chunk cut short", "one chunk a shard"])
+@pytest.mark.parametrize("storage", STORAGES.values(), ids=STORAGES.keys())
+def test_block_files_are_those_zarr_writes(tmp_path, storage, rows, rows_per_block, rows_per_chunk):
+    shape = (36, 24)
+    through_zarr, ours = twin_stores(tmp_path, rows, rows_per_block, rows_per_chunk, storage, shape)
+    rng = np.random.default_rng(1)
+    for block in ours.blocks():
+        valid = (rng.random(block.rows) < 0.7).astype(np.uint8)
+        if block.block == 1:
+            valid[:] = 0  # every row failed: zarr writes no file for the block
+        values = np.where(valid[:, None, None], rng.standard_normal((block.rows, *shape)), 0.0).astype(np.float32)
+        stored, scale = storage.encode(values)
+        group = through_zarr.group["t"]
+        group["target"][block.start : block.stop] = stored
+        if scale is not None:
+            group["scale"][block.start : block.stop] = scale
+        group["valid"][block.start : block.stop] = valid
+        digest = ours.write_encoded("t", block, stored, scale, valid)
+        assert ours.read_block_digest("t", block) == digest
+    expected = block_files(tmp_path / "zarr" / "t")
+    assert any("valid" in f for f in expected) and block_files(tmp_path / "ours" / "t") == expected
+
+
+def test_a_bfloat16_row_of_negative_zeros_is_stored_as_written(tmp_path):
+    """zarr left out a bfloat16 chunk of -0.0 as if it were the fill value +0.0, so such a row read back with
+    other bits than its record's digest covered, and `pipeline verify` called the block damaged."""
+    storage = Storage(dtype="bfloat16")
+    _, store = twin_stores(tmp_path, 4, 4, 1, storage, (4, 8))
+    block = BlockRange(0, 0, 4)
+    stored, scale = storage.encode(np.full((4, 4, 8), -0.0, dtype=np.float32))
+    digest = store.write_encoded("t", block, stored, scale, np.ones(4, np.uint8))
+    values, valid = store.read_rows("t", 0, 4)
+    assert valid.all() and np.signbit(values).all()
+    assert store.read_block_digest("t", block) == digest
+
+
+def test_a_block_record_keeps_the_digest_of_its_stored_values(store_copy):
+    from pipeline.data.store import DIGEST_ALGORITHM
+
+    store = TargetStore(str(store_copy))
+    blocks = store.blocks()
+    for name in store.teacher_names():
+        for record in store.read_records(name):
+            assert "sha256" not in record
+            assert record["digest"].startswith(f"{DIGEST_ALGORITHM}:")
+            assert store.read_block_digest(name, blocks[record["block"]]) == record["digest"]
