@@ -41,6 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/precompute.py
 	$(BIN)/python benchmarks/feed.py
+	$(BIN)/python benchmarks/host_budget.py
 	$(BIN)/python benchmarks/indexing.py
 	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/pos_embed.py
