@@ -88,8 +88,9 @@ class GivenOutputs:
 
 
 def awkward_outputs(rows: int, shape: tuple[int, int], seed: int) -> np.ndarray:
-    """float32 outputs [rows, T, C] over twelve orders of magnitude (int8 scales that round, float16 overflows,
-    subnormals, halves that round to even) with rows of zeros, of negative zeros, and with NaN and infinities."""
+    """float32 outputs [rows >= 10, T, C] over twelve orders of magnitude (int8 scales that round, float16
+    overflows, subnormals, halves that round to even) with rows of zeros, of negative zeros, and with NaN and
+    infinities."""
     rng = np.random.default_rng(seed)
     values = rng.standard_normal((rows, *shape)) * 10.0 ** rng.integers(-6, 6, (rows, *shape))
     values[0, :, : shape[1] // 2] = np.round(values[0, :, : shape[1] // 2]) + 0.5  # ties, for rounding to even
@@ -99,6 +100,7 @@ def awkward_outputs(rows: int, shape: tuple[int, int], seed: int) -> np.ndarray:
     values[4, 0, 0] = np.inf
     values[5, 1, 1], values[5, 2, 2] = np.inf, -np.inf  # their sum is NaN: still not finite
     values[6] = 1e30  # finite in float32, infinite as float16 or as an int8 scale
+    values[8, 3, 3], values[9, 0, 1] = -np.inf, np.nan
     return values.astype(np.float32)
 
 
@@ -120,7 +122,7 @@ def assert_same_outputs(new: TeacherOutputs, old: TeacherOutputs, magnitudes: np
 def test_finishing_on_the_device_stores_the_bytes_of_the_host_path(storage, device):
     shape = (36, 24)  # a 6 x 6 grid, so pools of 2 and 3 both fit
     values = awkward_outputs(12, shape, seed=0)
-    positions = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11]]
+    positions = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11]]  # [8, 9]: a batch without a finite row
     slots = [0, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13]  # rows 1 and 8 of the block failed to decode: they stay zero
     batches = [(p, values[p]) for p in positions]
     preprocessing_errors = [(12, "ValueError: could not preprocess")]
@@ -131,8 +133,8 @@ def test_finishing_on_the_device_stores_the_bytes_of_the_host_path(storage, devi
     old.errors = sorted(old.errors + preprocessing_errors)
     finite = values[np.isfinite(values).all(axis=(1, 2))].astype(np.float64)
     assert_same_outputs(new, old, (np.abs(finite).sum(axis=(0, 1)), np.square(finite).sum(axis=(0, 1))))
-    assert new.valid.sum() == 9  # all but the NaN and infinite rows (1e30 is finite in float32)
-    assert [p for p, _ in new.errors] == [3, 4, 5, 12]
+    assert new.valid.sum() == 7  # all but the NaN and infinite rows (1e30 is finite in float32)
+    assert [p for p, _ in new.errors] == [3, 4, 5, 8, 9, 12]
 
 
 def test_the_demo_teachers_store_the_bytes_of_the_host_path(demo_dir):
