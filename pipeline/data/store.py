@@ -554,7 +554,7 @@ class TargetStore:
 
         Each array's file of the block (its shard; for `valid`, its chunk) is encoded here and written in one go,
         as zarr-python would write it byte for byte (`_block_file`): through zarr's own write path the same
-        bytes cost 3-4x the time of compressing them.
+        bytes cost about 3x the time of compressing them.
         """
         group = self.group[name]
         for array, values in (("target", stored), ("scale", scale), ("valid", valid)):
