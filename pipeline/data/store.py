@@ -60,6 +60,7 @@ from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, Endian, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
 
 from pipeline.data import zarr_bfloat16
+from pipeline.data.atomic import TEMPORARY_INFIX, atomic_write
 from pipeline.data.errors import UsageError
 from pipeline.data.failpoints import failpoint
 from pipeline.data.index import PreviousIndex
@@ -77,10 +78,9 @@ RUNS_DIR = "_runs"
 ZSTD_LEVEL = 3
 SCALE_DTYPE = np.dtype(np.float16)  # the per-token scales of int8 storage
 DIGEST_ALGORITHM = "xxh3_128"  # of a block's stored values, kept in its record (`block_digest`)
-_PARTIAL = ".tmp-"  # infix of the temporary files `_atomic_write` renames into place
 # The temporary files of writes that were never renamed into place: zarr-python's LocalStore writes
-# `path.with_suffix(f".{uuid4().hex}.partial")`, `_atomic_write` writes f"{path}{_PARTIAL}{pid}".
-_PARTIAL_WRITE = re.compile(r"(\.[0-9a-f]{32}\.partial|" + re.escape(_PARTIAL) + r"\d+)$")
+# `path.with_suffix(f".{uuid4().hex}.partial")`, `_atomic_write` writes f"{path}{TEMPORARY_INFIX}{pid}".
+_PARTIAL_WRITE = re.compile(r"(\.[0-9a-f]{32}\.partial|" + re.escape(TEMPORARY_INFIX) + r"\d+)$")
 # What the store keeps beside its teacher groups. A teacher of one of these names would overwrite or delete them,
 # so they are refused, as is any name starting with "_" or "." (kept for the store's own future entries).
 RESERVED_NAMES = frozenset({INDEX_FILE, SHARDS_FILE, ERRORS_FILE, BLOCKS_DIR, RUNS_DIR, LOCK_FILE, "zarr.json"})
@@ -682,20 +682,12 @@ class TargetStore:
         self._atomic_write(self._join(filename), _parquet_bytes(table))
 
     def _atomic_write(self, path: str, data: bytes | list[bytes]) -> None:
-        """Local: write a temporary file, fsync, rename (readers never see half a file). Object stores: one PUT.
-        `data` may come in parts, written in turn (joining a shard's parts would copy it all once more)."""
-        parts = [data] if isinstance(data, bytes) else data
+        """Local: pipeline/data/atomic.py (readers never see half a file). Object stores: one PUT. `data` may come
+        in parts, written in turn (joining a shard's parts would copy it all once more)."""
         if not self._is_local():
-            self.fs.pipe_file(path, b"".join(parts))
+            self.fs.pipe_file(path, data if isinstance(data, bytes) else b"".join(data))
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}{_PARTIAL}{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.writelines(parts)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
+        atomic_write(path, data)
 
     def partial_writes(self) -> list[str]:
         """The temporary files of writes that a killed process never renamed into place (`is_partial_write`),
@@ -889,14 +881,6 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def block_digest(stored: np.ndarray, scale: np.ndarray | None, valid: np.ndarray) -> str:
