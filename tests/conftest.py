@@ -93,3 +93,14 @@ def demo_checkpoint(demo_store, demo_dir, tmp_path_factory) -> Path:
     train_from_config(str(DEMO_EXPERIMENT), [f"output_dir={out}", "train.max_steps=2", "data.num_workers=0",
                                              "data.batch_size=2", "train.trackers=[]"], progress=False)
     return out
+
+
+def kill_left_behind(processes) -> None:
+    """The clean-up of a test that kills a command and checks its processes died: kill any that did not."""
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()  # psutil checks the create time, so a reused pid is left alone
+        except psutil.Error:
+            pass

@@ -24,7 +24,7 @@ from pipeline.data.errors import UsageError
 from pipeline.data.images import decode_rgb
 from pipeline.data.index import build_index
 from pipeline.llava_shards import FAILURES_FILE, caption_of, image_extension, write_llava_shards
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_left_behind
 from tests.pipeline.llava_fixtures import (HOSTILE_LIMIT, HostileSet, LlavaSet, hostile_images, hostile_record,
                                            mix_665k, pretrain_558k)
 
@@ -430,11 +430,7 @@ def test_killing_the_command_takes_its_worker_processes_with_it(pretrain, tmp_pa
         assert not alive, f"alive 10 s after the command was killed: {[_cmdline(p) for p in alive]}"
     finally:
         job.kill()
-        for process in processes:
-            try:
-                process.kill()  # psutil checks the create time, so a reused pid is left alone
-            except psutil.Error:
-                pass
+        kill_left_behind(processes)
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

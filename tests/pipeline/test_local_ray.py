@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from pipeline.local_ray import ray_session
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_left_behind
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -87,11 +87,7 @@ def test_a_killed_driver_leaves_no_ray_process_behind():
         assert not alive, f"still alive 30 s after the driver was killed: {describe(alive)}"
     finally:
         driver.kill()
-        for process in descendants:
-            try:
-                process.kill()  # psutil checks the create time, so a reused pid is left alone
-            except psutil.Error:
-                pass
+        kill_left_behind(descendants)
 
 
 def test_a_clean_exit_shuts_ray_down_and_leaves_no_process_behind():
