@@ -7,13 +7,14 @@ One checkpoint holds, written in this order:
   which is its whole data position, and its counts of text-only and skipped samples;
 - `training_provenance.json`: config, store, step and the rows trained on so far, every invocation included (what
   the finished student carries too);
-- `trainer_state.json`, last: the step, the sample count and the settings the data position depends on. A
-  directory without it is an interrupted save: `resume: auto` ignores it and the next save at that step redoes it.
+- `trainer_state.json`, last: the step, the sample count, torch's intra-op CPU thread count and the settings the
+  data position depends on. A directory without it is an interrupted save: `resume: auto` ignores it and the next
+  save at that step redoes it.
 
-Resuming = `accelerate.load_state` + each rank's epoch order starting after what it had drawn, so on CPU the losses
-after a resume are the losses the uninterrupted run would have logged. A complete checkpoint can still fail to load
-(a file cut short by a full disk or an interrupted copy): `resume: auto` then warns, naming the file, and resumes
-from the checkpoint before it (`resume_training_state`).
+Resuming = `accelerate.load_state` + each rank's epoch order starting after what it had drawn + the run's CPU thread
+count, so on CPU the losses after a resume are the losses the uninterrupted run would have logged. A complete
+checkpoint can still fail to load (a file cut short by a full disk or an interrupted copy): `resume: auto` then warns,
+naming the file, and resumes from the checkpoint before it (`resume_training_state`).
 
 The other kind of checkpoint, a finished student (`output_dir`, `save_pretrained`), is read here too:
 `load_student` for the next stage's `model.init_from`, `load_frozen_student` for inference (`pipeline probe`,
@@ -53,6 +54,8 @@ class TrainState:
     drawn: int = 0
     text_only: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    # torch's intra-op CPU threads the run computes with: a resumed run takes them over (see student/trainer.py).
+    cpu_threads: int | None = None
 
     def consumed(self, batch: dict) -> None:
         """Record that `batch` (from `student.data.BatchCollator`) was taken from the loader."""
@@ -117,7 +120,7 @@ def save_training_state(accelerator, output_dir: str, state: TrainState, layout:
         for name, content in (files or {}).items():
             with open(os.path.join(path, name), "w") as f:
                 json.dump(content, f, indent=1, sort_keys=True)
-        record = {"step": state.step, "samples": state.samples, "layout": layout}
+        record = {"step": state.step, "samples": state.samples, "cpu_threads": state.cpu_threads, "layout": layout}
         with atomic_file(os.path.join(path, STATE_FILE), "w") as f:  # the checkpoint's completion record, last
             json.dump(record, f, indent=1, sort_keys=True)
         if keep > 0:
@@ -189,7 +192,7 @@ def load_training_state(accelerator, path: str, layout: dict) -> TrainState:
     if problem is not None:
         raise UnloadableCheckpoint(path, problem)
     return TrainState(step=record["step"], samples=record["samples"], batches=data["batches"], drawn=data["drawn"],
-                      text_only=data["text_only"], skipped=data["skipped"])
+                      text_only=data["text_only"], skipped=data["skipped"], cpu_threads=record["cpu_threads"])
 
 
 def checkpoint_problem(path: str) -> str | None:

@@ -145,6 +145,11 @@ class TrainConfig(BaseModel):
     )
     record_rows: bool = Field(default=False, description="write the store rows each rank trained on to "
                               "output_dir/rows-rank{R}.json")
+    cpu_threads: int | None = Field(
+        default=None, gt=0, description="torch intra-op CPU threads per process. A sum over another number of threads "
+        "rounds differently, so a resumed run computes with the count of the run it resumes; null: that count (the "
+        "checkpoint records it), or torch's count in this process for a new run"
+    )
 
 
 class ExperimentConfig(BaseModel):

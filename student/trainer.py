@@ -312,6 +312,25 @@ def _next_batch(parts: TrainingParts, data, state: TrainState) -> dict:
                              "the shards rewritten after the store was built?")
 
 
+def _use_cpu_threads(cfg: ExperimentConfig, state: TrainState, accelerator) -> None:
+    """Compute with `train.cpu_threads` torch intra-op threads, else with the count of the run this one resumes, else
+    with this process's count; `state` records it for the checkpoints.
+
+    A reduction split over another number of threads adds in another order: a run resumed in a process with another
+    count (another machine, OMP_NUM_THREADS, or a caller that set torch's threads) would drift from the uninterrupted
+    run in the seventh digit from its first step on. Set even when the count is already right: the first
+    `torch.set_num_threads` in a process also turns MKL's dynamic threading off for good, which moves the bits of
+    some of MKL's products too, so a fresh process and one where other code set the threads compute alike only once
+    both have set them.
+    """
+    threads = cfg.train.cpu_threads or state.cpu_threads or torch.get_num_threads()
+    if threads != torch.get_num_threads() and threads != cfg.train.cpu_threads and accelerator.is_main_process:
+        print(f"computing with {threads} CPU threads, as the run it resumes did (this process had "
+              f"{torch.get_num_threads()}); set train.cpu_threads to choose another count", flush=True)
+    torch.set_num_threads(threads)
+    state.cpu_threads = threads
+
+
 def train(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None = None,
           progress: bool = True) -> TrainResult:
     """Train the student `cfg` describes, resuming from its newest checkpoint if `train.resume` says so.
@@ -319,7 +338,18 @@ def train(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None 
     `online_targets`: with `data.online_teachers: true`, a factory of the store's teachers on a device
     (`pipeline.online_targets.online_targets_factory(cfg)`); the trainer never imports them itself. Without it that
     mode is a `UsageError`.
+
+    Computes with `train.cpu_threads` torch threads (see `_use_cpu_threads`), and gives the calling process its own
+    thread count back when it returns.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, online_targets, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: ExperimentConfig, online_targets: OnlineTargetsFactory | None, progress: bool) -> TrainResult:
     started = time.perf_counter()
     parts = build_training(cfg, online_targets=online_targets, progress=progress)
     acc = parts.accelerator
@@ -328,6 +358,7 @@ def train(cfg: ExperimentConfig, *, online_targets: OnlineTargetsFactory | None 
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     resume_dir, state = resume_training_state(acc, cfg.train.resume, cfg.output_dir, layout)
+    _use_cpu_threads(cfg, state, acc)
     earlier_rows = rows_of(resume_dir) if resume_dir is not None else []
     if resume_dir is not None:
         parts.order.start = state.drawn
