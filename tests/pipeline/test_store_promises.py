@@ -189,7 +189,8 @@ def test_a_worker_of_a_dead_run_cannot_write_into_a_store_another_run_holds(demo
     spec = yaml.safe_load(DEMO_TEACHERS.read_text())["teachers"]["gen"]
     spec["model"] = str(demo_dir / "assets" / "teachers" / "gen")
     urls = {p.name: str(p) for p in sorted((demo_dir / "shards").glob("*.tar"))}
-    # This process's own thread count: the worker sets it, and later tests compare float bits across processes.
+    # This process's own thread count: the worker sets torch's threads for its whole process. (Setting them at all
+    # also turns MKL's dynamic threading off for good, which moves float bits: the trainer sets its own threads.)
     worker = BlockWorker(str(store_copy), {"gen": spec}, urls, max_pixels=10**8, threads=torch.get_num_threads(),
                          token=stale_token)
     (store_copy / "_blocks" / "gen" / "000000.json").unlink()
