@@ -269,7 +269,12 @@ class Feed:
             self.retries.remove((when, actor, probes))
             self.probes[actor.describe.remote()] = (actor, probes)
         timeout = min([HEARTBEAT_SECONDS, *(max(0.0, when - now) for when, _, _ in self.retries)])
-        done, _ = self.ray.wait([*refs, *self.probes], num_returns=1, timeout=timeout)
+        waiting = [*refs, *self.probes]
+        if waiting:
+            done, _ = self.ray.wait(waiting, num_returns=1, timeout=timeout)
+        else:  # every worker lost and none asked yet: wait for the next one's turn
+            done = []
+            time.sleep(timeout)
         if time.monotonic() - self.last_beat > HEARTBEAT_SECONDS / 2:
             self.lock.heartbeat()
             self.last_beat = time.monotonic()
