@@ -209,10 +209,16 @@ class Feed:
         self.last_beat = time.monotonic()
 
     def first_answer(self) -> dict[str, dict]:
-        """Wait for the first worker whose teachers loaded; return its `describe()`."""
+        """Wait for the first worker whose teachers loaded, then as long again for the others (workers load in
+        parallel, so the first blocks are shared instead of all going to the quickest); return its `describe()`.
+        A worker that takes longer, or never answers (its node died), joins when it answers."""
+        started = time.monotonic()
         while not self.load:
             self._check_left()
             self._wait([])
+        deadline = time.monotonic() + (time.monotonic() - started)
+        while self.probes and (left := deadline - time.monotonic()) > 0:
+            self._wait([], limit=left)
         return self.described
 
     def stop(self) -> None:
@@ -262,13 +268,14 @@ class Feed:
         return any(node.get("Alive") and all(node.get("Resources", {}).get(k, 0.0) >= v for k, v in needs.items())
                    for node in self.ray.nodes())
 
-    def _wait(self, refs: list) -> list:
-        """The work refs among `refs` that finished within HEARTBEAT_SECONDS; workers' answers are taken here."""
+    def _wait(self, refs: list, limit: float = HEARTBEAT_SECONDS) -> list:
+        """The work refs among `refs` that finished within `limit` seconds (at most HEARTBEAT_SECONDS); workers'
+        answers are taken here."""
         now = time.monotonic()
         for when, actor, probes in [r for r in self.retries if r[0] <= now]:
             self.retries.remove((when, actor, probes))
             self.probes[actor.describe.remote()] = (actor, probes)
-        timeout = min([HEARTBEAT_SECONDS, *(max(0.0, when - now) for when, _, _ in self.retries)])
+        timeout = min([limit, HEARTBEAT_SECONDS, *(max(0.0, when - now) for when, _, _ in self.retries)])
         waiting = [*refs, *self.probes]
         if waiting:
             done, _ = self.ray.wait(waiting, num_returns=1, timeout=timeout)
