@@ -49,6 +49,7 @@ The three measurements are variants of interleaved rounds (benchmarks/measure.py
 over rounds with the min-max.
 
     python benchmarks/host_budget.py [--rows 128] [--rows-per-block 32] [--rounds 5] [--out runs/bench-host]
+                                     [--quiet SECONDS]
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -377,6 +379,80 @@ def build_setup(out: Path, rows: int, rows_per_block: int) -> Setup:
     return setup
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy since boot (Linux /proc/stat, less idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class OurCpu(threading.Thread):
+    """CPU seconds that this process and its descendants use while it runs, polled every `every` seconds: a
+    process that ends meanwhile (a Ray worker killed at the end of a job) counts as last seen, since its time
+    need not reach any parent that is ours."""
+
+    def __init__(self, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.every, self.stopped = every, threading.Event()
+        self.first: dict[tuple, float] = {}
+        self.last: dict[tuple, float] = {}
+        self.baseline = True
+
+    def poll(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for process in (me, *me.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                key = (process.pid, process.create_time())
+                times = process.cpu_times()
+                self.last[key] = times.user + times.system
+                # The processes of the first poll count from then on; those that start later count whole.
+                self.first.setdefault(key, self.last[key] if self.baseline else 0.0)
+        self.baseline = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.poll()
+
+    def seconds(self) -> float:
+        self.stopped.set()
+        self.join()
+        self.poll()
+        return sum(self.last[key] - self.first.get(key, 0.0) for key in self.last)
+
+
+class Quiet:
+    """On a machine shared with other work: wait (at most `limit` seconds) until nothing else has run for a
+    second before each variant, and measure a variant again (at most `tries` times) when other processes used
+    more than `share` of a core while it ran. A variant measured while others run measures them too."""
+
+    def __init__(self, limit: float, tries: int = 4, share: float = 0.1):
+        self.limit, self.tries, self.share = limit, tries, share
+
+    @staticmethod
+    def foreign(run, *args):
+        """(run(*args), cores that other processes used meanwhile)."""
+        ours = OurCpu()
+        ours.poll()
+        ours.start()
+        machine, started = machine_busy(), time.perf_counter()
+        value = run(*args)
+        machine, elapsed = machine_busy() - machine, time.perf_counter() - started
+        return value, (machine - ours.seconds()) / elapsed
+
+    def measure(self, run, *args):
+        started = time.perf_counter()
+        while time.perf_counter() - started < self.limit and self.foreign(time.sleep, 1.0)[1] > self.share:
+            pass
+        for _ in range(self.tries):
+            value, others = self.foreign(run, *args)
+            if others <= self.share:
+                break
+            print(f"  (other processes used {others:.2f} cores meanwhile: measured again)", flush=True)
+        return value
+
+
 # ---- report ------------------------------------------------------------------------------------------------------
 
 
@@ -394,8 +470,8 @@ def report(rounds: list[Clock], job_ms: list[float], staged_ms: list[float], p10
     lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
              f"{torch.__version__}; load average (1 min) at start {load[0]:.2f}, at end {load[1]:.2f}; "
              f"{seconds:.0f} s in all",
-             f"{rows} rows of 300-640 px JPEGs, blocks of {args.rows_per_block}, {args.rounds} interleaved rounds; "
-             "median [min-max] over rounds", "",
+             f"{rows} rows of 300-640 px JPEGs, blocks of {args.rows_per_block}, {args.rounds} interleaved rounds"
+             f"{f', --quiet {args.quiet:g}' if args.quiet else ''}; median [min-max] over rounds", "",
              "| stage | ms of one core per row (wall) | CPU ms per row (all threads) |", "|---|---|---|"]
     for stage in DISPLAYED:
         lines.append(f"| {stage} | {per_row(rounds, stage, rows):.2f} | {per_row(rounds, stage, rows, 'cpu'):.2f} |")
@@ -444,6 +520,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores Ray may use; the job's workers")
     parser.add_argument("--out", default="runs/bench-host", help="scratch directory")
+    parser.add_argument("--quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="for a machine shared with other work: before each variant wait up to SECONDS until "
+                             "nothing else runs, and measure a variant again (up to 4 times) when other processes "
+                             "used over a tenth of a core meanwhile (default 0: neither)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -482,25 +562,27 @@ def main() -> None:
         run_p10(setup)
         print(f"host budget: {args.rows} rows, blocks of {args.rows_per_block}, {args.cores} cores, {args.rounds} "
               "interleaved rounds of budget / job / p10", flush=True)
-        budgets: list[Clock] = []
-        jobs = itertools.count()
-        in_stages: list[float] = []  # the jobs' ms per row inside their workers' stages
+        stores = itertools.count()
+        details: dict[str, list] = defaultdict(list)  # budget: Clock; job: ms per row inside its workers' stages
+
+        def run_once(variant: str) -> tuple[float, object]:
+            if variant == "budget":
+                clock = run_budget(setup, getter, next(stores))
+                return sum(clock.wall[s] for s in STAGES) * 1000.0 / args.rows, clock
+            if variant == "job":
+                return run_job(setup, args.cores, next(stores))
+            return run_p10(setup), None
 
         def run(variant: str) -> float:
-            if variant == "budget":
-                budgets.append(run_budget(setup, getter, len(budgets)))
-                return sum(budgets[-1].wall[s] for s in STAGES) * 1000.0 / args.rows
-            if variant == "job":
-                all_in, staged = run_job(setup, args.cores, next(jobs))
-                in_stages.append(staged)
-                return all_in
-            return run_p10(setup)
+            value, detail = Quiet(args.quiet).measure(run_once, variant) if args.quiet else run_once(variant)
+            details[variant].append(detail)
+            return value
 
         results = interleave(("budget", "job", "p10"), run, args.rounds,
                              report=lambda line: print(f"{line}  (load {os.getloadavg()[0]:.2f})", flush=True))
     print()
-    print(report(budgets, results["job"], in_stages, results["p10"], args.rows, args, (load_start, os.getloadavg()[0]),
-                 time.perf_counter() - started))
+    print(report(details["budget"], results["job"], details["job"], results["p10"], args.rows, args,
+                 (load_start, os.getloadavg()[0]), time.perf_counter() - started))
 
 
 if __name__ == "__main__":
