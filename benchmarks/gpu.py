@@ -1,18 +1,26 @@
-"""The device check (`make bench-gpu`): the paper's three teachers at real size on this machine's GPUs.
+"""The device check (`make bench-gpu`): the paper's three teachers at real size on this machine's GPUs, in both
+compute precisions the README discusses, bfloat16 and float32 with TF32 (the paper manifest's setting).
 
 On a machine with CUDA GPUs it writes the three paper teacher checkpoints at full size with random weights (no
-download: tests/teachers/full_size.py), LLaVA-like shards of a few thousand rows (benchmarks/feed.py), then
+download: tests/teachers/full_size.py) and LLaVA-like shards of a few thousand rows (benchmarks/feed.py), then for
+each precision (`--dtype`: both by default, or one of them) measures
 
-1. the bare forward loop: every teacher's forward over the same images, inputs already on the GPU, in
-   `--dtype` (the paper manifest's compute setting by default) -> teacher-rows/s and rows/s (all three);
+1. the bare forward loop: every teacher's forward over the same images, inputs already on the GPU, one after the
+   other on one GPU -> teacher-rows/s of each and rows/s per GPU of the three;
 2. `pipeline precompute` on those shards with the default feed for GPUs (prepare and write as CPU tasks on every
-   core, each GPU's worker computing) -> rows/s per GPU, from the job's compute time;
-3. GPU utilisation sampled with `nvidia-smi` every half second during the pipeline run (mean, per GPU).
+   core Ray is given, each GPU's worker computing) -> rows/s per GPU, from the job's compute time;
+3. GPU utilisation sampled with `nvidia-smi` every half second during the pipeline run (mean, per GPU);
+4. the run's cores per GPU (the CPU cores Ray was given / GPUs) and, from them, an estimate of the cores per GPU
+   that would keep a GPU busy at the bare forward's rate: bare rows/s per GPU x host ms per row / 1000, where host
+   ms per row = the run's compute seconds x Ray's cores / rows. That assumes every core was busy for the whole
+   compute time, which holds when the CPU feed sets the pace (GPU utilisation well below 100%); when the GPU sets
+   it, the cores idled part of the time and the estimate is an upper bound. It leaves out the host work of the
+   GPU workers' own processes (they take no Ray core).
 
 It prints one markdown table to record in benchmarks/RESULTS.md. Tests never run it. `--tiny` runs the same
-steps with the tiny demo teachers (a smoke test, also on a CPU-only machine).
+steps with the tiny demo teachers (a smoke test, also on a CPU-only machine, where TF32 changes nothing).
 
-    python benchmarks/gpu.py [--rows 4096] [--dtype bfloat16] [--out runs/bench-gpu] [--tiny]
+    python benchmarks/gpu.py [--rows 4096] [--dtype both|bfloat16|float32+tf32|float32|float16] [--tiny]
 """
 
 from __future__ import annotations
@@ -24,7 +32,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.precompute import PrecomputeSummary
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,6 +46,10 @@ from benchmarks.feed import write_llava_like_shards  # noqa: E402
 
 BATCH_SIZES = {"depth": 64, "seg": 16, "gen": 128}
 GPU_SHARES = {"depth": 0.25, "seg": 0.5, "gen": 0.25}  # one worker holds all three teachers on each GPU
+# --dtype -> every teacher's (compute_dtype, tf32); the spec refuses tf32 with any other compute dtype.
+PRECISIONS = {"bfloat16": ("bfloat16", False), "float32+tf32": ("float32", True), "float32": ("float32", False),
+              "float16": ("float16", False)}
+BOTH = ("bfloat16", "float32+tf32")
 
 
 def write_teachers(root: Path, tiny: bool) -> dict[str, Path]:
@@ -46,13 +63,14 @@ def write_teachers(root: Path, tiny: bool) -> dict[str, Path]:
     return {name: write(root / name) for name, write in WRITERS.items()}
 
 
-def write_manifest(path: Path, models: dict[str, Path], dtype: str, tiny: bool) -> Path:
+def write_manifest(path: Path, models: dict[str, Path], precision: str, tiny: bool) -> Path:
     import yaml
 
     base = yaml.safe_load((REPO / "manifests" / "teachers" / ("demo.yaml" if tiny else "olavlm.yaml")).read_text())
+    compute_dtype, tf32 = PRECISIONS[precision]
     for name, spec in base["teachers"].items():
-        spec.update(model=str(models[name]), batch_size=BATCH_SIZES[name], num_gpus=GPU_SHARES[name])
-        spec.update({} if dtype == "manifest" else {"compute_dtype": dtype})
+        spec.update(model=str(models[name]), batch_size=BATCH_SIZES[name], num_gpus=GPU_SHARES[name],
+                    compute_dtype=compute_dtype, tf32=tf32)
         spec.pop("revision", None)
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path
@@ -120,16 +138,59 @@ class GpuSampler:
         return [sum(col) / len(col) for col in zip(*self.samples)] if self.samples else []
 
 
+@dataclass
+class Result:
+    """One precision's measures: `bare` teacher-rows/s of each forward on one device, the pipeline run's summary
+    and mean GPU utilisation (%) per GPU during it."""
+
+    precision: str
+    bare: dict[str, float]
+    summary: PrecomputeSummary
+    utilisation: list[float]
+
+
+def measure(precision: str, out: Path, models: dict[str, Path], shards: Path, args) -> Result:
+    from pipeline.precompute import PrecomputeConfig, run_precompute
+
+    slug = precision.replace("+", "-")
+    manifest = write_manifest(out / f"teachers-{slug}.yaml", models, precision, args.tiny)
+    bare = bare_forward(manifest, shards, args.forward_seconds)
+    with GpuSampler() as sampler:
+        summary = run_precompute(str(shards), str(manifest), str(out / f"store-{slug}"),
+                                 PrecomputeConfig(rows_per_block=args.rows_per_block), progress=True)
+    return Result(precision, bare, summary, sampler.means())
+
+
+def print_table(results: list[Result], gpus: int, cores: int) -> None:
+    per_gpu = max(gpus, 1)  # on a CPU-only machine (--tiny) the CPU counts as the one device
+    print("| precision | bare forward, rows/s per GPU (depth, seg, gen teacher-rows/s) | pipeline, rows/s per GPU "
+          "| pipeline / bare | GPU utilisation, pipeline | cores per GPU | host ms per row (estimate) "
+          "| cores per GPU to keep up with the bare forward (estimate) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        # The three teachers one after the other on one device: 1 / the sum of their seconds per row.
+        bare = 1.0 / sum(1.0 / rate for rate in r.bare.values())
+        pipeline = r.summary.num_rows / r.summary.compute_seconds / per_gpu
+        host_ms = r.summary.compute_seconds * cores / r.summary.num_rows * 1000
+        teachers = ", ".join(f"{rate:.0f}" for rate in r.bare.values())
+        utilisation = ", ".join(f"{u:.0f}%" for u in r.utilisation) or "n/a"
+        print(f"| {r.precision} | {bare:.1f} ({teachers}) | {pipeline:.1f} | {pipeline / bare:.2f} | {utilisation} "
+              f"| {cores / per_gpu:.1f} | {host_ms:.1f} | {bare * host_ms / 1000:.1f} |")
+    print("\nhost ms per row = the run's compute seconds x Ray's CPU cores / rows: exact when the CPU feed sets the "
+          "pace, an upper bound when the GPU does (high utilisation).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--rows-per-block", type=int, default=64)
-    parser.add_argument("--dtype", default="manifest", choices=("manifest", "float32", "bfloat16", "float16"),
-                        help="compute dtype of every teacher (default: the manifest's)")
-    parser.add_argument("--forward-seconds", type=float, default=20.0, help="per teacher, for the bare loop")
+    parser.add_argument("--dtype", default="both", choices=("both", *PRECISIONS),
+                        help="compute precision of every teacher (default: both of bfloat16 and float32+tf32)")
+    parser.add_argument("--forward-seconds", type=float, help="per teacher, for the bare loop (default 20, 2 tiny)")
     parser.add_argument("--out", default="runs/bench-gpu")
     parser.add_argument("--tiny", action="store_true", help="tiny demo teachers: a smoke test, CPU allowed")
     args = parser.parse_args()
+    args.forward_seconds = args.forward_seconds or (2.0 if args.tiny else 20.0)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -137,34 +198,24 @@ def main() -> None:
 
     if not torch.cuda.is_available() and not args.tiny:
         sys.exit("no CUDA GPU here: run this on a GPU machine (or pass --tiny for a smoke test)")
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    from pipeline.local_ray import ray_session
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     shards = write_llava_like_shards(out / "shards", args.rows)
-    manifest = write_manifest(out / "teachers.yaml", write_teachers(out / "teachers", args.tiny), args.dtype,
-                              args.tiny)
+    models = write_teachers(out / "teachers", args.tiny)
     print(f"assets written in {time.perf_counter() - started:.0f}s")
-    bare = bare_forward(manifest, shards, args.forward_seconds)
+    # One Ray for every run, started here so that its cores can be read: run_precompute joins it.
+    with ray_session(None, include_dashboard=False, logging_level="ERROR", log_to_driver=False) as ray:
+        cores = int(ray.cluster_resources()["CPU"])
+        results = [measure(p, out, models, shards, args) for p in (BOTH if args.dtype == "both" else (args.dtype,))]
     gpus = torch.cuda.device_count()
-    with GpuSampler() as sampler:
-        summary = run_precompute(str(shards), str(manifest), str(out / "store"),
-                                 PrecomputeConfig(rows_per_block=args.rows_per_block), progress=True)
-    pipeline_rate = summary.num_rows / summary.compute_seconds
-    # Rows/s of the three teachers run one after the other on one device: 1 / sum of per-teacher seconds per row.
-    bare_rate = 1.0 / sum(1.0 / r for r in bare.values())
     name = torch.cuda.get_device_name() if gpus else "CPU (smoke test)"
-    print(f"\n{name} x {gpus}, {os.cpu_count()} CPU cores, torch {torch.__version__}, dtype {args.dtype}, "
-          f"{summary.num_rows} rows, feed {summary.feed}, {summary.workers} worker(s)")
-    print("| measure | value |\n|---|---|")
-    for teacher, rate in bare.items():
-        print(f"| bare forward, {teacher} | {rate:.1f} teacher-rows/s per GPU |")
-    print(f"| bare forward, three teachers | {bare_rate:.1f} rows/s per GPU |")
-    print(f"| pipeline | {pipeline_rate / max(gpus, 1):.1f} rows/s per GPU ({pipeline_rate:.1f} in all) |")
-    print(f"| pipeline / bare forward | {pipeline_rate / max(gpus, 1) / bare_rate:.3f} |")
-    utilisation = sampler.means()
-    print(f"| GPU utilisation during the pipeline | {', '.join(f'{u:.0f}%' for u in utilisation) or 'n/a'} |")
+    last = results[-1].summary
+    print(f"\n{name} x {gpus}, {cores} CPU cores given to Ray ({os.cpu_count()} on the host), torch "
+          f"{torch.__version__}, {last.num_rows} rows, feed {last.feed}, {last.workers} worker(s)\n")
+    print_table(results, gpus, cores)
 
 
 if __name__ == "__main__":
