@@ -212,12 +212,13 @@ def _slice(batch, i: int):
 
 @dataclass
 class FinishedBatch:
-    """One batch of outputs as it leaves the device: which rows are finite (bool [n]), and for those rows only
-    their `Storage.encode` codes and scales, token count and per-channel float64 sums of values and squares [C]."""
+    """One batch of outputs finished on the device: which rows are finite (bool [n], on the host), and for those
+    rows only their `Storage.encode_tensor` codes and scales (still on the device: `_place` copies them into the
+    block's arrays), token count and per-channel float64 sums of values and squares [C] (on the host)."""
 
     finite: np.ndarray
-    codes: np.ndarray
-    scales: np.ndarray | None
+    codes: Any  # torch tensor on the device
+    scales: Any  # torch tensor on the device, or None
     tokens: int
     sums: np.ndarray
     squares: np.ndarray
@@ -245,9 +246,25 @@ def finish(values, storage: Storage) -> FinishedBatch:
         finite_rows = finite.cpu().numpy()
         if not finite_rows.all():
             values, sums, squares = values[finite], sums[finite], squares[finite]
-        codes, scales = storage.encode(values)
+        codes, scales = storage.encode_tensor(values)
         return FinishedBatch(finite_rows, codes, scales, values.shape[0] * values.shape[1], sums.sum(dim=0).cpu().numpy(),
                              squares.sum(dim=0).cpu().numpy())
+
+
+def _place(host: np.ndarray, rows: list[int], values) -> None:
+    """Copy `values` (a torch tensor on any device, `host`'s dtype) into `host[rows]`, in one copy: from a device
+    straight into place for the usual run of consecutive rows; on the host by numpy, whose copy is memcpy (torch's
+    copy kernel took about twice as long for 16-bit values on one thread)."""
+    import torch
+
+    bits = host.view(f"i{host.dtype.itemsize}")  # numpy's bfloat16 is not torch's: move the bits
+    values = values.view(getattr(torch, f"int{8 * host.dtype.itemsize}"))
+    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+    index = slice(rows[0], rows[0] + len(rows)) if consecutive else rows
+    if values.device.type != "cpu" and consecutive:
+        torch.from_numpy(bits[index]).copy_(values)
+    else:
+        bits[index] = values.cpu().numpy()
 
 
 def _token_sums(values):
@@ -277,7 +294,7 @@ def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], 
     preprocessing failures, carried into the result.
 
     A batch whose forward raises is redone one image at a time; a non-finite output is a failure. Each batch's
-    outputs are finished where the teacher computed them (`finish`: checked, summed, encoded on its device), so
+    outputs are finished where the teacher computed them (`Teacher.finish`: `finish` on its device), so
     only stored bytes come to the host, and no float32 copy of the block is ever made. `device_lock`, when given,
     is held around each forward only: threads computing other blocks finish their outputs meanwhile, but one
     forward runs at a time.
@@ -306,7 +323,7 @@ def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], 
                 except Exception as exc:  # noqa: BLE001 - recorded per sample, the job goes on
                     errors.append((position, f"{type(exc).__name__}: {exc}"))
         for done, out in results:
-            finished = finish(out, storage)
+            finished = teacher.finish(out, storage)
             errors.extend((p, "teacher output is not finite") for p, ok in zip(done, finished.finite) if not ok)
             rows = [slots[p] for p, ok in zip(done, finished.finite) if ok]
             if not rows:
@@ -314,9 +331,9 @@ def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], 
             sums += finished.sums
             squares += finished.squares
             count += finished.tokens
-            stored[rows] = finished.codes
+            _place(stored, rows, finished.codes)
             if scale is not None:
-                scale[rows] = finished.scales
+                _place(scale, rows, finished.scales)
             valid[rows] = 1
     stats = {"count": count, "sum": sums.tolist(), "sumsq": squares.tolist()}
     return TeacherOutputs(stored, scale, valid, stats, sorted(errors))

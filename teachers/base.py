@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
@@ -36,6 +36,10 @@ from torch import nn
 from teachers.decoding import TargetDecoder
 from teachers.pixels import Batch, Preprocessor
 from teachers.spec import TeacherSpecBase
+
+if TYPE_CHECKING:
+    from pipeline.block_stages import FinishedBatch
+    from pipeline.data.store import Storage
 
 FINGERPRINT_VERSION = b"teacher-fingerprint-v1\n"
 _HASH_CHUNK = 1 << 20
@@ -330,6 +334,14 @@ class Teacher(nn.Module):
         if out.shape[1:] != self.target_shape:
             raise RuntimeError(f"{type(self).__name__} produced {tuple(out.shape)}, expected [B, *{self.target_shape}]")
         return out
+
+    def finish(self, values: torch.Tensor, storage: Storage) -> FinishedBatch:
+        """`device_forward`'s outputs checked, summed and encoded where they lie (pipeline/block_stages.py
+        `finish`): the device's work after the forward, of which only the stored bytes and the sums reach the host.
+        The benchmarks' simulated accelerator takes it off the host, as a real device does."""
+        from pipeline.block_stages import finish
+
+        return finish(values, storage)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """batch from `preprocess` -> targets [B, T, C] float32 on CPU (no autograd history); see `device_forward`."""

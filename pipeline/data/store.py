@@ -150,7 +150,13 @@ class Storage:
 
     def encode(self, target) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 [n, T, C], a numpy array or a torch tensor on any device -> (stored [n, T', C] in the array dtype,
-        scale [n, T'] float16 or None), numpy arrays on the host.
+        scale [n, T'] float16 or None), numpy arrays on the host: `encode_tensor`'s results brought to the host."""
+        codes, scale = self.encode_tensor(target)
+        return _host_array(codes), None if scale is None else _host_array(scale)
+
+    def encode_tensor(self, target):
+        """`encode` left where the tensor is: (codes [n, T', C] in the array dtype, scale [n, T'] float16 or None),
+        torch tensors on the target's device.
 
         The arithmetic runs where the tensor is, so from a teacher's device only the stored bytes cross to the
         host, and it gives the same bits on every device: casts and divisions round to nearest even (IEEE),
@@ -164,8 +170,8 @@ class Storage:
         if self.quantize == "int8":
             scale = (values.abs().amax(dim=-1) / 127.0).to(torch.float16)
             safe = torch.where(scale > 0, scale.to(torch.float32), 1.0).unsqueeze(-1)
-            return _host_array(torch.round(values / safe).clamp_(-127, 127).to(torch.int8)), _host_array(scale)
-        return _host_array(values.to(torch.bfloat16 if self.dtype == "bfloat16" else torch.float16)), None
+            return torch.round(values / safe).clamp_(-127, 127).to(torch.int8), scale
+        return values.to(torch.bfloat16 if self.dtype == "bfloat16" else torch.float16), None
 
     def decode(self, stored: np.ndarray, scale: np.ndarray | None, tokens: int) -> np.ndarray:
         """Undo `encode` as far as it can be undone: [n, T', C] -> float32 [n, T, C]."""
@@ -919,13 +925,13 @@ def _block_file(metadata, values: np.ndarray, array: str) -> list[bytes] | None:
     file_rows = metadata.chunk_grid.chunk_shape[0]
     if not sharded:
         chunk = _bytes_of(_padded(values, file_rows))
-        return [compressor.encode(chunk)] if chunk.any() else None
+        return None if _all_fill(chunk) else [compressor.encode(chunk)]
     chunk_rows = metadata.codecs[0].chunk_shape[0]
     index = np.full((file_rows // chunk_rows, 2), _EMPTY_CHUNK, dtype="<u8")
     parts, offset = [], 0
     for i, start in enumerate(range(0, len(values), chunk_rows)):
         chunk = _bytes_of(_padded(values[start : start + chunk_rows], chunk_rows))
-        if not chunk.any():
+        if _all_fill(chunk):
             continue
         data = compressor.encode(chunk)
         index[i] = offset, len(data)
@@ -938,6 +944,13 @@ def _block_file(metadata, values: np.ndarray, array: str) -> list[bytes] | None:
 
 
 _EMPTY_CHUNK = 2**64 - 1  # the sharding codec's offset and length of a chunk that is not stored
+_FIRST_BYTES = 4096
+
+
+def _all_fill(chunk: np.ndarray) -> bool:
+    """Whether a chunk's bytes are all 0, the fill value. A chunk of data has a non-zero byte among its first few
+    nearly always: looking there first spares reading the whole chunk once more only to learn that."""
+    return not (chunk[:_FIRST_BYTES].any() or chunk.any())
 
 
 def _chunk_compressor(metadata, chunk_codecs, array: str) -> Zstd:

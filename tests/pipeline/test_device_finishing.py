@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.block_stages import TeacherOutputs, run_inputs, run_teacher
+from pipeline.block_stages import FinishedBatch, TeacherOutputs, finish, run_inputs, run_teacher
 from pipeline.data.store import BlockRange, Storage, TargetStore
 from tests.conftest import DEMO_TEACHERS
 
@@ -85,6 +85,9 @@ class GivenOutputs:
 
     def device_forward(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.to(self.device)
+
+    def finish(self, values: torch.Tensor, storage: Storage) -> FinishedBatch:
+        return finish(values, storage)
 
 
 def awkward_outputs(rows: int, shape: tuple[int, int], seed: int) -> np.ndarray:
