@@ -46,6 +46,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -570,7 +571,7 @@ class TargetStore:
                 self._write_file(self._join(name, array, key), _block_file(metadata, values, f"{name}/{array}"))
         return block_digest(stored, scale, valid)
 
-    def _write_file(self, path: str, data: list[bytes] | None) -> None:
+    def _write_file(self, path: str, data: Iterable[bytes] | None) -> None:
         """Write `path` durably (`_atomic_write`), or delete it where `data` is None (zarr keeps no file that
         holds only fill values)."""
         if data is not None:
@@ -687,7 +688,7 @@ class TargetStore:
     def _write_parquet(self, filename: str, table: pa.Table) -> None:
         self._atomic_write(self._join(filename), _parquet_bytes(table))
 
-    def _atomic_write(self, path: str, data: bytes | list[bytes]) -> None:
+    def _atomic_write(self, path: str, data: bytes | Iterable[bytes]) -> None:
         """Local: pipeline/data/atomic.py (readers never see half a file). Object stores: one PUT. `data` may come
         in parts, written in turn (joining a shard's parts would copy it all once more)."""
         if not self._is_local():
@@ -908,10 +909,10 @@ def _bytes_of(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
 
 
-def _block_file(metadata, values: np.ndarray, array: str) -> list[bytes] | None:
-    """The file, in parts, that zarr-python writes for one block of an array made by `add_teacher`: the block's shard (`target`,
-    `scale`) or its one chunk (`valid`), holding `values`, the block's rows (those past the array's end left out);
-    None where zarr writes no file because every chunk holds only the fill value.
+def _block_file(metadata, values: np.ndarray, array: str) -> Iterator[bytes] | None:
+    """The file, as parts made one by one, that zarr-python writes for one block of an array made by `add_teacher`:
+    the block's shard (`target`, `scale`) or its one chunk (`valid`), holding `values`, the block's rows (those past
+    the array's end left out); None where zarr writes no file because every chunk holds only the fill value.
 
     A shard (the Zarr v3 sharding codec) is its non-empty inner chunks, each zstd-compressed, in row order (which
     is the codec's Morton order for a grid of chunks along the rows only), then their offsets and lengths
@@ -925,22 +926,29 @@ def _block_file(metadata, values: np.ndarray, array: str) -> list[bytes] | None:
     file_rows = metadata.chunk_grid.chunk_shape[0]
     if not sharded:
         chunk = _bytes_of(_padded(values, file_rows))
-        return None if _all_fill(chunk) else [compressor.encode(chunk)]
+        return None if _all_fill(chunk) else iter([compressor.encode(chunk)])
     chunk_rows = metadata.codecs[0].chunk_shape[0]
-    index = np.full((file_rows // chunk_rows, 2), _EMPTY_CHUNK, dtype="<u8")
-    parts, offset = [], 0
-    for i, start in enumerate(range(0, len(values), chunk_rows)):
-        chunk = _bytes_of(_padded(values[start : start + chunk_rows], chunk_rows))
+    chunks = [_bytes_of(_padded(values[start : start + chunk_rows], chunk_rows))
+              for start in range(0, len(values), chunk_rows)]
+    if all(_all_fill(chunk) for chunk in chunks):
+        return None
+    return _shard_parts(chunks, compressor, file_rows // chunk_rows)
+
+
+def _shard_parts(chunks: list[np.ndarray], compressor: Zstd, slots: int) -> Iterator[bytes]:
+    """A shard's parts (see `_block_file`), each chunk compressed only when the one before has been taken."""
+    index = np.full((slots, 2), _EMPTY_CHUNK, dtype="<u8")
+    offset = 0
+    for i, chunk in enumerate(chunks):
         if _all_fill(chunk):
             continue
         data = compressor.encode(chunk)
         index[i] = offset, len(data)
-        parts.append(data)
         offset += len(data)
-    if not parts:
-        return None
+        yield data
     index_bytes = index.tobytes()
-    return [*parts, index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")]
+    yield index_bytes
+    yield google_crc32c.value(index_bytes).to_bytes(4, "little")
 
 
 _EMPTY_CHUNK = 2**64 - 1  # the sharding codec's offset and length of a chunk that is not stored
