@@ -307,8 +307,10 @@ def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], 
 
     tokens, channels = teacher.target_shape
     stored_tokens, _ = storage.stored_shape(tokens, channels)
-    stored = np.zeros((size, stored_tokens, channels), dtype=storage.array_dtype)
-    scale = np.zeros((size, stored_tokens), dtype=np.float16) if storage.quantize == "int8" else None
+    # Left unset where the outputs are placed, zeroed only where none are (see the end): a block's arrays are
+    # written once, not twice.
+    stored = np.empty((size, stored_tokens, channels), dtype=storage.array_dtype)
+    scale = np.empty((size, stored_tokens), dtype=np.float16) if storage.quantize == "int8" else None
     valid = np.zeros((size,), dtype=np.uint8)
     sums, squares, count = np.zeros(channels), np.zeros(channels), 0
     errors = list(errors)
@@ -335,6 +337,10 @@ def run_inputs(teacher, batches: list[tuple[list[int], Any]], slots: list[int], 
             if scale is not None:
                 _place(scale, rows, finished.scales)
             valid[rows] = 1
+    unset = valid == 0  # failed rows and rows without an image hold zeros, the arrays' fill value
+    stored[unset] = 0
+    if scale is not None:
+        scale[unset] = 0
     stats = {"count": count, "sum": sums.tolist(), "sumsq": squares.tolist()}
     return TeacherOutputs(stored, scale, valid, stats, sorted(errors))
 
