@@ -15,8 +15,8 @@ Every figure is in ms of ONE core per row (a row: one image through all three te
                               `read_indexed_image`, `decode_rgb`
        preprocess <teacher>   `prepare_inputs` with the teacher's `preprocess` and batch size
        device process         `compute` with a near-instant device, less its sleep: everything the process that
-                              drives a device does outside the device's own work. Split into the forwards' host
-                              part (`device_forward` less the sleep) and the rest of `run_inputs` (the stored bytes
+                              drives a device does outside the device's own work. Split into the forwards
+                              (`device_forward`: queuing the device's work) and the rest of `run_inputs` (the stored bytes
                               reaching the host, placing the rows). The device's work after the forward, `finish`
                               (the check, the float64 sums and `Storage.encode`), is the simulated device's: it
                               runs once per batch size and its result is reused, as a device that finishes in no
@@ -40,11 +40,12 @@ Every figure is in ms of ONE core per row (a row: one image through all three te
 3. P10 = rows/s through one device worker fed blocks prepared in advance / 1000 rows/s. A `BlockWorker` holding
    the three teachers with the simulated device at 1 ms per image (0.2 depth, 0.6 seg, 0.2 gen) is built in this
    process and computes the prepared blocks in BLOCKS_IN_FLIGHT_PER_WORKER threads on one core (a node's other
-   cores prepare and write), as its Ray actor does in the tasks feed: forwards take turns under its device lock,
-   and one block's host work overlaps the other's forwards. The write runs in CPU tasks elsewhere and is not its
-   work. Device time without a device: the simulated forward sleeps without the GIL, so 1 ms per image is the
-   device's time and everything else this process spends is host work; at 1000 rows/s the device would be busy
-   all the time. `finish` is the device's work too (see "device process" above). Goal >= 0.8.
+   cores prepare and write), as its Ray actor does in the tasks feed: one block's host work overlaps the other's
+   forwards. The write runs in CPU tasks elsewhere and is not its work. Device time without a device: the
+   simulated forward queues 1 ms per image on a simulated stream, a thread sleeping without the GIL, and returns,
+   as a CUDA forward returns once its kernels are queued; the host waits for the stream when it needs the outputs.
+   So 1 ms per image is the device's time and everything else this process spends is host work; at 1000 rows/s
+   the device would be busy all the time. `finish` is the device's work too (see "device process" above). Goal >= 0.8.
 
 The three measurements are variants of interleaved rounds (benchmarks/measure.py); each figure is the median
 over rounds with the min-max.
@@ -75,6 +76,7 @@ sys.path.insert(0, str(REPO))  # `benchmarks.simulated_teacher` must import here
 
 from benchmarks.feed import CPU_ONLY_MS, build_assets, write_llava_like_shards, write_manifest  # noqa: E402
 from benchmarks.measure import Spread, interleave, ratio  # noqa: E402
+from benchmarks.simulated_teacher import STREAM  # noqa: E402
 
 DEVICE_MS = 1.0  # P10's simulated device: ms per image for the three teachers together
 R_GOAL, P10_GOAL = 1.3, 0.8
@@ -165,7 +167,7 @@ def time_read(clock: Clock, rows, shard_urls: dict[str, str]) -> list:
 
 def time_compute(clock: Clock, setup: Setup, prepared):
     """`compute` whole with the near-instant device, less the device's sleep, and its pieces called apart on the
-    same batches: the forwards (`device_forward`) less the sleep, and the rest. `finish`, which the simulated device
+    same batches: the forwards (`device_forward`, which queue the device's work and return), and the rest. `finish`, which the simulated device
     does on its side, is timed apart as this CPU runs it, for scale. Returns the computed block."""
     import torch
 
@@ -182,7 +184,7 @@ def time_compute(clock: Clock, setup: Setup, prepared):
         for positions, batch in batches:
             with pieces.time(FORWARD):
                 out = teacher.device_forward(stages._as_torch(batch))
-            pieces.wall[FORWARD] -= teacher.spec.ms_per_image * len(positions) / 1000.0
+            STREAM.submit(lambda: None).result()  # the device's time, which is not the host's
             with pieces.time(FINISH):
                 stages.finish(out, storages[name])
             with torch.inference_mode(), clock.time(ENCODE):
@@ -276,7 +278,7 @@ def time_transfer(clock: Clock, getter, stage: str, value) -> None:
     del ref
 
 
-FORWARD = "device process: forward calls (device_forward), host part"
+FORWARD = "device process: forward calls (device_forward, queuing the device's work)"
 FINISH = "device work, not summed: finish (check, sums, encode) as this CPU runs it"
 ENCODE = "of which encode (Storage.encode)"
 REST = "device process: rest of run_inputs (the stored bytes reaching the host, placing the rows)"

@@ -1,16 +1,18 @@
 """A simulated accelerator teacher, for benchmarks only (a manifest plugin: `plugins: [benchmarks.simulated_teacher]`).
 
 It runs the real CPU preprocessing of the teacher it imitates (any registered kind, at its real sizes), then a
-forward that waits `ms_per_image` per image without holding the GIL, as a process waiting on a GPU kernel does,
-and returns targets of the real shape (fixed random values, which compress like real ones; zeros would make the
-write stage unrealistically cheap), finished (checked, summed, encoded) on the simulated device too, so that
-only the stored bytes reach the host, as on a real one. It measures how well a pipeline feeds a device of a given speed on a machine
-that has none.
+forward that queues `ms_per_image` per image of device time on a simulated stream (a thread that sleeps, without
+holding the GIL) and returns at once, as a CUDA forward does; the host waits for the stream when it needs the
+outputs. They are targets of the real shape (fixed random values, which compress like real ones; zeros would
+make the write stage unrealistically cheap), finished (checked, summed, encoded) on the simulated device too, so
+that only the stored bytes reach the host, as on a real one. It measures how well a pipeline feeds a device of a
+given speed on a machine that has none.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
@@ -71,15 +73,24 @@ class SimulatedAcceleratorTeacher(teachers.Teacher):
     def finish(self, values, storage):
         """The simulated device finishes its outputs instantly, as it computes them: they are the same fixed values
         on every call, so the real `finish` runs once per batch size and storage and its result is reused. What a
-        real device leaves to the host stays per call: copying the stored bytes into the block's arrays
-        (`block_stages._place`). On an H100 the finishing ops read and write a few MB per row: tens of microseconds, a few
-        percent of the forward (an estimate), not simulated."""
+        real device leaves to the host stays per call: waiting for the stream to reach these outputs (`.cpu()`
+        does on a GPU) and copying the stored bytes into the block's arrays (`block_stages._place`). On an H100 the
+        finishing ops read and write a few MB per row: tens of microseconds, a few percent of the forward (an
+        estimate), not simulated."""
+        STREAM.submit(lambda: None).result()
         key = (len(values), storage)
         if key not in self._finished:
             self._finished[key] = super().finish(values, storage)
         return self._finished[key]
 
     def compute(self, batch) -> torch.Tensor:
+        """Queues the forward's device time on the stream and returns at once, as a CUDA forward does: the host
+        waits when it needs the outputs (`finish`)."""
         count = len(next(iter(batch.values())) if isinstance(batch, dict) else batch)
-        time.sleep(self.spec.ms_per_image * count / 1000.0)
+        STREAM.submit(time.sleep, self.spec.ms_per_image * count / 1000.0)
         return self.outputs[:count]
+
+
+# The simulated device of this process, as one CUDA stream: the forwards of every teacher and block run one after
+# another in the order they were queued, and waiting for one output waits for all queued before it.
+STREAM = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulated-device")
