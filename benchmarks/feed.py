@@ -111,9 +111,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-feed")
     args = parser.parse_args()
 
-    import ray
-
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    from pipeline.local_ray import ray_session
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -124,7 +122,15 @@ def main() -> None:
 
     # Ray's workers inherit the environment of the process that starts Ray: they must import the plugin too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=args.cores, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # A fresh local Ray that dies with this process, never a cluster someone else started on the machine.
+    with ray_session(None, num_cpus=args.cores, num_gpus=1, include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=False):
+        measure_feeds(args, shards, manifests)
+
+
+def measure_feeds(args, shards: Path, manifests: dict[float, Path]) -> None:
+    from pipeline.precompute import PrecomputeConfig, run_precompute
+
     print(f"P9: {args.rows} rows of 300-640 px JPEGs, blocks of {args.rows_per_block}, {args.cores} cores, one "
           f"simulated GPU, {args.repeats} interleaved rounds")
     runs = 0
@@ -133,7 +139,7 @@ def main() -> None:
         nonlocal runs
         feed, ms = variant.split("@")
         runs += 1
-        store = out / f"store-{runs}"
+        store = Path(args.out) / f"store-{runs}"
         summary = run_precompute(str(shards), str(manifests[float(ms)]), str(store),
                                  PrecomputeConfig(feed=feed, rows_per_block=args.rows_per_block), progress=False)
         shutil.rmtree(store)
@@ -150,7 +156,6 @@ def main() -> None:
             got = rates[f"{feed}@{ms}"]
             p9 = Spread.of([g / min(1000.0 / ms, c) for g, c in zip(got, capacity)])
             print(f"| {ms:g} | {1000.0 / ms:.0f} | {feed} | {Spread.of(got):.1f} | {p9:.3f} |")
-    ray.shutdown()
 
 
 if __name__ == "__main__":

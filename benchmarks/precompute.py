@@ -285,11 +285,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
     from transformers.utils import logging as hf_logging
 
     from pipeline.demo import build_demo_assets
     from pipeline.demo.llava import write_demo_shards
+    from pipeline.local_ray import ray_session
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars of the bare forward's teachers
@@ -297,8 +297,9 @@ def main() -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     results = []
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
+    # A fresh local Ray that dies with this process, never a cluster someone else started on the machine.
+    with ray_session(None, num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=False):
         if "tiny" in args.sets:
             demo = build_demo_assets(out / "demo", num_samples=args.demo_rows, num_shards=4, progress=False)
             os.environ["DEMO_DIR"] = str(demo.root)  # the demo manifest's ${DEMO_DIR}, in Ray's workers too
@@ -309,8 +310,6 @@ def main() -> None:
             small = build_small_real_teachers(out / "small-teachers")
             results.append(measure("small real (DA-V2-S, OneFormer Swin-T, CLIP ViT-B/16)", str(out / "small-shards"),
                                    small, out / "small", args.rows, args.repeats))
-    finally:
-        ray.shutdown()
     print()
     print(report(results, (load_start, os.getloadavg()[0]), time.perf_counter() - started))
 
