@@ -50,7 +50,7 @@ Every figure is in ms of ONE core per row (a row: one image through all three te
 The three measurements are variants of interleaved rounds (benchmarks/measure.py); each figure is the median
 over rounds with the min-max.
 
-    python benchmarks/host_budget.py [--rows 128] [--rows-per-block 32] [--rounds 5] [--out runs/bench-host]
+    python benchmarks/host_budget.py [--rows 256] [--rows-per-block 32] [--rounds 5] [--out runs/bench-host]
                                      [--quiet SECONDS]
 """
 
@@ -516,7 +516,7 @@ def report(rounds: list[Clock], job_ms: list[float], staged_ms: list[float], p10
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=128, help="images per round (default 128)")
+    parser.add_argument("--rows", type=int, default=256, help="images per round (default 256)")
     parser.add_argument("--rows-per-block", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores Ray may use; the job's workers")
