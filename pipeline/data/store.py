@@ -539,12 +539,6 @@ class TargetStore:
         """Bytes the teacher's group takes on disk (all its array files)."""
         return int(self.fs.du(self._join(name)))
 
-    def target_array(self, name: str) -> zarr.Array:
-        return self.group[name]["target"]
-
-    def valid_array(self, name: str) -> zarr.Array:
-        return self.group[name]["valid"]
-
     # ---- blocks ------------------------------------------------------------------------------
 
     def write_block(self, name: str, block: BlockRange, target: np.ndarray, valid: np.ndarray) -> str:
