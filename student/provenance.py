@@ -45,6 +45,8 @@ def run_provenance(cfg: ExperimentConfig, store_info: dict, accelerator, state: 
         "samples": state.samples,
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+        # The torch threads each rank computed with: on a CPU the last bits of a step depend on them.
+        "cpu_threads": state.cpu_threads,
         "resumed_from": resumed_from,
         # The store rows trained on (every rank, every invocation since the first), as [start, stop) ranges: a
         # checkpoint names its data.

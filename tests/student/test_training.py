@@ -30,7 +30,9 @@ def audit(event, args):
 sys.addaudithook(audit)
 from student.trainer import train_from_config
 result = train_from_config(sys.argv[2], sys.argv[3:], progress=False)
+import torch
 print(json.dumps({
+    "torch_threads": torch.get_num_threads(),
     "teacher_modules": sorted(m for m in sys.modules if m.split(".")[0] == "teachers"),
     "opened_teacher_files": opened,
     "first": result.first_loss, "final": result.final_loss, "steps": result.steps,
@@ -64,6 +66,7 @@ def test_training_runs_without_any_teacher_and_writes_a_loadable_checkpoint(demo
         group = json.loads((demo_store / name / "zarr.json").read_text())["attributes"]
         assert provenance["store"]["teachers"][name]["teacher_fingerprint"] == group["teacher_fingerprint"]
     assert provenance["rows"]["count"] == 3 * 2  # 3 steps of batch 2, distinct rows
+    assert provenance["cpu_threads"] == report["torch_threads"]
     assert all(0 <= start < stop <= 40 for start, stop in provenance["rows"]["ranges"])
     metrics = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
