@@ -1,4 +1,4 @@
-"""Every link and picture in the README (and docs/method.md) resolves inside the repository.
+"""Every link and picture in the README and the docs/ pages resolves inside the repository.
 
 Relative targets must exist relative to the document's folder, none may point into the git-ignored `runs/`, and
 `#anchor` links must name a heading of the file they point at (GitHub's slugs).
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "docs" / "method.md"]
+# Every page, so a page added to docs/ is checked without anyone remembering to list it here.
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # [text](target) and ![alt](target); the target ends at whitespace or ")" (an optional "title" may follow).
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -116,14 +117,19 @@ def test_readme_layout_table_names_every_module_of_its_folders():
                                   f"leaves out {sorted(present - named)}")
 
 
+def _cited_tests() -> set[str]:
+    """`test_name` names one test, `test_prefix...` the tests whose names start so, `test_file.py` a test file."""
+    return {name for doc in DOCS
+            for name in re.findall(r"`(test_[a-z0-9_]+(?:\.\.\.|\.py)?)`", doc.read_text(encoding="utf-8"))}
+
+
 def test_every_test_the_readme_cites_for_a_promise_exists():
-    # `test_name` names one test, `test_prefix...` the tests whose names start so, `test_file.py` a test file.
-    cited = set(re.findall(r"`(test_[a-z0-9_]+(?:\.\.\.|\.py)?)`", (ROOT / "README.md").read_text(encoding="utf-8")))
-    assert cited, "the README cites no test"
+    cited = _cited_tests()
+    assert cited, "neither the README nor a docs/ page cites a test"
     files = {path.name for path in (ROOT / "tests").rglob("test_*.py")}
     tests = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text(encoding="utf-8") for p in
                                                           (ROOT / "tests").rglob("test_*.py")), re.M))
     missing = [name for name in sorted(cited)
                if name not in files and not (name.endswith("...") and any(t.startswith(name[:-3]) for t in tests))
                and name not in tests]
-    assert missing == [], f"the README cites tests that do not exist: {missing}"
+    assert missing == [], f"the README or docs/ pages cite tests that do not exist: {missing}"
