@@ -26,6 +26,7 @@ import torch
 
 from pipeline.block_stages import run_teacher
 from pipeline.data.errors import UsageError
+from pipeline.data.fingerprints import check_fingerprint
 from pipeline.data.store import Storage, TargetStore
 from student.config import ExperimentConfig
 
@@ -53,14 +54,12 @@ class OnlineTargets:
                     f"(model {attrs['spec'].get('model')}): {' '.join(str(exc).split())}; online teachers need the "
                     "same weights at the same place as the precompute that wrote the store"
                 ) from None
-            if teacher.fingerprint != attrs["teacher_fingerprint"] and not accept_fingerprint_mismatch:
-                raise UsageError(
-                    f"teacher {name!r} rebuilt from store {store.path}'s spec has fingerprint "
-                    f"{teacher.fingerprint[:12]}.. but the store's targets were made by "
-                    f"{attrs['teacher_fingerprint'][:12]}..: the weights at {attrs['spec'].get('model')} or the "
-                    "teacher code changed since the precompute; restore them, precompute a new store, or set "
-                    "data.accept_fingerprint_mismatch=true"
-                )
+            if not accept_fingerprint_mismatch:
+                check_fingerprint(
+                    name, teacher.fingerprint, attrs["teacher_fingerprint"],
+                    where=f"rebuilt from store {store.path}'s spec", expected_by="the store",
+                    remedy=f"the weights at {attrs['spec'].get('model')} or the teacher code changed since the "
+                    "precompute; restore them, precompute a new store, or set data.accept_fingerprint_mismatch=true")
             if tuple(teacher.target_shape) != tuple(attrs["target_shape"]):
                 raise UsageError(f"teacher {name!r} gives targets {list(teacher.target_shape)} but store "
                                  f"{store.path} holds {attrs['target_shape']}")

@@ -27,6 +27,7 @@ from pipeline.data.config import describe_validation_error
 from pipeline import block_stages as stages
 from pipeline.data.errors import JobError, UsageError
 from pipeline.data.failpoints import failpoint
+from pipeline.data.fingerprints import check_fingerprint, fingerprint_mismatch
 from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.data.index import ShardIndex, build_index, duplicate_rows, first_difference
 from pipeline.local_ray import ray_session
@@ -194,10 +195,9 @@ def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -
     what = f"spec field(s) {', '.join(changed)} differ" if changed else "the weights differ"
     if moved:
         what += f"; model {stored.get('model')} -> {spec.get('model')}"
-    raise UsageError(
-        f"store {store.path} holds teacher {name!r} with fingerprint {attrs.get('teacher_fingerprint', '?')[:12]}.. "
-        f"but the manifest's has {fingerprint[:12]}.. ({what}); use a new --store or another teacher name"
-    )
+    raise UsageError(fingerprint_mismatch(name, attrs["teacher_fingerprint"], fingerprint,
+                                          where=f"in store {store.path}", expected_by="the manifest",
+                                          remedy=f"{what}; use a new --store or another teacher name"))
 
 
 def _pending_blocks(store: TargetStore, specs: dict, fingerprints: dict) -> tuple[dict, dict]:
@@ -340,10 +340,9 @@ def _compute(ray, job: ComputeJob) -> None:
 
     def check_worker(described: dict[str, dict]) -> None:
         for name, info in described.items():
-            if info["fingerprint"] != fingerprints[name]:
-                raise JobError(
-                    f"teacher {name!r} has fingerprint {info['fingerprint'][:12]}.. on worker {info['host']} but "
-                    f"{fingerprints[name][:12]}.. on the driver: are the weights the same on every node?")
+            check_fingerprint(name, info["fingerprint"], fingerprints[name], where=f"on worker {info['host']}",
+                              expected_by="the driver", error=JobError,
+                              remedy="give every node the driver's weights and teacher code")
 
     ranges = {b.block: b for b in store.blocks()}
     duplicates = duplicate_rows(index.table)

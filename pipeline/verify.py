@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.data.errors import UsageError
+from pipeline.data.fingerprints import fingerprint_mismatch
 from pipeline.data.index import PreviousIndex, build_index, dataset_fingerprint, first_difference
 from pipeline.data.store import TargetStore, is_partial_write
 
@@ -78,8 +79,10 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
         teacher = store.teacher_attrs(name)
         fingerprint = teacher.get("teacher_fingerprint")
         if name in expected and expected[name] != fingerprint:
-            problems.append(f"{name}: store fingerprint {str(fingerprint)[:12]}.. but the manifest's teacher has "
-                            f"{expected[name][:12]}..")
+            problems.append(fingerprint_mismatch(
+                name, fingerprint, expected[name], where="in the store", expected_by=f"manifest {manifest}",
+                remedy="precompute with this manifest into a new --store, or verify with the manifest the store was "
+                "made with"))
         problems.extend(store.damaged_records(name))
         records = {r["block"]: r for r in store.read_records(name)}
         missing = [b.block for b in blocks if b.block not in records]
@@ -156,7 +159,10 @@ def _compare_shard_records(records, current, report: VerifyReport) -> None:
 def _check_block(store: TargetStore, name: str, block, record: dict, fingerprint: str) -> list[str]:
     found = []
     if record.get("fingerprint") != fingerprint:
-        found.append("computed by another teacher fingerprint than the group's")
+        found.append(fingerprint_mismatch(
+            name, record.get("fingerprint"), fingerprint, where="in the block's completion record",
+            expected_by="its teacher group", remedy=f"delete the record (in {store.path}/_blocks/{name}/) and rerun "
+            "`pipeline precompute` to compute the block again"))
     try:
         digest = store.read_block_digest(name, block)
         values, valid = store.read_rows(name, block.start, block.stop)

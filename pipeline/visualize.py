@@ -31,6 +31,7 @@ from PIL import Image
 
 import teachers
 from pipeline.data.errors import UsageError
+from pipeline.data.fingerprints import fingerprint_mismatch
 from student.checkpoint import load_frozen_student, training_provenance
 from student.generate import prompt_inputs, read_image
 from teachers.decoding import Decoded, DepthMap, GeneratedImage, PanopticMasks
@@ -117,9 +118,12 @@ def visualize(checkpoint: str, teachers_manifest: str, image_path: str, out: str
         stored = (trained_on.get("teachers") or {}).get(task, {}).get("teacher_fingerprint")
         record.update(layers=list(layers), trained_on_fingerprint=stored)
         if stored and stored != record["teacher_fingerprint"]:
-            record["warning"] = ("the student was trained on targets of another teacher (fingerprint "
-                                 f"{stored[:12]}..) than the manifest's ({record['teacher_fingerprint'][:12]}..)")
-            print(f"warning: {task}: {record['warning']}")
+            record["warning"] = fingerprint_mismatch(
+                task, record["teacher_fingerprint"], stored, where=f"in {teachers_manifest}",
+                expected_by=f"checkpoint {checkpoint}",
+                remedy="the student was trained on targets of another teacher; pass the teachers manifest it was "
+                "trained with to compare its predictions with that teacher's targets")
+            print(f"warning: {record['warning']}")
         rows.append(TaskRow(task, spec.kind, cells))
         records[task] = record
         gc.collect()  # one teacher and its decoder in memory at a time

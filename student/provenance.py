@@ -8,6 +8,7 @@ import json
 import os
 
 from pipeline.data.errors import UsageError
+from pipeline.data.fingerprints import check_fingerprint
 from pipeline.data.store import TargetStore
 from student.checkpoint import PROVENANCE_FILE, TrainState
 from student.config import ExperimentConfig
@@ -24,11 +25,10 @@ def check_store(cfg: ExperimentConfig) -> dict:
                              "precompute it or drop the task from model.tasks")
         attrs = store.teacher_attrs(name)
         expected = cfg.data.expected_fingerprints.get(name)
-        if expected and attrs["teacher_fingerprint"] != expected and not cfg.data.accept_fingerprint_mismatch:
-            raise UsageError(
-                f"store teacher {name!r} has fingerprint {attrs['teacher_fingerprint'][:12]}.. but the experiment "
-                f"expects {expected[:12]}..; use the matching store or set data.accept_fingerprint_mismatch=true"
-            )
+        if expected and not cfg.data.accept_fingerprint_mismatch:
+            check_fingerprint(name, attrs["teacher_fingerprint"], expected, where=f"in store {store.path}",
+                              expected_by="the experiment (data.expected_fingerprints)",
+                              remedy="use the matching store or set data.accept_fingerprint_mismatch=true")
         info["teachers"][name] = {"teacher_fingerprint": attrs["teacher_fingerprint"],
                                   "target_shape": attrs["target_shape"], "dtype": attrs["dtype"],
                                   "complete": attrs.get("complete", False), "spec": attrs.get("spec")}
