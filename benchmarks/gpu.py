@@ -1,5 +1,5 @@
 """The device check (`make bench-gpu`): the paper's three teachers at real size on this machine's GPUs, in both
-compute precisions the README discusses, bfloat16 and float32 with TF32 (the paper manifest's setting).
+compute precisions docs/precompute-at-scale.md discusses, bfloat16 and float32 with TF32 (the paper manifest's setting).
 
 On a machine with CUDA GPUs it writes the three paper teacher checkpoints at full size with random weights (no
 download: tests/teachers/full_size.py) and LLaVA-like shards of a few thousand rows (benchmarks/feed.py), then for
