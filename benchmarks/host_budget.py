@@ -167,11 +167,13 @@ def time_read(clock: Clock, rows, shard_urls: dict[str, str]) -> list:
 
 def time_compute(clock: Clock, setup: Setup, prepared):
     """`compute` whole with the near-instant device, less the device's sleep, and its pieces called apart on the
-    same batches: the forwards (`device_forward`, which queue the device's work and return), and the rest. `finish`, which the simulated device
-    does on its side, is timed apart as this CPU runs it, for scale. Returns the computed block."""
+    same batches: the forwards (`device_forward`, which queue the device's work and return), and the rest.
+    `finish`, which the simulated device does on its side, is timed apart as this CPU runs it, for scale. Returns
+    the computed block."""
     import torch
 
     from pipeline import block_stages as stages
+    from pipeline.data.finishing import finish
 
     storages = {name: t.spec.storage() for name, t in setup.teachers.items()}
     sleep = sum(t.spec.ms_per_image for t in setup.teachers.values()) * len(prepared.decoded) / 1000.0
@@ -186,7 +188,7 @@ def time_compute(clock: Clock, setup: Setup, prepared):
                 out = teacher.device_forward(stages._as_torch(batch))
             STREAM.submit(lambda: None).result()  # the device's time, which is not the host's
             with pieces.time(FINISH):
-                stages.finish(out, storages[name])
+                finish(out, storages[name])
             with torch.inference_mode(), clock.time(ENCODE):
                 storages[name].encode(out.to(torch.float32))
     for stage in (FORWARD, FINISH):

@@ -27,19 +27,17 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.data.finishing import FinishedBatch, finish
+from pipeline.data.store import Storage
 from teachers.decoding import TargetDecoder
 from teachers.pixels import Batch, Preprocessor
 from teachers.spec import TeacherSpecBase
-
-if TYPE_CHECKING:
-    from pipeline.block_stages import FinishedBatch
-    from pipeline.data.store import Storage
 
 FINGERPRINT_VERSION = b"teacher-fingerprint-v1\n"
 _HASH_CHUNK = 1 << 20
@@ -336,11 +334,9 @@ class Teacher(nn.Module):
         return out
 
     def finish(self, values: torch.Tensor, storage: Storage) -> FinishedBatch:
-        """`device_forward`'s outputs checked, summed and encoded where they lie (pipeline/block_stages.py
+        """`device_forward`'s outputs checked, summed and encoded where they lie (pipeline/data/finishing.py
         `finish`): the device's work after the forward, of which only the stored bytes and the sums reach the host.
         The benchmarks' simulated accelerator takes it off the host, as a real device does."""
-        from pipeline.block_stages import finish
-
         return finish(values, storage)
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.block_stages import FinishedBatch, TeacherOutputs, finish, run_inputs, run_teacher
+from pipeline.block_stages import TeacherOutputs, run_inputs, run_teacher
+from pipeline.data.finishing import FinishedBatch, finish
 from pipeline.data.store import BlockRange, Storage, TargetStore
 from tests.conftest import DEMO_TEACHERS
 
