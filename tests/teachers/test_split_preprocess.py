@@ -17,7 +17,7 @@ from PIL import Image
 import teachers
 from teachers.base import tf32_mode
 from teachers.kinds.oneformer import OneFormerPreprocessor
-from teachers.pixels import Preprocessor
+from teachers.pixels import PilResize, Preprocessor, stack_pixels
 from tests.teachers.legacy_preprocess import LegacyPreprocess, legacy_targets, relative_l2
 
 PAPER_CASES = [
@@ -84,10 +84,27 @@ def test_fast_oneformer_pixels_equal_the_processor_at_full_size(hub_oneformer_pr
         expected = hub_oneformer_processor(resized, task_inputs=["panoptic"] * len(chunk),
                                            return_tensors="pt")["pixel_values"]
         batch = fast(chunk)
-        assert batch.dtype == torch.uint8 and batch.shape == (len(chunk), 3, 800, 800)
+        # The CPU half stops at 768: the processor's own 768 -> 800 resize runs where the teacher does.
+        assert batch.dtype == torch.uint8 and batch.shape == (len(chunk), 3, 768, 768)
         pixels = fast.normalize(batch)
         assert pixels.shape == expected.shape and pixels.dtype == torch.float32
         assert (pixels - expected).abs().max().item() <= 1e-5
+        # An accelerator resizes with PilResize: the same pixels as Pillow's, bit for bit.
+        assert torch.equal(fast.device_resize(batch), fast._pil_resize(batch))
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS,
+                                      Image.Resampling.HAMMING, Image.Resampling.BOX], ids=lambda r: r.name)
+@pytest.mark.parametrize("sizes", [((768, 768), (800, 800)), ((37, 91), (50, 20)), ((64, 64), (17, 200)),
+                                   ((300, 200), (300, 77)), ((5, 9), (64, 64))], ids=str)
+def test_pil_resize_on_torch_gives_pillows_pixels(resample, sizes):
+    (in_h, in_w), (out_h, out_w) = sizes
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, size=(in_h, in_w, 3), dtype=np.uint8)),
+              _photos_and_odd_sizes()[0].resize((in_w, in_h))]
+    expected = stack_pixels([np.asarray(image.resize((out_w, out_h), resample)) for image in images])
+    resize = PilResize((in_h, in_w), (out_h, out_w), int(resample))
+    assert torch.equal(resize(stack_pixels([np.asarray(image) for image in images])), expected)
 
 
 # ---- building and shipping preprocessors ------------------------------------------------------------------------
