@@ -258,7 +258,7 @@ def time_write(clock: Clock, setup: Setup, store, whole_store, computed) -> None
         with fsyncs_timed(clock, "fsync"), clock.time(WRITE_WHOLE):
             store.write_encoded(name, block, out.stored, out.scale, out.valid)
         with clock.time("record"):
-            store.write_record(name, block.block, records[name])
+            store.write_record(records[name])
 
 
 def _timed_get(boxed: list) -> tuple[float, float]:
@@ -336,7 +336,7 @@ def run_job(setup: Setup, cores: int, round_: int) -> tuple[float, float]:
     config = PrecomputeConfig(feed="inline", workers=cores, rows_per_block=setup.rows_per_block)
     summary = run_precompute(str(setup.shards), str(setup.cpu_manifest), str(store), config, progress=False)
     written = TargetStore(str(store))
-    staged = sum(r["seconds"] for name in written.teacher_names() for r in written.read_records(name))
+    staged = sum(r.seconds for name in written.teacher_names() for r in written.read_records(name))
     shutil.rmtree(store)
     return summary.compute_seconds * cores / summary.num_rows * 1000.0, staged / summary.num_rows * 1000.0
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from pipeline.data.images import ImageDecodeError, decode_rgb
 from pipeline.data.shards import read_indexed_image
-from pipeline.data.store import BlockRange, Storage, TargetStore
+from pipeline.data.store import BlockRange, BlockRecord, BlockStats, Storage, TargetStore
 
 _INDEX_COLUMNS = ("shard", "key", "image_member", "image_offset", "image_size", "image_sha1")
 
@@ -312,7 +312,7 @@ def compute(teachers: dict, prepared: PreparedBlock, storages: dict[str, Storage
 
 
 def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fingerprints: dict[str, str],
-          batch_sizes: dict[str, int]) -> dict[str, dict]:
+          batch_sizes: dict[str, int]) -> dict[str, BlockRecord]:
     """The last stage: each teacher's block files, then its completion record; returns the records.
 
     Both writes happen only while the run named `token` holds the store (see pipeline/data/store_lock.py).
@@ -324,22 +324,11 @@ def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fin
         started = time.perf_counter()
         store.check_fence(token)
         digest = store.write_encoded(name, block, out.stored, out.scale, out.valid)
-        record = {
-            "teacher": name,
-            "fingerprint": fingerprints[name],
-            "block": block.block,
-            "start": block.start,
-            "stop": block.stop,
-            "rows": block.rows,
-            "written": int(out.valid.sum()),
-            "failures": done.failures,
-            "digest": digest,
-            "stats": out.stats,
-            # Batch composition changes the last float bits: byte identity between runs needs equal batch sizes.
-            "batch_size": batch_sizes[name],
-            "seconds": round(done.seconds + time.perf_counter() - started, 4),
-        }
+        record = BlockRecord(teacher=name, fingerprint=fingerprints[name], block=block.block, start=block.start,
+                             stop=block.stop, written=int(out.valid.sum()), failures=tuple(done.failures),
+                             digest=digest, stats=BlockStats.from_dict(out.stats), batch_size=batch_sizes[name],
+                             seconds=round(done.seconds + time.perf_counter() - started, 4))
         store.check_fence(token)
-        store.write_record(name, block.block, record)
+        store.write_record(record)
         records[name] = record
     return records

@@ -32,7 +32,7 @@ from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.data.index import ShardIndex, build_index, duplicate_rows, first_difference
 from pipeline.local_ray import ray_session
 from pipeline.data.shards import shard_name
-from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, TargetStore
+from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, BlockRecord, TargetStore
 from pipeline.data.store_lock import StoreLock
 from pipeline.workers import (BLOCKS_IN_FLIGHT_PER_WORKER, WORKER_RESTARTS, BlockJob, BlockWorker, Feed,
                               alive_resources, plan_workers, ray_cause, warm_task)
@@ -303,7 +303,7 @@ def _summarise(store: TargetStore, specs: dict, summary: PrecomputeSummary, star
             "fingerprint": attrs["teacher_fingerprint"],
             "blocks_done": len(records),
             "blocks_total": len(store.blocks()),
-            "failures": sum(len(r["failures"]) for r in records),
+            "failures": sum(len(r.failures) for r in records),
         }
     summary.seconds = time.perf_counter() - started
     return summary
@@ -352,13 +352,13 @@ def _compute(ray, job: ComputeJob) -> None:
     bar = tqdm(total=sum(q.rows.block.rows * len(q.names) for q in queue), desc="precompute", unit="row",
                disable=not job.progress, smoothing=0.1)
 
-    def block_written(records: dict[str, dict]) -> None:
+    def block_written(records: dict[str, BlockRecord]) -> None:
         nonlocal blocks_done
         for record in records.values():
             summary.blocks_computed += 1
-            summary.rows_computed += record["rows"]
-            summary.failures += len(record["failures"])
-            bar.update(record["rows"])
+            summary.rows_computed += record.rows
+            summary.failures += len(record.failures)
+            bar.update(record.rows)
         bar.set_postfix(failures=summary.failures)
         blocks_done += 1
         if blocks_done == 1:
@@ -394,7 +394,7 @@ def _write_finish(store: TargetStore, index: ShardIndex, names: list[str]) -> No
     errors = [{"row": -1, "teacher": "", **e} for e in index.shard_errors]
     for name in store.teacher_names():
         for record in store.read_records(name):
-            errors.extend({**f, "teacher": f.get("teacher") or name} for f in record["failures"])
+            errors.extend({**f, "teacher": f.get("teacher") or name} for f in record.failures)
     store.write_errors(errors)
     total = len(store.blocks())
     for name in names:
@@ -404,13 +404,13 @@ def _write_finish(store: TargetStore, index: ShardIndex, names: list[str]) -> No
             failpoint("finish")  # errors.parquet written, some teachers complete and some not yet
 
 
-def _mean_std(records: list[dict]) -> dict:
+def _mean_std(records: list[BlockRecord]) -> dict:
     """Merge the blocks' per-channel sums (in block order, so the result is the same on every run)."""
-    count = sum(r["stats"]["count"] for r in records)
+    count = sum(r.stats.count for r in records)
     if not count:
         return {}
-    total = np.sum([r["stats"]["sum"] for r in records], axis=0)
-    squares = np.sum([r["stats"]["sumsq"] for r in records], axis=0)
+    total = np.sum([r.stats.sum for r in records], axis=0)
+    squares = np.sum([r.stats.sumsq for r in records], axis=0)
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return {"mean": [round(float(x), 6) for x in mean], "std": [round(float(x), 6) for x in std],

@@ -36,7 +36,7 @@ def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
     for name in store.teacher_names():
         attrs = store.teacher_attrs(name)
         records = store.read_records(name)
-        rows = sum(r["rows"] for r in records)
+        rows = sum(r.rows for r in records)
         result.append(
             TeacherStatus(
                 name=name,
@@ -44,13 +44,13 @@ def store_status(path: str) -> tuple[TargetStore, list[TeacherStatus]]:
                 rows_total=store.num_rows,
                 blocks_done=len(records),
                 blocks_total=len(blocks),
-                failures=sum(len(r["failures"]) for r in records),
+                failures=sum(len(r.failures) for r in records),
                 bytes=store.nbytes(name),
                 target_shape=list(attrs.get("target_shape", [])),
                 dtype=attrs.get("dtype", "?"),
                 fingerprint=attrs.get("teacher_fingerprint", ""),
                 complete=bool(attrs.get("complete")),
-                seconds=round(sum(r["seconds"] for r in records), 3),
+                seconds=round(sum(r.seconds for r in records), 3),
                 problems=store.damaged_records(name),
             )
         )

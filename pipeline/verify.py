@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.data.errors import UsageError
 from pipeline.data.fingerprints import fingerprint_mismatch
 from pipeline.data.index import PreviousIndex, build_index, dataset_fingerprint, first_difference
-from pipeline.data.store import TargetStore, is_partial_write
+from pipeline.data.store import BlockRecord, TargetStore, is_partial_write
 
 
 @dataclass
@@ -84,7 +84,7 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
                 remedy="precompute with this manifest into a new --store, or verify with the manifest the store was "
                 "made with"))
         problems.extend(store.damaged_records(name))
-        records = {r["block"]: r for r in store.read_records(name)}
+        records = {r.block: r for r in store.read_records(name)}
         missing = [b.block for b in blocks if b.block not in records]
         if missing:
             problems.append(f"{name}: {len(missing)} of {len(blocks)} blocks have no completion record "
@@ -92,7 +92,7 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
         if not missing and not teacher.get("complete"):
             problems.append(f"{name}: every block is recorded but the teacher is not marked complete; rerun "
                             "`pipeline precompute` to finish it")
-        batch_sizes = Counter(r["batch_size"] for r in records.values() if "batch_size" in r)
+        batch_sizes = Counter(r.batch_size for r in records.values())
         if len(batch_sizes) > 1:
             mixed = ", ".join(f"{size}: {count} block(s)" for size, count in sorted(batch_sizes.items()))
             report.notes.append(f"{name}: blocks were computed with different batch sizes ({mixed}); their values "
@@ -156,11 +156,11 @@ def _compare_shard_records(records, current, report: VerifyReport) -> None:
                             "reruns re-read them until a run with work records them")
 
 
-def _check_block(store: TargetStore, name: str, block, record: dict, fingerprint: str) -> list[str]:
+def _check_block(store: TargetStore, name: str, block, record: BlockRecord, fingerprint: str) -> list[str]:
     found = []
-    if record.get("fingerprint") != fingerprint:
+    if record.fingerprint != fingerprint:
         found.append(fingerprint_mismatch(
-            name, record.get("fingerprint"), fingerprint, where="in the block's completion record",
+            name, record.fingerprint, fingerprint, where="in the block's completion record",
             expected_by="its teacher group", remedy=f"delete the record (in {store.path}/_blocks/{name}/) and rerun "
             "`pipeline precompute` to compute the block again"))
     try:
@@ -168,11 +168,11 @@ def _check_block(store: TargetStore, name: str, block, record: dict, fingerprint
         values, valid = store.read_rows(name, block.start, block.stop)
     except Exception as exc:  # noqa: BLE001 - a damaged shard can fail in the codec in many ways
         return found + [f"cannot be read ({type(exc).__name__}: {exc})"]
-    if digest != record.get("digest"):
+    if digest != record.digest:
         found.append("stored values on disk differ from those written (damaged or edited shard): their digest is "
-                     f"{digest}, the record's {record.get('digest')}")
-    if int(valid.sum()) != record.get("written"):
-        found.append(f"{int(valid.sum())} valid rows but the record says {record.get('written')}")
+                     f"{digest}, the record's {record.digest}")
+    if int(valid.sum()) != record.written:
+        found.append(f"{int(valid.sum())} valid rows but the record says {record.written}")
     good = valid.astype(bool)
     if not np.isfinite(values[good]).all():
         found.append("non-finite values in valid rows")

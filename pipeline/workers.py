@@ -29,7 +29,7 @@ from typing import Callable
 
 from pipeline import block_stages as stages
 from pipeline.data.errors import JobError
-from pipeline.data.store import TargetStore
+from pipeline.data.store import BlockRecord, TargetStore
 
 BLOCKS_IN_FLIGHT_PER_WORKER = 2
 HEARTBEAT_SECONDS = 10.0
@@ -77,7 +77,7 @@ class BlockWorker:
     def compute(self, prepared: stages.PreparedBlock) -> stages.ComputedBlock:
         return stages.compute(self.teachers, prepared, self.storages, self.device_lock)
 
-    def process(self, rows: stages.BlockRows, names: list[str]) -> dict[str, dict]:
+    def process(self, rows: stages.BlockRows, names: list[str]) -> dict[str, BlockRecord]:
         """Prepare, compute and write `names` for one block here; return each teacher's completion record."""
         preprocessors = {n: (self.teachers[n].preprocess, self.teachers[n].spec.batch_size) for n in names}
         prepared = stages.prepare(rows, preprocessors, self.shard_urls, self.max_pixels)
@@ -134,7 +134,7 @@ def warm_task(specs: dict[str, tuple]) -> None:
 
 
 def _write_task(store_path: str, computed: stages.ComputedBlock, token: str, fingerprints: dict[str, str],
-                batch_sizes: dict[str, int]) -> dict[str, dict]:
+                batch_sizes: dict[str, int]) -> dict[str, BlockRecord]:
     """The write stage as a Ray task."""
     return stages.write(TargetStore(store_path), computed, token=token, fingerprints=fingerprints,
                         batch_sizes=batch_sizes)
@@ -213,7 +213,7 @@ class Feed:
     driver's. Only workers that answered take blocks; the others are asked again after each loss, with backoff."""
 
     def __init__(self, ray, actors: list, plan: WorkerPlan, lock, check_worker: Callable[[dict], None],
-                 finished: Callable[[dict], None]):
+                 finished: Callable[[dict[str, BlockRecord]], None]):
         self.ray, self.plan, self.lock = ray, plan, lock
         self.check_worker, self.finished = check_worker, finished
         self.lost = _lost_errors(ray)

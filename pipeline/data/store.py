@@ -114,6 +114,67 @@ class BlockRange:
 
 
 @dataclass(frozen=True)
+class BlockStats:
+    """Per-channel sums (float64) over the valid rows' float32 values of one teacher's block: `count` values per
+    channel; a run merges the blocks' sums into the teacher's mean/std."""
+
+    count: int
+    sum: tuple[float, ...]  # [C]
+    sumsq: tuple[float, ...]  # [C]
+
+    @classmethod
+    def from_dict(cls, stats: dict) -> BlockStats:
+        """From {count, sum, sumsq} (lists), as the compute stage makes them and a record's JSON holds them."""
+        return cls(stats["count"], tuple(stats["sum"]), tuple(stats["sumsq"]))
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One teacher's block is done: `STORE/_blocks/<teacher>/<block>.json`, written by the write stage only after
+    the block's files are durable. Other tools read these files: `to_json` writes the fields below and `rows` as
+    JSON keys, and `from_json` is the one way to read a record back (it refuses anything `to_json` did not write)."""
+
+    teacher: str
+    fingerprint: str  # the teacher's, at the time the block was computed
+    block: int
+    start: int  # global rows start..stop
+    stop: int
+    written: int  # rows whose valid flag is 1
+    failures: tuple[dict, ...]  # rows of errors.parquet (row, shard, key, teacher, error), sorted by row
+    digest: str  # `block_digest` of the stored values
+    stats: BlockStats
+    batch_size: int  # batch composition changes the last float bits: byte identity needs equal batch sizes
+    seconds: float  # the block's stages for this teacher, its share of the block's reading and preprocessing
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def to_json(self) -> bytes:
+        return json.dumps({**asdict(self), "rows": self.rows}, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, teacher: str, block: BlockRange, channels: int | None) -> BlockRecord:
+        """The record in a completion record file of `teacher`'s `block` (targets of `channels` channels);
+        DamagedRecord saying why if the file is not a record that `to_json` wrote for them."""
+        try:
+            fields = json.loads(data)
+        except (ValueError, RecursionError):
+            raise DamagedRecord("not valid JSON") from None
+        problem = _record_problem(fields, teacher, block, channels)
+        if problem:
+            raise DamagedRecord(problem)
+        return cls(teacher=teacher, fingerprint=fields["fingerprint"], block=block.block, start=block.start,
+                   stop=block.stop, written=fields["written"], failures=tuple(fields["failures"]),
+                   digest=fields["digest"], stats=BlockStats.from_dict(fields["stats"]),
+                   batch_size=fields["batch_size"], seconds=fields["seconds"])
+
+
+class DamagedRecord(ValueError):
+    """A completion record file that is not one `BlockRecord.to_json` wrote; its block counts as not done."""
+
+
+@dataclass(frozen=True)
 class Storage:
     """How a teacher's targets are stored: dtype and the opt-in compact options (see the module docstring)."""
 
@@ -268,7 +329,7 @@ class TargetStore:
         if self._is_local() and posixpath.normpath(self._root) == "/":  # "/tmp/..", "//"
             raise UsageError(_no_location(text))
         self._group: zarr.Group | None = None
-        self._records: dict[str, tuple[tuple, dict | str]] = {}  # record path -> (its identity, record or why not)
+        self._records: dict[str, tuple[tuple, BlockRecord | str]] = {}  # path -> (its identity, record or why not)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -586,15 +647,15 @@ class TargetStore:
         tokens = int(group.attrs["target_shape"][0])
         return self.storage(name).decode(group["target"][start:stop], scale, tokens), group["valid"][start:stop]
 
-    def write_record(self, name: str, block: int, record: dict) -> None:
+    def write_record(self, record: BlockRecord) -> None:
         """The block's completion record: written only after `write_block` returned."""
-        self._atomic_write(self._record_path(name, block), json.dumps(record, sort_keys=True, indent=1).encode())
+        self._atomic_write(self._record_path(record.teacher, record.block), record.to_json())
 
     def done_blocks(self, name: str) -> set[int]:
         """The blocks of teacher `name` with a sound completion record; a damaged record counts as missing."""
         return set(self._scan_records(name)[0])
 
-    def read_records(self, name: str) -> list[dict]:
+    def read_records(self, name: str) -> list[BlockRecord]:
         """The sound completion records of teacher `name`, in block order (see `damaged_records`)."""
         records = self._scan_records(name)[0]
         return [records[block] for block in sorted(records)]
@@ -603,7 +664,7 @@ class TargetStore:
         """One line per record file of teacher `name` that does not parse or lacks a field, naming it."""
         return self._scan_records(name)[1]
 
-    def _scan_records(self, name: str) -> tuple[dict[int, dict], list[str]]:
+    def _scan_records(self, name: str) -> tuple[dict[int, BlockRecord], list[str]]:
         """({block: sound record}, [one line per damaged record]) of teacher `name`. A record file is parsed once
         per identity (a rewrite is a new file): a run reads its records several times, and they are many."""
         folder = self._join(BLOCKS_DIR, name)
@@ -628,7 +689,7 @@ class TargetStore:
                     raise contents[path]
                 self._records[path] = (identity, _parse_record(contents[path], name, ranges[block], channels))
             record = self._records[path][1]
-            if isinstance(record, dict):
+            if isinstance(record, BlockRecord):
                 records[block] = record
             else:
                 damaged.append(f"{self.path}/{BLOCKS_DIR}/{name}/{posixpath.basename(path)} is not a sound "
@@ -819,24 +880,22 @@ def _record_block(filename: str) -> int | None:
 _FILE_IDENTITY = ("size", "mtime", "ino", "ETag", "LastModified")
 
 
-def _parse_record(data: bytes, name: str, block: BlockRange, channels: int | None) -> dict | str:
+def _parse_record(data: bytes, name: str, block: BlockRange, channels: int | None) -> BlockRecord | str:
     """A completion record file's content: the record, or why it is not a sound one."""
     try:
-        record = json.loads(data)
-    except (ValueError, RecursionError):
-        return "not valid JSON"
-    return _record_problem(record, name, block, channels) or record
+        return BlockRecord.from_json(data, name, block, channels)
+    except DamagedRecord as exc:
+        return str(exc)
 
 
 def _record_problem(record, name: str, block: BlockRange, channels: int | None) -> str | None:
-    """Why a parsed completion record of teacher `name`'s `block` is not one that `write_record` wrote, or None:
-    every field that status, verify and the finish of a run read must be there, with its type."""
+    """Why a parsed completion record of teacher `name`'s `block` is not one that `BlockRecord.to_json` wrote, or
+    None: every field must be there, with its type."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    required = {"block": block.block, "rows": block.rows}
-    optional = {"teacher": name, "start": block.start, "stop": block.stop}  # older records lack them
-    for key, value in {**required, **optional}.items():
-        if (key in required or key in record) and record.get(key) != value:
+    for key, value in {"block": block.block, "rows": block.rows, "teacher": name, "start": block.start,
+                       "stop": block.stop}.items():
+        if record.get(key) != value:
             return f"{key} is {record.get(key)!r}, not {value!r}"
     if not (_is_int(record.get("written")) and 0 <= record["written"] <= block.rows):
         return f"written is {record.get('written')!r}, not a row count of the block"
@@ -845,8 +904,8 @@ def _record_problem(record, name: str, block: BlockRange, channels: int | None) 
             return f"{key} is {record.get(key)!r}, not a string"
     if not _is_number(record.get("seconds")):
         return f"seconds is {record.get('seconds')!r}, not a number"
-    if "batch_size" in record and not _is_int(record["batch_size"]):
-        return f"batch_size is {record['batch_size']!r}, not an integer"
+    if not _is_int(record.get("batch_size")):
+        return f"batch_size is {record.get('batch_size')!r}, not an integer"
     failures = record.get("failures")
     if not isinstance(failures, list) or not all(_is_failure(f) for f in failures):
         return "failures is not a list of {row, shard, key, error}"

@@ -241,6 +241,6 @@ def test_a_block_record_keeps_the_digest_of_its_stored_values(store_copy):
     blocks = store.blocks()
     for name in store.teacher_names():
         for record in store.read_records(name):
-            assert "sha256" not in record
-            assert record["digest"].startswith(f"{DIGEST_ALGORITHM}:")
-            assert store.read_block_digest(name, blocks[record["block"]]) == record["digest"]
+            assert "sha256" not in (store_copy / "_blocks" / name / f"{record.block:06d}.json").read_text()
+            assert record.digest.startswith(f"{DIGEST_ALGORITHM}:")
+            assert store.read_block_digest(name, blocks[record.block]) == record.digest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from zarr.storage._local import _atomic_write
 from pipeline.cli import main as cli
 from pipeline.data.errors import UsageError
 from pipeline.data.index import build_index
-from pipeline.data.store import TargetStore
+from pipeline.data.store import BlockRecord, DamagedRecord, TargetStore
 from pipeline.data.store_lock import StoreLock
 from pipeline.precompute import PrecomputeConfig, open_or_create_store, run_precompute
 from pipeline.verify import verify_store
@@ -218,6 +219,27 @@ DAMAGED_RECORDS = {
     "another block's": lambda record: json.dumps({**record, "block": 0, "start": 0}).encode(),
     "failures not a list": lambda record: json.dumps({**record, "failures": {"row": 3}}).encode(),
 }
+
+
+def test_a_sound_block_record_reads_back_byte_for_byte_and_crosses_processes(demo_store):
+    store = TargetStore(str(demo_store))
+    for name in store.teacher_names():
+        records = store.read_records(name)
+        assert [r.block for r in records] == [b.block for b in store.blocks()]
+        for record in records:
+            assert record.to_json() == (demo_store / "_blocks" / name / f"{record.block:06d}.json").read_bytes()
+            assert pickle.loads(pickle.dumps(record)) == record  # Ray hands a worker's records to the driver
+
+
+def test_a_block_record_missing_any_field_is_damaged_naming_the_field(demo_store):
+    store = TargetStore(str(demo_store))
+    block = store.blocks()[1]
+    fields = json.loads(store.read_records("seg")[1].to_json())
+    channels = store.teacher_attrs("seg")["target_shape"][1]
+    for key in fields:
+        data = json.dumps({k: v for k, v in fields.items() if k != key}).encode()
+        with pytest.raises(DamagedRecord, match=f"^{key} is "):
+            BlockRecord.from_json(data, "seg", block, channels)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGED_RECORDS))

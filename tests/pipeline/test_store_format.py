@@ -48,6 +48,25 @@ print(json.dumps(out))
         assert len(info["attrs"]["teacher_fingerprint"]) == 64
 
 
+def test_block_records_are_plain_sorted_json_with_the_documented_fields(demo_store):
+    attrs = json.loads((demo_store / "zarr.json").read_text())["attributes"]
+    blocks = -(-attrs["num_rows"] // attrs["rows_per_block"])
+    for name in TEACHERS:
+        paths = sorted((demo_store / "_blocks" / name).glob("*.json"))
+        assert [p.name for p in paths] == [f"{block:06d}.json" for block in range(blocks)]
+        for block, path in enumerate(paths):
+            data = path.read_bytes()
+            record = json.loads(data)
+            assert data == json.dumps(record, sort_keys=True, indent=1).encode()
+            assert set(record) == {"teacher", "fingerprint", "block", "start", "stop", "rows", "written", "failures",
+                                   "digest", "stats", "batch_size", "seconds"}
+            assert set(record["stats"]) == {"count", "sum", "sumsq"}
+            assert (record["teacher"], record["block"]) == (name, block)
+            start = block * attrs["rows_per_block"]
+            assert (record["start"], record["stop"]) == (start, min(start + attrs["rows_per_block"], attrs["num_rows"]))
+            assert record["rows"] == record["stop"] - record["start"]
+
+
 def test_rows_align_with_index(demo_store, demo_dir):
     index = pq.read_table(demo_store / "index.parquet").to_pylist()
     assert [r["row"] for r in index] == list(range(DEMO_SAMPLES))
