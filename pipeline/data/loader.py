@@ -7,9 +7,10 @@ every epoch, as LLaVA samples its data (uniformly, without replacement). The ord
 epoch, rank, world size), so "how many samples this rank has drawn" is the whole data position: a resumed run
 continues the exact order, whatever the number of DataLoader workers.
 
-Targets are read by row. The store decodes a whole inner chunk (`rows_per_chunk` rows) to give one row, so a
-random order decodes `rows_per_chunk` rows per sample; stores are made with one row per chunk by default for
-that reason (`pipeline precompute --rows-per-chunk`), and every sample reports the bytes decoded to deliver it.
+Targets are read by row through the store's `TargetReader`. The store decodes a whole inner chunk
+(`rows_per_chunk` rows) to give one row, so a random order decodes `rows_per_chunk` rows per sample; stores are
+made with one row per chunk by default for that reason (`pipeline precompute --rows-per-chunk`), and every sample
+reports the bytes decoded to deliver it.
 
 Which samples a stage trains on is decided from the index before any read (`TrainingSamples._select`): duplicate
 keys (only the first occurrence counts, as in precompute), samples with no text, and samples without an image
@@ -40,7 +41,7 @@ from pipeline.data.errors import UsageError
 from pipeline.data.images import ImageDecodeError, decode_rgb
 from pipeline.data.index import PreviousIndex, build_index, duplicate_rows
 from pipeline.data.shards import IMAGE_EXTENSIONS, list_shards, read_member_bytes, shard_name, split_sample_span
-from pipeline.data.store import Storage, TargetStore
+from pipeline.data.store import TargetReader, TargetStore
 
 log = logging.getLogger(__name__)
 
@@ -59,56 +60,6 @@ class Skipped:
 
     row: int
     reason: str
-
-
-@dataclass
-class _TeacherArrays:
-    """One teacher group, opened once per process: its arrays, storage and every valid flag (a byte per row)."""
-
-    target: object
-    scale: object | None
-    valid: np.ndarray
-    storage: Storage
-    tokens: int
-    chunk_rows: int
-
-
-class TargetReader:
-    """Row reads from one store with a one-chunk cache per teacher. Opens the store lazily (fork/spawn safe)."""
-
-    def __init__(self, store_path: str, teachers: list[str]):
-        self.store_path = store_path
-        self.teachers = list(teachers)
-        self._arrays: dict[str, _TeacherArrays] = {}
-        self._cache: dict[str, tuple[int, np.ndarray]] = {}
-
-    def _open(self) -> None:
-        # Opening a Zarr array reads its metadata: done once, not at every row (that cost more than the row).
-        store = TargetStore(self.store_path)
-        for name in self.teachers:
-            group = store.group[name]
-            attrs = dict(group.attrs)
-            self._arrays[name] = _TeacherArrays(
-                target=group["target"], scale=group["scale"] if "scale" in group else None,
-                valid=group["valid"][:].astype(bool), storage=store.storage(name),
-                tokens=int(attrs["target_shape"][0]), chunk_rows=int(attrs.get("rows_per_chunk", 1)))
-
-    def read(self, name: str, row: int) -> tuple[np.ndarray, bool, int]:
-        """Decoded target float32 [T, C], its valid flag and the bytes decoded for it (0 from the cache)."""
-        if not self._arrays:
-            self._open()
-        arrays = self._arrays[name]
-        chunk = row // arrays.chunk_rows
-        cached = self._cache.get(name)
-        decoded = 0
-        if cached is None or cached[0] != chunk:
-            start = chunk * arrays.chunk_rows
-            stop = min(start + arrays.chunk_rows, arrays.valid.shape[0])
-            scale = arrays.scale[start:stop] if arrays.scale is not None else None
-            cached = (chunk, arrays.storage.decode(arrays.target[start:stop], scale, arrays.tokens))
-            self._cache[name] = cached
-            decoded = cached[1].nbytes
-        return cached[1][row - chunk * arrays.chunk_rows], bool(arrays.valid[row]), decoded
 
 
 def training_index(shards: str, cache_dir: str | None, *, previous: PreviousIndex | None = None,
@@ -167,15 +118,17 @@ class TrainingSamples(Dataset):
         self.text_only = not self.teachers if text_only is None else text_only
         self.skipped: Counter = Counter()
         self.urls = {shard_name(u): u for u in list_shards(shards)}
+        self._reader: TargetReader | None = None
         if store_path is None:
             if self.teachers:
                 raise UsageError(f"teachers {self.teachers} need targets, but no store was given")
             index = index if index is not None else training_index(shards, None, progress=False)
-            stored, self._reader = index, None
+            stored = index
         else:
-            stored = TargetStore(store_path).read_index() if stored_index is None else stored_index
+            store = TargetStore(store_path)
+            stored = store.read_index() if stored_index is None else stored_index
             index = stored if index is None else index
-            self._reader = TargetReader(store_path, self.teachers)
+            self._reader = store.reader()
         missing = [c for c in ("sample_offset", "sample_size") if c not in index.column_names]
         if missing:
             raise UsageError(f"the index of {store_path or shards} has no {missing[0]} column (made by an older "
@@ -286,7 +239,7 @@ class TrainingSamples(Dataset):
         targets, valid, decoded = {}, {}, len(span)
         target_row = self._target_rows[row]
         for name in self.teachers:
-            targets[name], valid[name], n = self._reader.read(name, target_row)
+            targets[name], valid[name], n = self._reader.row(name, target_row)
             decoded += n
         return {"row": target_row, "key": c["key"][row], "image": image, "caption": caption or None,
                 "conversations": conversations, "targets": targets, "valid": valid, "decoded_bytes": decoded}

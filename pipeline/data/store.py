@@ -641,11 +641,12 @@ class TargetStore:
         return block_digest(group["target"][block.start : block.stop], scale, group["valid"][block.start : block.stop])
 
     def read_rows(self, name: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded targets float32 [n, T, C] and valid flags [n] for rows start..stop."""
-        group = self.group[name]
-        scale = group["scale"][start:stop] if "scale" in group else None
-        tokens = int(group.attrs["target_shape"][0])
-        return self.storage(name).decode(group["target"][start:stop], scale, tokens), group["valid"][start:stop]
+        """Decoded targets float32 [n, T, C] and valid flags uint8 [n] for rows start..stop."""
+        return self.reader().rows(name, start, stop)
+
+    def reader(self) -> TargetReader:
+        """A reader of this store's targets that keeps each teacher's arrays open (see `TargetReader`)."""
+        return TargetReader(self)
 
     def write_record(self, record: BlockRecord) -> None:
         """The block's completion record: written only after `write_block` returned."""
@@ -809,6 +810,72 @@ class TargetStore:
                 if metadata is not None and metadata["node_type"] == "array":
                     layout[name][array] = {"zarr.json", *_chunk_keys(metadata)}.__contains__
         return layout
+
+
+@dataclass
+class _TeacherRows:
+    """One teacher's arrays, opened once, and the last chunk `row` decoded (its index and float32 rows)."""
+
+    target: zarr.Array
+    scale: zarr.Array | None
+    valid: zarr.Array
+    storage: Storage
+    tokens: int
+    chunk_rows: int
+    _chunk: tuple[int, np.ndarray] | None = None
+    _flags: np.ndarray | None = None
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._decode(start, stop), self.valid[start:stop]
+
+    def row(self, row: int) -> tuple[np.ndarray, bool, int]:
+        chunk, decoded = row // self.chunk_rows, 0
+        start = chunk * self.chunk_rows
+        if self._chunk is None or self._chunk[0] != chunk:
+            # Zarr decodes a whole inner chunk to give one row: kept, the next rows of that chunk cost nothing.
+            self._chunk = (chunk, self._decode(start, min(start + self.chunk_rows, self.target.shape[0])))
+            decoded = self._chunk[1].nbytes
+        if self._flags is None:
+            self._flags = self.valid[:].astype(bool)  # a byte per row; read row by row, each would decode a chunk
+        return self._chunk[1][row - start], bool(self._flags[row]), decoded
+
+    def _decode(self, start: int, stop: int) -> np.ndarray:
+        scale = self.scale[start:stop] if self.scale is not None else None
+        return self.storage.decode(self.target[start:stop], scale, self.tokens)
+
+
+class TargetReader:
+    """Decoded targets of one store, by row range (`rows`) or by row (`row`), for any of its teachers.
+
+    Opening a Zarr array reads its metadata, which costs more than decoding a row: each teacher's arrays and
+    attributes are opened once, at the reader's first read of that teacher, in the process that reads, so a reader
+    made before DataLoader workers fork or are spawned opens nothing until a worker reads. `row` keeps each
+    teacher's last decoded chunk and reports the bytes it decoded.
+    """
+
+    def __init__(self, store: TargetStore):
+        self.store = store
+        self._teachers: dict[str, _TeacherRows] = {}
+
+    def rows(self, name: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded targets float32 [n, T, C] and valid flags uint8 [n] of teacher `name` for rows start..stop."""
+        return self._open(name).rows(start, stop)
+
+    def row(self, name: str, row: int) -> tuple[np.ndarray, bool, int]:
+        """Decoded target float32 [T, C] of one row, its valid flag, and the bytes decoded to give it (0 when its
+        chunk was the last one this reader decoded for `name`)."""
+        return self._open(name).row(row)
+
+    def _open(self, name: str) -> _TeacherRows:
+        teacher = self._teachers.get(name)
+        if teacher is None:
+            storage = self.store.storage(name)  # UsageError naming the store's teachers for an unknown one
+            group = self.store.group[name]
+            attrs = dict(group.attrs)
+            teacher = self._teachers[name] = _TeacherRows(
+                target=group["target"], scale=group["scale"] if "scale" in group else None, valid=group["valid"],
+                storage=storage, tokens=int(attrs["target_shape"][0]), chunk_rows=int(attrs.get("rows_per_chunk", 1)))
+        return teacher
 
 
 def is_partial_write(path: str) -> bool:
