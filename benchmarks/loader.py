@@ -121,8 +121,8 @@ def main() -> None:
         started, samples, bytes_ = time.perf_counter(), 0, 0
         for _ in range(args.batches):
             batch = next(batches)
-            samples += batch["size"]
-            bytes_ += batch["decoded_bytes"]
+            samples += batch.size
+            bytes_ += batch.decoded_bytes
         seconds = time.perf_counter() - started
         del batches
         decoded[variant] = bytes_ / samples

@@ -31,6 +31,7 @@ Defaults take about 6 minutes on 2 CPU cores (see benchmarks/RESULTS.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -91,11 +92,10 @@ class InMemoryTargets:
             self.targets[name] = torch.from_numpy(target)
             self.valid[name] = torch.from_numpy(valid.astype(bool))
 
-    def fill(self, batch: dict) -> dict:
-        rows = batch["rows"]
-        batch["targets"] = {n: t[rows] for n, t in self.targets.items()}
-        batch["valid"] = {n: v[rows] for n, v in self.valid.items()}
-        return batch
+    def fill(self, batch):
+        """`batch` (a `student.data.Batch`) with its targets taken from memory."""
+        return dataclasses.replace(batch, targets={n: t[batch.rows] for n, t in self.targets.items()},
+                                   valid={n: v[batch.rows] for n, v in self.valid.items()})
 
 
 def build_modes(out: Path, steps: int, batch_size: int) -> dict:

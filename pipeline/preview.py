@@ -216,7 +216,7 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     encoder = SampleEncoder(image_processor, tokenizer, checkpoint_max_length(checkpoint))
     # Each row is read by its byte range: a preview of row 5 does not read a whole dataset.
     samples = TrainingSamples(shards, store_path, names, lambda s: s)
-    found = {r: sample for r in rows if not isinstance(sample := samples[r], Skipped) and sample["image"] is not None}
+    found = {r: sample for r in rows if not isinstance(sample := samples[r], Skipped) and sample.image is not None}
     lost = [r for r in rows if r not in found]
     if lost:
         raise UsageError(f"rows {lost} could not be read as training samples (no caption, bad image or a changed "
@@ -224,17 +224,17 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     collate = BatchCollator(tokenizer.pad_token_id, names)
     batch = collate([encoder(found[r]) for r in rows])
     with torch.no_grad():
-        output = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"])
+        output = model(pixel_values=batch.pixel_values, input_ids=batch.input_ids,
+                       attention_mask=batch.attention_mask)
     grid = []
     for i, row in enumerate(rows):
         sample = found[row]
-        line = [Panel("image", _image_title(row, sample["key"]), sample["image"])]
+        line = [Panel("image", _image_title(row, sample.key), sample.image)]
         for spec in tasks:
             layer = spec.layers[-1]
-            target = np.asarray(sample["targets"][spec.name], dtype=np.float32)
+            target = np.asarray(sample.targets[spec.name], dtype=np.float32)
             predicted = output.predictions[spec.name][layer][i].float().numpy()
-            if not sample["valid"][spec.name]:
+            if not sample.valid[spec.name]:
                 line += [Panel("empty", f"{spec.name} target\n(failed row)"),
                          target_panel(predicted, f"{spec.name} predicted, L{layer}")[0]]
                 continue

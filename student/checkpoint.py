@@ -31,11 +31,15 @@ import shutil
 import sys
 import zipfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline.data.atomic import atomic_file
 from pipeline.data.errors import UsageError
 from student.loading import from_pretrained_safetensors, load_image_processor
 from student.model import OlaStudent
+
+if TYPE_CHECKING:  # a type only: loading a finished student (generate, visualize) needs no data loader
+    from student.data import Batch
 
 CHECKPOINTS_DIR = "checkpoints"
 PROVENANCE_FILE = "training_provenance.json"  # in every step-N/ and beside every finished student
@@ -57,13 +61,13 @@ class TrainState:
     # torch's intra-op CPU threads the run computes with: a resumed run takes them over (see student/trainer.py).
     cpu_threads: int | None = None
 
-    def consumed(self, batch: dict) -> None:
-        """Record that `batch` (from `student.data.BatchCollator`) was taken from the loader."""
+    def consumed(self, batch: Batch) -> None:
+        """Record that `batch` was taken from the loader."""
         self.batches += 1
-        self.drawn += batch["drawn"]
-        if batch["size"]:
-            self.text_only += int((~batch["has_image"]).sum())
-        for reason, n in batch["skipped"].items():
+        self.drawn += batch.drawn
+        if batch.size:
+            self.text_only += int((~batch.has_image).sum())
+        for reason, n in batch.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 

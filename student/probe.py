@@ -24,6 +24,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from torch import nn
 from pipeline.data.errors import UsageError
 from student.checkpoint import checkpoint_max_length, load_frozen_student, shards_from_checkpoint
 from student.predictor import EmbeddingPredictor
+
+if TYPE_CHECKING:
+    from student.data import EncodedSample
 
 PLOT_SIZE_INCHES = (6.4, 4.0)
 PLOT_DPI = 100
@@ -141,25 +145,25 @@ def cache_hidden_states(model, tokenizer, image_processor, shards: str, store: s
     collate = BatchCollator(tokenizer.pad_token_id, teachers)
     device = next(model.parameters()).device
     parts = {"train": _Collected(layers, teachers), "test": _Collected(layers, teachers)}
-    pending: list[dict] = []
+    pending: list[EncodedSample] = []
 
     def flush() -> None:
         batch = collate(pending)
-        out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device), output_hidden_states=True,
+        out = model(pixel_values=batch.pixel_values.to(device), input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device), output_hidden_states=True,
                     compute_predictions=False)
         n_states = len(out.hidden_states)
         if max(layers) >= n_states:
             raise UsageError(f"layer {max(layers)} asked for, but the student's LLM has {n_states - 1} layers")
         for b, sample in enumerate(pending):
-            split = "test" if shard_of_row[sample["row"]] in test_names else "train"
+            split = "test" if shard_of_row[sample.row] in test_names else "train"
             length = int(out.attention_mask[b].sum())
             parts[split].add(sample, {l: out.hidden_states[l][b, :length].cpu().clone() for l in layers})
         pending.clear()
 
     taken = {"train": 0, "test": 0}
     for sample in samples:
-        split = "test" if shard_of_row[sample["row"]] in test_names else "train"
+        split = "test" if shard_of_row[sample.row] in test_names else "train"
         if max_images is not None and taken[split] >= max_images:
             if min(taken.values()) >= max_images:
                 break
@@ -187,13 +191,13 @@ class _Collected:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, sample: dict, states: dict[int, torch.Tensor]) -> None:
-        self.rows.append(sample["row"])
+    def add(self, sample: EncodedSample, states: dict[int, torch.Tensor]) -> None:
+        self.rows.append(sample.row)
         for l, s in states.items():
             self.states[l].append(s)
         for t in self.targets:
-            self.targets[t].append(torch.as_tensor(sample["targets"][t]))
-            self.valid[t].append(bool(sample["valid"][t]))
+            self.targets[t].append(torch.as_tensor(sample.targets[t]))
+            self.valid[t].append(bool(sample.valid[t]))
 
     def stack(self) -> HiddenCache:
         lengths = [s.shape[0] for s in next(iter(self.states.values()))]

@@ -42,7 +42,7 @@ from pipeline.data.store import TargetStore
 from student.build import assemble_student
 from student.checkpoint import PROVENANCE_FILE, TrainState, resume_training_state, save_training_state
 from student.config import ExperimentConfig, load_experiment
-from student.data import BatchCollator, SampleEncoder
+from student.data import Batch, BatchCollator, SampleEncoder
 from student.loss import coupled_loss
 from student.metrics import METRICS_FILE, TENSORBOARD_DIR, data_counts, hparams, mean_terms, open_metrics
 from student.provenance import check_store, rows_of, run_provenance
@@ -231,21 +231,21 @@ def _online_teachers(factory: OnlineTargetsFactory, device: torch.device, store_
     return online
 
 
-def batch_targets(parts: TrainingParts, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def batch_targets(parts: TrainingParts, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The batch's targets {task: [B, T, C] float32} and valid flags {task: [B] bool}: read from the store by the
     loader, or computed now by the online teachers."""
     if parts.online is None:
-        return batch["targets"], batch["valid"]
-    return parts.online(batch["images"])
+        return batch.targets, batch.valid
+    return parts.online(batch.images)
 
 
-def compute_loss(parts: TrainingParts, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward the student on a batch and return (total loss, every term)."""
     device = parts.accelerator.device
     model = parts.model
     tasks = parts.cfg.model.tasks
-    out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device), labels=batch["labels"].to(device),
+    out = model(pixel_values=batch.pixel_values.to(device), input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device), labels=batch.labels.to(device),
                 compute_predictions=bool(tasks))
     # A student from an earlier stage may carry heads whose loss this stage leaves off.
     predictions = {k: v for k, v in out.predictions.items() if k in tasks}
@@ -258,7 +258,7 @@ def compute_loss(parts: TrainingParts, batch: dict) -> tuple[torch.Tensor, dict[
                         gather=gather, task_weights={name: task.weight for name, task in tasks.items()})
 
 
-def train_step(parts: TrainingParts, batch: dict) -> dict[str, float]:
+def train_step(parts: TrainingParts, batch: Batch) -> dict[str, float]:
     """One optimizer step (with gradient accumulation handled by accelerate); returns the loss terms."""
     acc = parts.accelerator
     parts.model.train()
@@ -282,7 +282,7 @@ def _data_layout(parts: TrainingParts) -> dict:
             "seed": cfg.seed, "samples": len(parts.dataset.rows)}
 
 
-def _fetch(data) -> dict:
+def _fetch(data) -> Batch:
     try:
         return next(data)
     except PipelineError as exc:
@@ -293,17 +293,17 @@ def _fetch(data) -> dict:
         raise type(exc)(message) from None
 
 
-def _next_batch(parts: TrainingParts, data, state: TrainState) -> dict:
+def _next_batch(parts: TrainingParts, data, state: TrainState) -> Batch:
     """The next batch with at least one usable sample; every batch taken, used or not, moves the data position."""
     unusable = Counter()
     while True:
         batch = _fetch(data)
         state.consumed(batch)
-        for item in batch["skipped_items"]:
+        for item in batch.skipped_items:
             parts.dataset.note_skipped(item)
-        if batch["size"]:
+        if batch.size:
             return batch
-        unusable.update(batch["skipped"])
+        unusable.update(batch.skipped)
         if sum(unusable.values()) >= parts.order.per_rank:
             # Otherwise training would look for a usable sample forever (e.g. shards rewritten under the same
             # names, so that every image hash differs from the store's index).
@@ -383,7 +383,7 @@ def _train(cfg: ExperimentConfig, online_targets: OnlineTargetsFactory | None, p
                 fetch_started = time.perf_counter()
                 batch = _next_batch(parts, data, state)
                 waited += time.perf_counter() - fetch_started
-                rows_seen.extend(batch["rows"].tolist())
+                rows_seen.extend(batch.rows.tolist())
                 for k, v in train_step(parts, batch).items():
                     sums[k] = sums.get(k, 0.0) + v
             state.step += 1

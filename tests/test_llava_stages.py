@@ -62,4 +62,4 @@ def test_a_stage_with_targets_leaves_text_only_samples_out_and_counts_them(tmp_p
     next_token_only = TrainingSamples(str(shards.out), None, [], lambda s: s)
     assert len(next_token_only) == shards.samples and not next_token_only.excluded
     delivered = list(next_token_only)
-    assert sum(s["image"] is None for s in delivered) == len(mix.text_only)
+    assert sum(s.image is None for s in delivered) == len(mix.text_only)

@@ -12,6 +12,9 @@ Targets are read by row through the store's `TargetReader`. The store decodes a 
 made with one row per chunk by default for that reason (`pipeline precompute --rows-per-chunk`), and every sample
 reports the bytes decoded to deliver it.
 
+What a read delivers is a `Sample`; the dataset's `transform` (the student's `SampleEncoder`) turns it into what
+the collator stacks.
+
 Which samples a stage trains on is decided from the index before any read (`TrainingSamples._select`): duplicate
 keys (only the first occurrence counts, as in precompute), samples with no text, and samples without an image
 when the stage reads targets (PT) are left out of the order and counted. What only reading can tell (an image whose bytes
@@ -28,12 +31,13 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.data.atomic import atomic_file
@@ -62,6 +66,23 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sample as read from its shard, with its targets from the store: what `TrainingSamples` transforms."""
+
+    row: int  # the sample's store row (its index row when there is no store)
+    key: str
+    image: Image.Image | None  # RGB; None for a text-only sample
+    caption: str | None
+    conversations: list | None  # LLaVA turns [{"from": ..., "value": ...}, ...]
+    targets: dict[str, np.ndarray]  # teacher -> float32 [T, C]
+    valid: dict[str, bool]  # teacher -> whether its target was computed (False: mask its loss)
+    decoded_bytes: int  # image span bytes read plus target bytes decoded to deliver this sample
+
+
+Item = TypeVar("Item")  # what the transform makes of a Sample
+
+
 def training_index(shards: str, cache_dir: str | None, *, previous: PreviousIndex | None = None,
                    progress: bool = True) -> pa.Table:
     """The index of SHARDS as they are now, kept in `cache_dir` (index.parquet + shards.parquet) so that the next
@@ -79,21 +100,17 @@ def training_index(shards: str, cache_dir: str | None, *, previous: PreviousInde
     return index.table
 
 
-class TrainingSamples(Dataset):
-    """Map-style dataset: `dataset[row]` is `transform(sample)` for that row of the index, or a `Skipped`.
-
-    `sample` is a dict: row (int), key, image (RGB PIL, or None for a text-only sample), caption (str | None),
-    conversations (list | None), targets {teacher: np.ndarray [T, C]}, valid {teacher: bool} and decoded_bytes
-    (image bytes read plus target bytes decoded for this sample).
+class TrainingSamples(Dataset[Item]):
+    """Map-style dataset: `dataset[row]` is `transform(sample)` for that row of the index (`sample` a `Sample`), or
+    a `Skipped`.
 
     Samples are numbered by their row in `index`, the shards as they are now (see `training_index`; default: the
     store's own index.parquet, or indexing SHARDS now when there is no store). With `store_path` set, each sample
     is matched to its store row by (shard, key, occurrence) and its image hash compared with the store's, so a
     shard rewritten since precompute loses only the samples that changed; `teachers` are the groups whose targets
     are read (with `teachers=[]` samples are still matched and hash-checked, but no target is read: online
-    teachers, or a stage without embedding losses). `sample["row"]` is the store row (the index row without a
-    store). `stored_index` is the store's index.parquet when the caller has read it already. `rows` are the samples
-    this stage may train on, in index order; `excluded` counts the others by
+    teachers, or a stage without embedding losses). `stored_index` is the store's index.parquet when the caller has
+    read it already. `rows` are the samples this stage may train on, in index order; `excluded` counts the others by
     reason. Iterating the dataset yields the usable samples in index order (tools, tests); `skipped` then counts
     what reading left out.
     """
@@ -103,7 +120,7 @@ class TrainingSamples(Dataset):
         shards: str,
         store_path: str | None,
         teachers: list[str],
-        transform: Callable[[dict], dict],
+        transform: Callable[[Sample], Item],
         *,
         index: pa.Table | None = None,
         stored_index: pa.Table | None = None,
@@ -179,7 +196,7 @@ class TrainingSamples(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, row: int) -> dict | Skipped:
+    def __getitem__(self, row: int) -> Item | Skipped:
         try:
             sample = self._read(int(row))
         except (ImageDecodeError, OSError, EOFError, ValueError) as exc:
@@ -193,7 +210,7 @@ class TrainingSamples(Dataset):
             # fails every sample still stops training: the trainer refuses a whole epoch of skips.
             return Skipped(int(row), f"bad conversation: {type(exc).__name__}: {exc}")
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Item]:
         for row in self.rows:
             item = self[row]
             if isinstance(item, Skipped):
@@ -217,7 +234,7 @@ class TrainingSamples(Dataset):
             f = self._files[shard] = fsspec.open(self.urls[shard], "rb").open()
         return f
 
-    def _read(self, row: int) -> dict | Skipped:
+    def _read(self, row: int) -> Sample | Skipped:
         c = self._columns
         span = read_member_bytes(self._file(c["shard"][row]), c["sample_offset"][row], c["sample_size"][row])
         members = split_sample_span(span)
@@ -241,8 +258,8 @@ class TrainingSamples(Dataset):
         for name in self.teachers:
             targets[name], valid[name], n = self._reader.row(name, target_row)
             decoded += n
-        return {"row": target_row, "key": c["key"][row], "image": image, "caption": caption or None,
-                "conversations": conversations, "targets": targets, "valid": valid, "decoded_bytes": decoded}
+        return Sample(row=target_row, key=c["key"][row], image=image, caption=caption or None,
+                      conversations=conversations, targets=targets, valid=valid, decoded_bytes=decoded)
 
 
 def _match(index: pa.Table, stored: pa.Table) -> tuple[list[int], list[str]]:
@@ -315,11 +332,3 @@ class EpochOrder(Sampler[int]):
         if self.epochs is None:
             raise TypeError("an endless EpochOrder has no length")
         return max(self.per_rank * self.epochs - self.start, 0)
-
-
-def stack_targets(samples: list[dict], teachers: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Batch the per-sample targets: {teacher: [B, T, C] float32}, {teacher: [B] bool}."""
-    targets = {n: torch.from_numpy(np.stack([s["targets"][n] for s in samples])) for n in teachers}
-    valid = {n: torch.tensor([s["valid"][n] for s in samples], dtype=torch.bool) for n in teachers}
-    return targets, valid
-

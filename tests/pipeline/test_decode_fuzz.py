@@ -390,8 +390,8 @@ def test_training_loader_skips_undecodable_samples_without_raising(fuzz_store):
     shards, store, samples, decodable = fuzz_store
     dataset = TrainingSamples(str(shards), str(store), ["depth"], transform=lambda s: s)
     seen = list(dataset)
-    assert {s["key"] for s in seen} == decodable and len(seen) == len(decodable)
-    assert all(s["image"].mode == "RGB" for s in seen)
+    assert {s.key for s in seen} == decodable and len(seen) == len(decodable)
+    assert all(s.image.mode == "RGB" for s in seen)
     assert sum(dataset.skipped.values()) == len(samples) - len(decodable), dataset.skipped
 
 
@@ -403,6 +403,6 @@ def test_training_loader_without_a_store_skips_undecodable_samples_without_raisi
 
     shards, samples, decodable = fuzz_shards
     dataset = TrainingSamples(str(shards), None, [], transform=lambda s: s)
-    assert {s["key"] for s in dataset} == decodable
+    assert {s.key for s in dataset} == decodable
     assert sum(dataset.skipped.values()) == len(samples) - len(decodable), dataset.skipped
     assert any(reason.startswith("cannot decode image: SyntaxError") for reason in dataset.skipped), dataset.skipped

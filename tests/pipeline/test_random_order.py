@@ -43,7 +43,7 @@ def test_the_loader_delivers_the_samplers_order_with_any_number_of_workers(demo_
     dataset = TrainingSamples(str(demo_dir / "shards"), str(demo_store), ["depth"], lambda s: s)
     order = EpochOrder(dataset.rows, seed=0, epochs=1)
     loader = DataLoader(dataset, batch_size=4, sampler=order, num_workers=workers, collate_fn=list)
-    delivered = [sample["row"] for batch in loader for sample in batch]
+    delivered = [sample.row for batch in loader for sample in batch]
     assert delivered == list(order)
     shard = _shard_of_row(demo_store)
     assert len({shard[r] for r in delivered[:8]}) >= 3

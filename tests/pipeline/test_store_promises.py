@@ -315,9 +315,9 @@ def test_a_duplicate_key_is_the_first_occurrence_in_precompute_and_in_training(d
         samples = TrainingSamples(str(shards), str(store), ["depth"], transform=lambda s: s,
                                   check_image_hash=check_hash)
         delivered = list(samples)
-        assert [(s["key"], s["row"]) for s in delivered] == [(a, 0), (b, 1)]
+        assert [(s.key, s.row) for s in delivered] == [(a, 0), (b, 1)]
         first = delivered[0]
-        assert first["valid"]["depth"] and np.array_equal(first["targets"]["depth"], depth)
+        assert first.valid["depth"] and np.array_equal(first.targets["depth"], depth)
         assert samples.excluded == {"duplicate key in its shard (only the first occurrence is used)": 1}
 
 

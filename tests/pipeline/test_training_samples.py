@@ -6,7 +6,7 @@ import io
 import json
 import tarfile
 
-from pipeline.data.loader import Skipped, TrainingSamples
+from pipeline.data.loader import Sample, Skipped, TrainingSamples
 from student.conversation import messages_from_sample
 
 
@@ -30,12 +30,12 @@ def test_bad_conversations_become_skips_and_good_ones_still_train(tmp_path):
         for key, turns in conversations.items():
             _add(tar, f"{key}.json", json.dumps({"id": key, "conversations": turns}).encode())
 
-    def encode(sample: dict) -> dict:
-        return {"key": sample["key"], "messages": messages_from_sample(None, sample["conversations"], image=False)}
+    def encode(sample: Sample) -> tuple[str, list]:
+        return sample.key, messages_from_sample(None, sample.conversations, image=False)
 
     samples = TrainingSamples(str(shards), None, [], encode)
     items = [samples[row] for row in samples.rows]
-    assert [i["key"] for i in items if not isinstance(i, Skipped)] == ["000000000", "000000003"]
+    assert [i[0] for i in items if not isinstance(i, Skipped)] == ["000000000", "000000003"]
     reasons = [i.reason for i in items if isinstance(i, Skipped)]
     assert reasons[0].startswith("bad conversation: AttributeError")
     assert reasons[1].startswith("bad conversation: ValueError") and "alternate" in reasons[1]

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data.loader import Sample
 from student.data import SampleEncoder, expand_to_square
 from student.loading import load_image_processor
 
@@ -28,10 +29,10 @@ def test_pad_centres_the_whole_image_on_the_processors_mean_colour(demo_dir, tok
     assert square.getpixel((0, 0)) == fill and square.getpixel((299, 299)) == fill
     assert np.array_equal(np.asarray(square)[100:200], np.asarray(wide))
 
-    sample = {"row": 0, "image": wide, "caption": "a wide picture", "conversations": None, "targets": {},
-              "valid": {}}
-    padded = SampleEncoder(processor, tokenizer, 64, image_aspect_ratio="pad")(sample)["pixel_values"]
-    cropped = SampleEncoder(processor, tokenizer, 64)(sample)["pixel_values"]
+    sample = Sample(row=0, key="wide", image=wide, caption="a wide picture", conversations=None, targets={}, valid={},
+                    decoded_bytes=0)
+    padded = SampleEncoder(processor, tokenizer, 64, image_aspect_ratio="pad")(sample).pixel_values
+    cropped = SampleEncoder(processor, tokenizer, 64)(sample).pixel_values
     assert torch.equal(padded, processor(images=square, return_tensors="pt")["pixel_values"][0])
     # The mean colour normalises to (almost) zero: the top band is padding, and a centre crop would have no band.
     assert padded[:, :20].abs().max() < 0.02
@@ -40,8 +41,8 @@ def test_pad_centres_the_whole_image_on_the_processors_mean_colour(demo_dir, tok
 
 def test_a_text_only_sample_gets_zero_pixels_of_the_processors_size(demo_dir, tokenizer):
     processor = load_image_processor(_vision_dir(demo_dir))
-    sample = {"row": 3, "image": None, "caption": None, "targets": {}, "valid": {},
-              "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a cat"}]}
+    sample = Sample(row=3, key="chat", image=None, caption=None, targets={}, valid={}, decoded_bytes=0,
+                    conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a cat"}])
     encoded = SampleEncoder(processor, tokenizer, 64, image_aspect_ratio="pad")(sample)
-    assert encoded["has_image"] is False
-    assert encoded["pixel_values"].shape == (3, 336, 336) and not encoded["pixel_values"].any()
+    assert encoded.has_image is False
+    assert encoded.pixel_values.shape == (3, 336, 336) and not encoded.pixel_values.any()

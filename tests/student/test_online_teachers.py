@@ -29,10 +29,10 @@ def first_batch_losses(store, tmp_path, *extra: str):
                                                              f"data.online_teachers={str(online).lower()}", *extra))
         parts = build_training(cfg, online_targets=online_targets_factory(cfg))
         batch = next(iter(parts.loader))
-        assert ("images" in batch) == online
+        assert (batch.images is not None) == online
         with torch.no_grad():
             total, terms = compute_loss(parts, batch)
-        results.append((batch["rows"].tolist(), batch_targets(parts, batch), {"loss": total, **terms}))
+        results.append((batch.rows.tolist(), batch_targets(parts, batch), {"loss": total, **terms}))
     (rows, cached, cached_terms), (online_rows, online, online_terms) = results
     assert rows == online_rows
     return cached, online, cached_terms, online_terms
