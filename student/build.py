@@ -9,7 +9,7 @@ from student.checkpoint import load_student
 from student.config import ModelConfig
 from student.loading import load_image_processor
 from student.model import OlaStudent
-from student.student_config import TaskLayersError
+from student.hf_config import TaskLayersError
 from student.task import DEFAULT_TASK_ORDER, TaskSpec
 
 

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 from student.conversation import IGNORE_INDEX
 from student.loading import from_pretrained_safetensors
 from student.predictor import EmbeddingPredictor
-from student.student_config import StudentConfig
+from student.hf_config import StudentConfig
 from student.task import TaskSpec
 
 __all__ = ["OlaStudent", "OlaStudentOutput", "TRAINABLE_PARTS"]

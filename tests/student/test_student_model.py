@@ -7,7 +7,7 @@ import torch
 
 from student.loss import coupled_loss
 from student.model import OlaStudent
-from student.student_config import StudentConfig
+from student.hf_config import StudentConfig
 from student.task import TaskSpec
 from tests.student.tiny_parts import (
     IMAGE_TOKEN_ID,

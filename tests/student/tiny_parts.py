@@ -32,7 +32,7 @@ def tiny_text_config(vocab_size: int = 300):
 
 def build_student(tasks=TASKS, seed: int = 0, **config_kwargs):
     from student.model import OlaStudent
-    from student.student_config import StudentConfig
+    from student.hf_config import StudentConfig
 
     torch.manual_seed(seed)
     config_kwargs.setdefault("image_token_id", IMAGE_TOKEN_ID)
