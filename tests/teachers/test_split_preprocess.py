@@ -248,3 +248,12 @@ def test_a_processor_that_does_not_split_exactly_is_used_whole(teacher_dirs, ima
     out = whole(images)
     assert out.dtype == torch.float32
     torch.testing.assert_close(whole.normalize(out), expected, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_pil_resize_on_an_accelerator_gives_pillows_pixels():
+    """OneFormer's 768 -> 800 as an accelerator runs it (the CPU test above checks the same arithmetic)."""
+    images = [image.resize((768, 768), Image.Resampling.BICUBIC) for image in _photos_and_odd_sizes()[:4]]
+    expected = stack_pixels([np.asarray(image.resize((800, 800), Image.Resampling.BILINEAR)) for image in images])
+    resize = PilResize((768, 768), (800, 800), int(Image.Resampling.BILINEAR))
+    assert torch.equal(resize(stack_pixels([np.asarray(image) for image in images]).cuda()).cpu(), expected)
