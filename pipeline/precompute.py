@@ -161,7 +161,7 @@ def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int
     stored = store.read_index()  # refused if it is not the index the store was made with
     missing = [c for c in index.table.column_names if c not in stored.column_names]
     if missing:
-        raise UsageError(f"store {store_path} was made by an older version: its index.parquet has no {missing} "
+        raise UsageError(f"store {store_path} is not one this version makes: its index.parquet has no {missing} "
                          "column(s), which training needs to read samples in random order; precompute into a new "
                          "--store")
     # Every column, not only the fingerprint's: workers seek by the stored offsets and sizes.
@@ -172,7 +172,7 @@ def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int
         )
     if locked:
         store.remove_partial_writes()  # a run killed in the middle of a record's write leaves its temporary file
-        store.record_shards(index.shards)  # also gives a store made before shards.parquet existed its record
+        store.record_shards(index.shards)  # also writes it again where it was deleted or damaged
     return store
 
 

@@ -40,12 +40,9 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
     from tqdm.auto import tqdm
 
     store = TargetStore(path)
-    attrs = store.attrs  # a directory that is not a store is bad input (UsageError), not a problem list
+    store.attrs  # a directory that is not a store is bad input (UsageError), not a problem list
     report = VerifyReport()
     problems = report.problems
-    if "index_sha256" not in attrs:
-        report.notes.append("the store records no index digest (made by an older version): index.parquet is "
-                            "checked against the dataset fingerprint only")
     try:
         index = store.read_index()
     except UsageError as exc:
@@ -114,8 +111,8 @@ def _shard_records(store: TargetStore, index, report: VerifyReport):
         report.problems.append(str(exc))
         return None
     if records is None:
-        report.notes.append("the store records no shard identities (shards.parquet; made by an older version): "
-                            "precompute reruns re-read every shard until a run with work records them")
+        report.notes.append("the store records no shard identities (shards.parquet is missing): precompute "
+                            "reruns re-read every shard until a run with work records them")
         return None
     previous = PreviousIndex(index, records)
     damaged = previous.problem()

@@ -74,8 +74,6 @@ SHARDS_SCHEMA = pa.schema(
         ("sample_errors", pa.list_(SAMPLE_ERROR)),  # samples indexed without their text, and why
     ]
 )
-# shards.parquet as written before `sample_errors` existed: read as a shard set without such samples.
-_SHARDS_SCHEMA_WITHOUT_SAMPLE_ERRORS = pa.schema(list(SHARDS_SCHEMA)[:-1])
 
 # Below this many bytes to read, this process reads them about as soon as worker processes would: starting
 # spawned workers (each imports pyarrow, fsspec, PIL) costs 0.4-1 s, and one process indexes page-cached shards
@@ -104,11 +102,6 @@ class PreviousIndex:
     index: pa.Table
     shards: pa.Table
     _by_name: dict | None = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.shards.schema.remove_metadata().equals(_SHARDS_SCHEMA_WITHOUT_SAMPLE_ERRORS):
-            empty = pa.array([[]] * self.shards.num_rows, pa.list_(SAMPLE_ERROR))
-            self.shards = self.shards.append_column(SHARDS_SCHEMA.field("sample_errors"), empty)
 
     def problem(self) -> str | None:
         """Why the two files do not describe the same shards (an edited or damaged shards.parquet), or None."""

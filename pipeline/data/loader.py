@@ -148,8 +148,8 @@ class TrainingSamples(Dataset[Item]):
             self._reader = store.reader()
         missing = [c for c in ("sample_offset", "sample_size") if c not in index.column_names]
         if missing:
-            raise UsageError(f"the index of {store_path or shards} has no {missing[0]} column (made by an older "
-                             "version, which could only stream samples in shard order); build the store again with "
+            raise UsageError(f"the index of {store_path or shards} has no {missing[0]} column, which every index "
+                             "this version makes has and random-order reading needs; build the store again with "
                              "`pipeline precompute` into a new --store")
         unknown = sorted(set(self.urls) - set(stored.column("shard").to_pylist()))
         if unknown:

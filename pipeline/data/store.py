@@ -432,20 +432,24 @@ class TargetStore:
         """index.parquet, checked against the digest the store recorded when it was made.
 
         Every column counts (workers seek by `image_offset`, the loader maps keys to rows), so an edited or
-        damaged index is refused here rather than trusted. Stores made before the digest existed are read as is.
+        damaged index is refused here rather than trusted.
         """
         with self.fs.open(self._join(INDEX_FILE), "rb") as f:
             data = f.read()
         expected = self.group.attrs.get("index_sha256")
-        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        if expected is None:
+            raise UsageError(f"{self.path}/zarr.json records no index_sha256, which every store this package makes "
+                             "records (edited or damaged); rebuild the store with `pipeline precompute` into a new "
+                             "--store")
+        if hashlib.sha256(data).hexdigest() != expected:
             raise UsageError(f"{self.path}/{INDEX_FILE} differs from the index this store was made with (edited or "
                              "damaged); restore it, or rebuild the store with `pipeline precompute` into a new --store")
         return self._parse_parquet(INDEX_FILE, data, "restore it, or rebuild the store with `pipeline precompute` "
                                                      "into a new --store")
 
     def read_shard_records(self) -> pa.Table | None:
-        """shards.parquet (see pipeline/data/index.py, SHARDS_SCHEMA), or None for a store made before it existed.
-        UsageError if it is not a parquet file."""
+        """shards.parquet (see pipeline/data/index.py, SHARDS_SCHEMA), or None where it is missing (deleted: it is
+        only what lets reruns skip unchanged shards). UsageError if it is not a parquet file."""
         path = self._join(SHARDS_FILE)
         if not self.fs.exists(path):
             return None

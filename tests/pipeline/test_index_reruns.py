@@ -176,7 +176,7 @@ def test_a_touched_shard_is_reread_and_accepted_with_nothing_recomputed(demo_dir
 
 
 def test_a_store_without_shard_records_reads_every_shard_and_is_not_written(demo_dir, store_copy, counted):
-    """A store made before shards.parquet existed: reruns read every shard, as before, and verify notes it."""
+    """A store whose shards.parquet was deleted: reruns read every shard and verify notes it."""
     (store_copy / "shards.parquet").unlink()
     before = store_files(store_copy)
     assert precompute(counting(demo_dir / "shards"), store_copy).nothing_to_do

@@ -125,13 +125,24 @@ def test_an_indexing_failure_reaches_errors_parquet_and_a_rerun_keeps_it(demo_di
     assert (store / "errors.parquet").read_bytes() == errors
 
 
-def test_shard_records_written_before_sample_errors_existed_still_serve_reruns(demo_dir, store_copy):
+def test_a_store_whose_zarr_json_lost_its_index_digest_is_named_by_verify(store_copy):
+    metadata = json.loads((store_copy / "zarr.json").read_text())
+    del metadata["attributes"]["index_sha256"]
+    (store_copy / "zarr.json").write_text(json.dumps(metadata))
+    problems = verify_store(str(store_copy)).problems
+    assert any("records no index_sha256" in p for p in problems), problems
+
+
+def test_shard_records_missing_a_column_are_named_by_verify_and_rewritten_by_a_rerun(demo_dir, ray_local,
+                                                                                      store_copy):
     table = pq.read_table(store_copy / "shards.parquet")
     pq.write_table(table.drop_columns(["sample_errors"]), store_copy / "shards.parquet")
+    problems = verify_store(str(store_copy), shards=str(demo_dir / "shards")).problems
+    assert any("shards.parquet has columns" in p and "sample_errors" in p for p in problems), problems
+    (store_copy / "_blocks" / "gen" / "000000.json").unlink()  # a rerun with work writes the records anew
+    assert precompute(demo_dir / "shards", store_copy).blocks_computed == 1
+    assert pq.read_table(store_copy / "shards.parquet").equals(table)
     assert verify_store(str(store_copy), shards=str(demo_dir / "shards")).problems == []
-    reused = build_index(str(demo_dir / "shards"), previous=TargetStore(str(store_copy)).previous_index(),
-                         progress=False)
-    assert reused.scanned == [] and reused.shards.equals(table)
 
 
 # ---- partial files of killed writes, and files that do not belong --------------------------------------------------
