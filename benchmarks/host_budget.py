@@ -16,12 +16,12 @@ Every figure is in ms of ONE core per row (a row: one image through all three te
        preprocess <teacher>   `prepare_inputs` with the teacher's `preprocess` and batch size
        device process         `compute` with a near-instant device, less its sleep: everything the process that
                               drives a device does outside the device's own work. Split into the forwards
-                              (`device_forward`: queuing the device's work) and the rest of `run_inputs` (the stored bytes
-                              reaching the host, placing the rows). The device's work after the forward, `finish`
-                              (the check, the float64 sums and `Storage.encode`), is the simulated device's: it
-                              runs once per batch size and its result is reused, as a device that finishes in no
-                              time (benchmarks/simulated_teacher.py). The table shows what `finish` costs when this
-                              CPU runs it, for scale, outside every sum
+                              (`device_forward`: queuing the device's work) and the rest of `run_inputs` (the
+                              stored bytes reaching the host, placing the rows). The device's work after the
+                              forward, `finish` (the check, the float64 sums and `Storage.encode`), is the
+                              simulated device's: it runs once per batch size and its result is reused, as a device
+                              that finishes in no time (benchmarks/simulated_teacher.py). The table shows what
+                              `finish` costs when this CPU runs it, for scale, outside every sum
        compress               the array's zstd codec (numcodecs, as zarr calls it) on every inner chunk
        digest                 `block_digest` of the stored arrays
        fsync                  every `os.fsync` inside `write_encoded` (the block's files and their folders)
@@ -76,7 +76,7 @@ sys.path.insert(0, str(REPO))  # `benchmarks.simulated_teacher` must import here
 
 from benchmarks.feed import CPU_ONLY_MS, build_assets, write_llava_like_shards, write_manifest  # noqa: E402
 from benchmarks.measure import Spread, interleave, ratio  # noqa: E402
-from benchmarks.simulated_teacher import STREAM  # noqa: E402
+from benchmarks.simulated_teacher import wait_for_stream  # noqa: E402
 
 DEVICE_MS = 1.0  # P10's simulated device: ms per image for the three teachers together
 R_GOAL, P10_GOAL = 1.3, 0.8
@@ -186,7 +186,7 @@ def time_compute(clock: Clock, setup: Setup, prepared):
         for positions, batch in batches:
             with pieces.time(FORWARD):
                 out = teacher.device_forward(stages._as_torch(batch))
-            STREAM.submit(lambda: None).result()  # the device's time, which is not the host's
+            wait_for_stream()  # the device's time, which is not the host's
             with pieces.time(FINISH):
                 finish(out, storages[name])
             with torch.inference_mode(), clock.time(ENCODE):

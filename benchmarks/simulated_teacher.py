@@ -77,7 +77,7 @@ class SimulatedAcceleratorTeacher(teachers.Teacher):
         does on a GPU) and copying the stored bytes into the block's arrays (`block_stages._place`). On an H100 the
         finishing ops read and write a few MB per row: tens of microseconds, a few percent of the forward (an
         estimate), not simulated."""
-        STREAM.submit(lambda: None).result()
+        wait_for_stream()
         key = (len(values), storage)
         if key not in self._finished:
             self._finished[key] = super().finish(values, storage)
@@ -94,3 +94,8 @@ class SimulatedAcceleratorTeacher(teachers.Teacher):
 # The simulated device of this process, as one CUDA stream: the forwards of every teacher and block run one after
 # another in the order they were queued, and waiting for one output waits for all queued before it.
 STREAM = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulated-device")
+
+
+def wait_for_stream() -> None:
+    """Return once the simulated device has done everything queued so far (`torch.cuda.synchronize` on a GPU)."""
+    STREAM.submit(lambda: None).result()
