@@ -16,8 +16,9 @@ from pipeline.data.store import Storage
 @dataclass
 class FinishedBatch:
     """One batch of outputs finished on the device: which rows are finite (bool [n], on the host), and for those
-    rows only their `Storage.encode_tensor` codes and scales (still on the device: block_stages' `_place` copies them into the
-    block's arrays), token count and per-channel float64 sums of values and squares [C] (on the host)."""
+    rows only their `Storage.encode_tensor` codes and scales (still on the device: block_stages' `_place` copies
+    them into the block's arrays), token count and per-channel float64 sums of values and squares [C] (on the
+    host)."""
 
     finite: np.ndarray
     codes: Any  # torch tensor on the device
@@ -50,8 +51,8 @@ def finish(values, storage: Storage) -> FinishedBatch:
         if not finite_rows.all():
             values, sums, squares = values[finite], sums[finite], squares[finite]
         codes, scales = storage.encode_tensor(values)
-        return FinishedBatch(finite_rows, codes, scales, values.shape[0] * values.shape[1], sums.sum(dim=0).cpu().numpy(),
-                             squares.sum(dim=0).cpu().numpy())
+        return FinishedBatch(finite_rows, codes, scales, values.shape[0] * values.shape[1],
+                             sums.sum(dim=0).cpu().numpy(), squares.sum(dim=0).cpu().numpy())
 
 
 def _token_sums(values):

@@ -107,7 +107,7 @@ class OneFormerPreprocessor(Preprocessor):
         for image in images:
             image = image.resize(size, Image.Resampling.BICUBIC)
             if self.out_hw is not None and self.device_resize is None:
-                image = image.resize((self.out_hw[1], self.out_hw[0]), self.resample)
+                image = self._processor_resize(image)
             arrays.append(np.asarray(image))
         return stack_pixels(arrays)
 
@@ -118,9 +118,12 @@ class OneFormerPreprocessor(Preprocessor):
         return super().normalize(batch)
 
     def _pil_resize(self, batch: torch.Tensor) -> torch.Tensor:
-        size = (self.out_hw[1], self.out_hw[0])
-        return stack_pixels([np.asarray(Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size, self.resample))
+        return stack_pixels([np.asarray(self._processor_resize(Image.fromarray(image.permute(1, 2, 0).numpy())))
                              for image in batch])
+
+    def _processor_resize(self, image: Image.Image) -> Image.Image:
+        """The processor's own resize of an S x S image (the call it makes, see the class docstring)."""
+        return image.resize((self.out_hw[1], self.out_hw[0]), self.resample)
 
 
 @register("oneformer")
