@@ -1054,17 +1054,19 @@ def _block_file(metadata, values: np.ndarray, array: str) -> Iterator[bytes] | N
     chunk_rows = metadata.codecs[0].chunk_shape[0]
     chunks = [_bytes_of(_padded(values[start : start + chunk_rows], chunk_rows))
               for start in range(0, len(values), chunk_rows)]
-    if all(_all_fill(chunk) for chunk in chunks):
+    chunks = [None if _all_fill(chunk) else chunk for chunk in chunks]
+    if all(chunk is None for chunk in chunks):
         return None
     return _shard_parts(chunks, compressor, file_rows // chunk_rows)
 
 
-def _shard_parts(chunks: list[np.ndarray], compressor: Zstd, slots: int) -> Iterator[bytes]:
-    """A shard's parts (see `_block_file`), each chunk compressed only when the one before has been taken."""
+def _shard_parts(chunks: list[np.ndarray | None], compressor: Zstd, slots: int) -> Iterator[bytes]:
+    """A shard's parts (see `_block_file`; None for a chunk of fill values only, which is not stored), each chunk
+    compressed only when the one before has been taken."""
     index = np.full((slots, 2), _EMPTY_CHUNK, dtype="<u8")
     offset = 0
     for i, chunk in enumerate(chunks):
-        if _all_fill(chunk):
+        if chunk is None:
             continue
         data = compressor.encode(chunk)
         index[i] = offset, len(data)
