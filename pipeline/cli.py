@@ -56,15 +56,21 @@ of a single-turn record whose human turn is <image> plus a one-line instruction,
 and KEY.json (the record). Keys are f"{shard:05d}{i:04d}", from position, never from the id (ids repeat in the
 665K mix).
 Text-only records become samples with KEY.json alone. Records whose image is missing, empty, unreadable or not an
-image are left out and listed in OUT/failures.parquet, and so are those whose path is absolute or leads (by .. or a
-symlink) outside --images, or names no regular file (a folder, device, FIFO), or a file over --max-image-bytes.
-Rerunning the same command resumes: finished shards (those with a PREFIX-NNNNN_stats.json) are kept; a different
-input, --images folder or different arguments are refused.
+image are left out and listed in OUT/PREFIX_failures.parquet, and so are those whose path is absolute or leads (by
+.. or a symlink) outside --images, or names no regular file (a folder, device, FIFO), or a file over
+--max-image-bytes. The summary counts the image samples that repeat an earlier image, by the same path or
+byte-identical under another one, and the distinct images: a target store computes each distinct image once.
+Rerunning the same command resumes: finished shards (those with a PREFIX-NNNNN_stats.json) are kept; the same
+--prefix with a different input, --images folder or different arguments is refused (OUT/PREFIX_sharding.json
+records them). Another JSON cut into the same OUT with another --prefix adds its shards beside the first ones: a
+dataset grows by a shard set, and shards are read in sorted name order, so pick a prefix that sorts after theirs.
 
 examples (the LLaVA-1.5 training data, as downloaded):
   pipeline shards llava LLaVA-Pretrain/blip_laion_cc_sbu_558k.json --images LLaVA-Pretrain/images --out shards/pt
   pipeline shards llava llava_v1_5_mix665k.json --images data --out shards/ift --shuffle --seed 0
     (data/ holds coco/train2017, gqa/images, ocr_vqa/images, textvqa/train_images, vg/VG_100K, vg/VG_100K_2)
+  pipeline shards llava part1.json --images images --out shards/grown --prefix part1
+  pipeline shards llava part2.json --images images --out shards/grown --prefix part2   # adds part2-*.tar
 """
 
 
@@ -275,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("json", help="the LLaVA JSON, e.g. blip_laion_cc_sbu_558k.json or llava_v1_5_mix665k.json")
     q.add_argument("--images", required=True, help="the folder the records' `image` paths are relative to")
     q.add_argument("--out", required=True, help="output directory for the shards (created if missing)")
-    q.add_argument("--prefix", default=None, help="shard file names are PREFIX-00000.tar... (default: the JSON's stem)")
+    q.add_argument("--prefix", default=None,
+                   help="shard file names are PREFIX-00000.tar... (default: the JSON's stem); another prefix adds "
+                        "shards to an OUT that holds some")
     size = q.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, default=None,
                       help="records per shard (default 10000, as img2dataset: LLaVA-558K makes 56 shards)")
@@ -285,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=None,
                    help="processes writing shards, one shard each at a time (default: one per CPU)")
     q.add_argument("--overwrite", action="store_true",
-                   help="if OUT holds shards of another input or other arguments, delete them and start over "
+                   help="if OUT holds PREFIX shards of another input or other arguments, delete them and start "
+                        "over, and delete .tar files no run recorded; other prefixes' shards are kept "
                         "(default: refuse; a rerun of the same command always resumes)")
     q.add_argument("--max-image-bytes", type=int, default=None,
                    help="image files larger than this are left out unread (default 67108864, 64 MiB)")

@@ -6,9 +6,16 @@ instruction mix `llava_v1_5_mix665k.json` are written. Output under DIR:
 
     PREFIX-00000.tar ...      per sample, in this order: KEY.<ext> (the image file's bytes, never re-encoded),
                               KEY.txt (its caption, if it has one), KEY.json (the record)
-    PREFIX-00000_stats.json   the shard's completion record, written after the tar is in place
-    sharding.json             the input (size, sha256) and the arguments the shards were cut with
-    failures.parquet          every record left out: record (its position in the JSON), id, image, reason, detail
+    PREFIX-00000_stats.json   the shard's completion record, written after the tar is in place: its counts, and
+                              per image sample in shard order its `image` path and the sha1 of its bytes
+    PREFIX_sharding.json      the input (size, sha256) and the arguments the PREFIX shards were cut with
+    PREFIX_failures.parquet   every record of that input left out: record (its position in the JSON), id, image,
+                              reason, detail
+
+Every file of a run is named by its prefix, so one folder holds the shards of several JSONs: cutting a second
+JSON into the same DIR with another `prefix` adds its shards beside the first ones (a dataset grows by a shard
+set), and nothing of another prefix is read, rewritten or deleted. A directory's shards are read in sorted name
+order, so a prefix that sorts after the earlier ones keeps their shards first.
 
 Decisions:
 - Order: the JSON's, or with `shuffle` a permutation seeded by `seed`; then cut into shards of
@@ -37,9 +44,15 @@ Decisions:
   question, then a gpt turn, has that gpt answer as caption, as LLaVA-558K's records are. Other records (VQA,
   multi-turn, text-only) have none; the training loader prefers KEY.json's conversation anyway.
 - Resumable: a shard is written to `NAME.tar.tmp-PID`, renamed, and only then given its stats file; a rerun
-  skips the shards that have one and rewrites the others. `sharding.json` makes a rerun with another input,
-  another images folder or other arguments an error instead of a mix of two datasets (`overwrite=True` replaces
-  the earlier run).
+  skips the shards that have one and rewrites the others. `PREFIX_sharding.json` makes a rerun of the same
+  prefix with another input, another images folder or other arguments an error instead of a mix of two datasets
+  (`overwrite=True` replaces that prefix's files, and only those). A `.tar` in DIR that no prefix's record
+  claims is refused too (`overwrite=True` deletes it), since it would be read as part of the dataset.
+- Repeated images: LLaVA's 665K mix has 624,610 image records but about 379K distinct files, and a target store
+  holds one row per distinct image content. The summary counts, in shard order, the image samples whose bytes an
+  earlier sample of the run already had: by the same `image` path (as the JSON writes it) or, byte-identical,
+  under another path (sha1 of the bytes, as `index.parquet`'s `image_sha1`), and the distinct contents. The
+  shards themselves hold every sample's own copy: repeats are counted, never merged.
 - Worker processes die with the process that started them, even when it is SIGKILLed (Linux: the kernel's
   parent-death signal; elsewhere a thread watching the parent), instead of writing on as orphans.
 - Deterministic: same JSON, arguments and image files, same bytes, whatever the number of worker processes
@@ -61,6 +74,7 @@ import multiprocessing
 import os
 import posixpath
 import random
+import re
 import signal
 import stat
 import sys
@@ -83,9 +97,9 @@ from pipeline.data.index import available_cpus
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # LLaVA's largest images are a few MB; a file past this is no training photo
-RUN_RECORD = "sharding.json"
-FAILURES_FILE = "failures.parquet"
-FORMAT_VERSION = 1
+RUN_RECORD_SUFFIX = "_sharding.json"  # PREFIX_sharding.json
+FAILURES_SUFFIX = "_failures.parquet"  # PREFIX_failures.parquet
+FORMAT_VERSION = 2
 IMAGE_PLACEHOLDER = "<image>"
 
 FAILURES_SCHEMA = pa.schema(
@@ -114,9 +128,11 @@ _SIGNATURES = (
 )
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # the DIB header sizes Windows and OS/2 bitmaps use
 _EXTENSION_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "jfif": "jpg", "tif": "tiff"}
-# The flag that sets each argument recorded in sharding.json, so that a refused resume names what to change.
+# The flag that sets each argument recorded in PREFIX_sharding.json, so that a refused resume names what to change.
 _FLAGS = {"prefix": "--prefix", "samples_per_shard": "--samples-per-shard", "num_shards": "--shards",
           "shuffle_seed": "--shuffle/--seed", "max_image_bytes": "--max-image-bytes"}
+# PREFIX-NNNNN.tar: the prefix is everything before the last hyphen, since the shard number holds none.
+_SHARD_NAME = re.compile(r"(?P<prefix>.+)-\d{5,}\.tar")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _PARENT_POLL_SECONDS = 1.0
 
@@ -135,9 +151,11 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ShardingSummary:
-    """What a `write_llava_shards` run left in `out`, counted over every shard (finished earlier or now)."""
+    """What a `write_llava_shards` run left in `out` under its prefix, counted over every shard of it (finished
+    earlier or now)."""
 
     out: Path
+    prefix: str
     shards: tuple[Path, ...]
     records: int
     samples: int
@@ -147,6 +165,9 @@ class ShardingSummary:
     failures: dict[str, int]  # reason -> records left out
     lying_extensions: int
     duplicate_ids: int  # records whose id an earlier record of the JSON already had
+    distinct_images: int  # distinct image contents (sha1 of the bytes) among the image samples
+    repeats_by_path: int  # image samples whose `image` path and bytes an earlier sample already had
+    repeats_by_content: int  # image samples whose bytes an earlier sample had under another path
     shards_written: int
     shards_skipped: int
 
@@ -159,12 +180,20 @@ class ShardingSummary:
         ]
         left_out = sum(self.failures.values())
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.failures.items()))
-        lines.append(f"left out: {left_out} record(s)" + (f" ({reasons}), listed in {self.out / FAILURES_FILE}"
+        lines.append(f"left out: {left_out} record(s)" + (f" ({reasons}), listed in {self.failures_file}"
                                                             if left_out else ""))
+        repeats = self.repeats_by_path + self.repeats_by_content
+        lines.append(f"repeated images: {repeats} of {self.images} image sample(s) repeat an earlier one "
+                     f"({self.repeats_by_path} by the same path, {self.repeats_by_content} byte-identical under "
+                     f"another path): {self.distinct_images} distinct image(s), one target row each in a store")
         lines.append(f"lying extensions: {self.lying_extensions} image(s) stored under their real format")
         lines.append(f"duplicate ids: {self.duplicate_ids} record(s) share an id with an earlier one "
                      "(each is its own sample)")
         return "\n".join(lines)
+
+    @property
+    def failures_file(self) -> Path:
+        return failures_path(self.out, self.prefix)
 
 
 class _Failure(Exception):
@@ -194,8 +223,9 @@ def write_llava_shards(
 
     `prefix` defaults to the JSON's file stem. `samples_per_shard` (default 10000) and `num_shards` exclude each
     other. `workers`: processes writing shards (default one per CPU, at most one per shard left to write; 1 writes
-    in this process). `overwrite`: replace what `out` holds from another input or other arguments instead of
-    refusing. `max_image_bytes` (default 64 MiB): larger image files are left out unread. Raises UsageError for
+    in this process). `overwrite`: replace the files of `prefix` in `out` from another input or other arguments,
+    and delete .tar files no run recorded, instead of refusing; another prefix's files are never touched.
+    `max_image_bytes` (default 64 MiB): larger image files are left out unread. Raises UsageError for
     unusable input or arguments, JobError if a worker process dies.
     """
     records, source = _read_records(Path(json_path))
@@ -224,7 +254,7 @@ def write_llava_shards(
             "max_image_bytes": max_image_bytes,
         },
     }
-    _claim(out, run, overwrite)
+    _claim(out, prefix, run, overwrite)
 
     order = list(range(len(records)))
     if shuffle:
@@ -238,8 +268,9 @@ def write_llava_shards(
                                records=[(p, records[p]) for p in positions]))
         start += size
 
-    for leftover in out.glob(f"*{TEMPORARY_INFIX}*"):  # what writes killed before their rename left
-        leftover.unlink()
+    for leftover in out.iterdir():  # what this prefix's writes killed before their rename left
+        if TEMPORARY_INFIX in leftover.name and _owned_by(prefix, leftover.name):
+            leftover.unlink()
     todo = [task for task in tasks if _finished(task) is None]
     left = sum(len(task.records) for task in todo)
     with tqdm(total=start, initial=start - left, desc="llava shards", unit="record", disable=not progress) as bar:
@@ -250,9 +281,8 @@ def write_llava_shards(
     missing = [Path(task.path).name for task, s in zip(tasks, stats) if s is None]
     if missing:
         raise JobError(f"shard {missing[0]} has no completion record after writing it; rerun to retry")
-    _write_failures(out, stats)
-    return _summarise(out, tasks, stats, run, duplicate_ids=source["duplicate_ids"],
-                      written=len(todo))
+    _write_failures(failures_path(out, prefix), stats)
+    return _summarise(out, tasks, stats, run, duplicate_ids=source["duplicate_ids"], written=len(todo))
 
 
 def _read_records(path: Path) -> tuple[list, dict]:
@@ -292,12 +322,29 @@ def _shard_sizes(count: int, samples_per_shard: int | None, num_shards: int | No
 
 
 # --- the output directory ------------------------------------------------------------------------------------------
-def _claim(out: Path, run: dict, overwrite: bool) -> None:
-    """Make `out` this run's: resume a matching earlier run, refuse (or with `overwrite` clear) anything else."""
+def run_record_path(out: Path, prefix: str) -> Path:
+    return out / f"{prefix}{RUN_RECORD_SUFFIX}"
+
+
+def failures_path(out: Path, prefix: str) -> Path:
+    return out / f"{prefix}{FAILURES_SUFFIX}"
+
+
+def _owned_by(prefix: str, name: str) -> bool:
+    """Whether the file `name` is one of `prefix`'s: a shard, its stats, the run record, the failures, or a
+    write of one of them cut short. No name is two prefixes' (a shard number holds no hyphen)."""
+    records = "|".join(re.escape(suffix) for suffix in (RUN_RECORD_SUFFIX, FAILURES_SUFFIX))
+    own = rf"{re.escape(prefix)}(?:-\d{{5,}}(?:\.tar|_stats\.json)|{records})"
+    return re.fullmatch(own, name.split(TEMPORARY_INFIX, 1)[0]) is not None
+
+
+def _claim(out: Path, prefix: str, run: dict, overwrite: bool) -> None:
+    """Make `prefix` in `out` this run's: resume a matching earlier run of it; refuse (or with `overwrite` clear)
+    another run of it and .tar files no run recorded. Another prefix's files are left as they are."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"output directory {out} is a file; pass a directory for the shards")
     out.mkdir(parents=True, exist_ok=True)
-    record = out / RUN_RECORD
+    record = run_record_path(out, prefix)
     if record.exists():
         try:
             earlier = json.loads(record.read_text())
@@ -307,23 +354,40 @@ def _claim(out: Path, run: dict, overwrite: bool) -> None:
         if difference is None:
             return
         if not overwrite:
-            raise UsageError(f"{out} holds shards of another run ({difference}); rerun with the same input and "
-                             "arguments to resume, choose another output directory, or pass --overwrite to "
-                             "replace them")
-        _clear(out)
-    elif any(out.glob("*.tar")) or any(out.glob("*_stats.json")):
-        if not overwrite:
-            raise UsageError(f"{out} holds .tar files that no `pipeline shards llava` run recorded (no {RUN_RECORD}); "
-                             "they would be read as part of this dataset: choose an empty output directory or pass "
-                             "--overwrite to delete them")
-        _clear(out)
+            raise UsageError(f"{out} holds {prefix}-* shards of another run ({difference}); rerun with the same "
+                             "input and arguments to resume, pass another --prefix to add these shards beside "
+                             "them, choose another output directory, or pass --overwrite to replace them")
+    unrecorded = _unrecorded_shards(out)
+    if unrecorded and not overwrite:
+        more = f" and {len(unrecorded) - 1} more .tar files" if len(unrecorded) > 1 else ""
+        raise UsageError(f"{out} holds {unrecorded[0].name}{more} that no `pipeline shards llava` run recorded "
+                         f"(no PREFIX{RUN_RECORD_SUFFIX} claims them); they would be read as part of this dataset: "
+                         "move them away, choose another output directory, or pass --overwrite to delete them")
+    for shard in unrecorded:
+        shard.unlink()
+        _stats_path(shard).unlink(missing_ok=True)
+    # No record claims what is left of this prefix (stats, failures, cut writes): a fresh run starts without it.
+    for path in out.iterdir():
+        if _owned_by(prefix, path.name):
+            path.unlink()
     atomic_write(record, (json.dumps(run, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _unrecorded_shards(out: Path) -> list[Path]:
+    """The .tar files in `out` whose prefix has no run record: not cut by this tool, or their record is gone."""
+    unrecorded = []
+    for path in sorted(out.glob("*.tar")):
+        match = _SHARD_NAME.fullmatch(path.name)
+        if match is None or not run_record_path(out, match["prefix"]).exists():
+            unrecorded.append(path)
+    return unrecorded
 
 
 def _run_difference(earlier: dict, run: dict) -> str | None:
     """How an earlier run's record differs from this run in what decides the shards' bytes, or None."""
     if earlier.get("format_version") != run["format_version"]:
-        return f"{RUN_RECORD} has format version {earlier.get('format_version')}, this tool writes {FORMAT_VERSION}"
+        return (f"{run['arguments']['prefix']}{RUN_RECORD_SUFFIX} has format version "
+                f"{earlier.get('format_version')}, this tool writes {FORMAT_VERSION}")
     old, new = earlier.get("input", {}), run["input"]
     if (old.get("sha256"), old.get("bytes")) != (new["sha256"], new["bytes"]):
         return (f"its JSON {old.get('json')} had sha256 {str(old.get('sha256'))[:12]}.. ({old.get('bytes')} bytes), "
@@ -334,12 +398,6 @@ def _run_difference(earlier: dict, run: dict) -> str | None:
         if earlier.get("arguments", {}).get(name) != value:
             return f"{_FLAGS[name]} was {earlier.get('arguments', {}).get(name)!r}, now {value!r}"
     return None
-
-
-def _clear(out: Path) -> None:
-    for pattern in ("*.tar", f"*{TEMPORARY_INFIX}*", "*_stats.json", FAILURES_FILE, RUN_RECORD):
-        for path in out.glob(pattern):
-            path.unlink()
 
 
 def _stats_path(shard: Path) -> Path:
@@ -356,9 +414,9 @@ def _finished(task: ShardTask) -> dict | None:
         return None
 
 
-def _write_failures(out: Path, stats: list[dict]) -> None:
+def _write_failures(path: Path, stats: list[dict]) -> None:
     rows = sorted((f for s in stats for f in s["failures"]), key=lambda f: f["record"])
-    with atomic_file(out / FAILURES_FILE) as f:
+    with atomic_file(path) as f:
         pq.write_table(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), f)
 
 
@@ -367,13 +425,35 @@ def _summarise(out: Path, tasks: list[ShardTask], stats: list[dict], run: dict, 
     total = Counter()
     for s in stats:
         total.update({k: s[k] for k in ("samples", "images", "text_only", "captions", "lying_extensions")})
+    repeats = _repeats(stats)
     return ShardingSummary(
-        out=out, shards=tuple(Path(task.path) for task in tasks), records=run["input"]["records"],
-        samples=total["samples"], images=total["images"], text_only=total["text_only"], captions=total["captions"],
+        out=out, prefix=run["arguments"]["prefix"], shards=tuple(Path(task.path) for task in tasks),
+        records=run["input"]["records"], samples=total["samples"], images=total["images"],
+        text_only=total["text_only"], captions=total["captions"],
         failures=dict(Counter(f["reason"] for s in stats for f in s["failures"])),
         lying_extensions=total["lying_extensions"], duplicate_ids=duplicate_ids,
+        distinct_images=repeats["distinct"], repeats_by_path=repeats["path"], repeats_by_content=repeats["content"],
         shards_written=written, shards_skipped=len(tasks) - written,
     )
+
+
+def _repeats(stats: list[dict]) -> Counter:
+    """Over the image samples of `stats` (shards in order): "distinct" contents, and the samples repeating an
+    earlier one's bytes by its "path" or, byte-identical, under another path ("content")."""
+    paths: set[str] = set()
+    contents: set[str] = set()
+    counts = Counter(distinct=0, path=0, content=0)
+    for s in stats:
+        for path, sha1 in zip(s["image_paths"], s["image_sha1"], strict=True):
+            if sha1 not in contents:
+                counts["distinct"] += 1
+            elif path in paths:
+                counts["path"] += 1
+            else:
+                counts["content"] += 1
+            paths.add(path)
+            contents.add(sha1)
+    return counts
 
 
 # --- workers -------------------------------------------------------------------------------------------------------
@@ -434,7 +514,7 @@ def write_shard(task: ShardTask) -> dict:
     """Write one shard (tar, then its stats file) and return its stats. Runs in worker processes."""
     shard = Path(task.path)
     stats = {"shard": shard.name, "samples": 0, "images": 0, "text_only": 0, "captions": 0, "lying_extensions": 0,
-             "failures": []}
+             "failures": [], "image_paths": [], "image_sha1": []}
     # A reader never sees a half-written shard under its final name.
     with atomic_file(shard) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -453,6 +533,9 @@ def write_shard(task: ShardTask) -> dict:
                 stats["text_only"] += len(extensions) == 1
                 stats["captions"] += "txt" in extensions
                 stats["lying_extensions"] += lied
+                if "image" in record:  # then the image is the sample's first member
+                    stats["image_paths"].append(record["image"])
+                    stats["image_sha1"].append(hashlib.sha1(members[0][1]).hexdigest())
     stats["bytes"] = shard.stat().st_size
     atomic_write(_stats_path(shard), (json.dumps(stats, indent=1) + "\n").encode())
     return stats

@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline.data.errors import UsageError
 from pipeline.data.images import decode_rgb
 from pipeline.data.index import build_index
-from pipeline.llava_shards import FAILURES_FILE, caption_of, image_extension, write_llava_shards
+from pipeline.llava_shards import caption_of, failures_path, image_extension, write_llava_shards
 from tests.conftest import REPO, kill_left_behind
 from tests.pipeline.llava_fixtures import (HOSTILE_LIMIT, HostileSet, LlavaSet, hostile_images, hostile_record,
                                            mix_665k, pretrain_558k)
@@ -100,7 +100,7 @@ def test_keys_come_from_position_and_are_unique(mix_shards):
 
 
 def test_left_out_records_are_listed_with_their_reason(mix, mix_shards):
-    table = pq.read_table(mix_shards.out / FAILURES_FILE).to_pylist()
+    table = pq.read_table(mix_shards.failures_file).to_pylist()
     assert {row["id"]: row["reason"] for row in table} == mix.left_out
     by_id = {r["id"]: (position, r) for position, r in enumerate(mix.records)}
     for row in table:
@@ -188,6 +188,53 @@ def test_shards_are_readable_by_the_index(mix, mix_shards):
         assert row["caption_present"]  # every sample carries a conversation
 
 
+def _repeating(pretrain: LlavaSet, root: Path) -> Path:
+    """A LLaVA JSON over `pretrain`'s images whose 9 image records hold 4 distinct images: 4 repeat an earlier
+    record's path, 1 names a byte-identical copy of an earlier image under another name. Plus a text-only record."""
+    first, seen = [], set()
+    for record in pretrain.records:  # the demo photographs repeat some (skimage's cat is chelsea)
+        data = (pretrain.images / record["image"]).read_bytes()
+        if data not in seen and len(first) < 4:
+            first.append(record)
+            seen.add(data)
+    images = shutil.copytree(pretrain.images, root / "images")
+    (images / "copies").mkdir()
+    shutil.copy(images / first[2]["image"], images / "copies" / "two.jpg")
+    again = [{**first[i], "id": f"again {n}"} for n, i in enumerate((0, 1, 0))]
+    copy = {**first[2], "id": "copy", "image": "copies/two.jpg"}
+    text = {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    path = root / "repeating.json"
+    path.write_text(json.dumps([*first[:2], again[0], *first[2:], copy, text, again[1], {**copy, "id": "copy 2"},
+                                again[2]]))
+    return path
+
+
+def test_the_summary_counts_images_repeated_by_path_and_by_copied_content(pretrain, tmp_path):
+    json_path = _repeating(pretrain, tmp_path)
+    summary = write_llava_shards(json_path, tmp_path / "images", tmp_path / "out", samples_per_shard=3, workers=1,
+                                 progress=False)
+    assert (summary.images, summary.text_only, len(summary.shards)) == (9, 1, 4)
+    assert (summary.distinct_images, summary.repeats_by_path, summary.repeats_by_content) == (4, 4, 1)
+    assert ("repeated images: 5 of 9 image sample(s) repeat an earlier one (4 by the same path, 1 byte-identical "
+            "under another path): 4 distinct image(s)") in summary.report()
+    # Counted, never merged: every sample keeps its own copy of the bytes, and the index sees the same contents.
+    samples = _samples(summary.shards)
+    assert sum(_image(s) is not None for s in samples) == 9
+    sha1s = [row["image_sha1"] for row in build_index(str(summary.out), progress=False).table.to_pylist()]
+    assert len({sha1 for sha1 in sha1s if sha1}) == summary.distinct_images
+    again = write_llava_shards(json_path, tmp_path / "images", tmp_path / "out", samples_per_shard=3, workers=1,
+                               progress=False)  # read back from the stats files
+    assert again.shards_written == 0 and again.report().split("\n")[1:] == summary.report().split("\n")[1:]
+
+
+def test_the_mix_counts_its_repeated_photographs(mix, mix_shards):
+    # The fixture's Visual Genome and TextVQA records reuse COCO's photographs under their own names.
+    kept = [r["image"] for r in mix.records if "image" in r and r["id"] not in mix.left_out]
+    contents = {hashlib.sha1((mix.images / image).read_bytes()).hexdigest() for image in kept}
+    assert mix_shards.distinct_images == len(contents) < len(kept) == mix_shards.images
+    assert (mix_shards.repeats_by_path, mix_shards.repeats_by_content) == (0, len(kept) - len(contents))
+
+
 def test_a_rerun_skips_finished_shards_and_changes_no_byte(mix, tmp_path):
     first = _shard(mix, tmp_path)
     before = _digests(first.shards)
@@ -212,14 +259,14 @@ def test_a_killed_run_is_finished_by_a_rerun(mix, tmp_path):
     assert (again.shards_written, again.shards_skipped) == (2, 2)
     assert _digests(again.shards) == before
     assert not list(tmp_path.glob("*.tmp-*"))
-    assert pq.read_table(tmp_path / FAILURES_FILE).num_rows == len(mix.left_out)
+    assert pq.read_table(again.failures_file).num_rows == len(mix.left_out)
 
 
 def test_two_workers_write_the_same_bytes_as_one(mix, mix_shards, tmp_path):
     parallel = write_llava_shards(mix.json_path, mix.images, tmp_path, samples_per_shard=MIX_PER_SHARD, workers=2,
                                   progress=False)
     assert _digests(parallel.shards) == _digests(mix_shards.shards)
-    assert (tmp_path / FAILURES_FILE).read_bytes() == (mix_shards.out / FAILURES_FILE).read_bytes()
+    assert parallel.failures_file.read_bytes() == mix_shards.failures_file.read_bytes()
 
 
 def test_shuffle_is_seeded(mix, mix_shards, tmp_path):
@@ -254,6 +301,43 @@ def test_another_run_in_the_same_directory_is_refused_or_replaced(mix, pretrain,
     assert sorted(tmp_path.glob("*.tar")) == list(replaced.shards) and len(replaced.shards) == 6
 
 
+def test_a_second_prefix_adds_its_shards_beside_the_first(mix, pretrain, tmp_path):
+    def cut(llava: LlavaSet, out: Path, prefix: str, **options):
+        return write_llava_shards(llava.json_path, llava.images, out, prefix=prefix, samples_per_shard=MIX_PER_SHARD,
+                                  workers=1, progress=False, **options)
+
+    alone_a, alone_b = cut(mix, tmp_path / "a", "a"), cut(pretrain, tmp_path / "b", "b")
+    grown = tmp_path / "grown"
+    first = cut(mix, grown, "a")
+    second = cut(pretrain, grown, "b")
+    assert (second.shards_written, second.shards_skipped) == (len(alone_b.shards), 0)
+    assert sorted(grown.glob("*.tar")) == [*first.shards, *second.shards]
+    for alone, together in ((alone_a, first), (alone_b, second)):
+        assert list(_digests(together.shards).values()) == list(_digests(alone.shards).values())
+        assert together.failures_file.read_bytes() == alone.failures_file.read_bytes()
+    assert pq.read_table(first.failures_file).num_rows == len(mix.left_out)
+    assert len(build_index(str(grown), progress=False).table) == first.samples + second.samples
+
+    # A run of one prefix never touches another's files, not even its unfinished writes.
+    (grown / "b-00000.tar.tmp-4242").write_bytes(b"a write of b's in progress")
+    b_files = {path.name: path.read_bytes() for path in grown.iterdir() if path.name.startswith("b")}
+    assert cut(mix, grown, "a").shards_written == 0
+    with pytest.raises(UsageError, match="holds a-\\* shards of another run \\(--samples-per-shard was 8, now 5\\)"):
+        write_llava_shards(mix.json_path, mix.images, grown, prefix="a", samples_per_shard=5, workers=1,
+                           progress=False)
+    replaced = write_llava_shards(mix.json_path, mix.images, grown, prefix="a", samples_per_shard=5, overwrite=True,
+                                  workers=1, progress=False)
+    assert sorted(grown.glob("*.tar")) == [*replaced.shards, *second.shards] and len(replaced.shards) == 6
+    assert {path.name: path.read_bytes() for path in grown.iterdir() if path.name.startswith("b")} == b_files
+
+
+def test_a_shard_whose_prefix_lost_its_record_is_refused(mix, pretrain, tmp_path):
+    _shard(mix, tmp_path, prefix="a")
+    (tmp_path / "a_sharding.json").unlink()
+    with pytest.raises(UsageError, match="a-00000.tar and 3 more .tar files that no `pipeline shards llava` run"):
+        write_llava_shards(pretrain.json_path, pretrain.images, tmp_path, prefix="b", workers=1, progress=False)
+
+
 def test_a_resume_with_another_images_folder_is_refused(mix, tmp_path):
     _shard(mix, tmp_path / "out")
     copy = shutil.copytree(mix.images, tmp_path / "copy")  # same names, maybe other files: another dataset
@@ -281,7 +365,7 @@ def test_records_that_are_not_llava_shaped_are_left_out(mix, tmp_path):
     path.write_text(json.dumps(bad + [mix.records[0]]))
     summary = write_llava_shards(path, mix.images, tmp_path / "out", workers=1, progress=False)
     assert summary.samples == 1 and summary.failures == {"bad record": 3}
-    details = pq.read_table(tmp_path / "out" / FAILURES_FILE).column("detail").to_pylist()
+    details = pq.read_table(summary.failures_file).column("detail").to_pylist()
     assert "id" in details[0] and "object" in details[1] and "conversations[0]" in details[2]
 
 
@@ -291,8 +375,8 @@ def _shard_hostile(hostile: HostileSet, records: list[dict], out: Path):
     return write_llava_shards(path, hostile.images, out, max_image_bytes=HOSTILE_LIMIT, workers=1, progress=False)
 
 
-def _failure_rows(out: Path) -> list[dict]:
-    return pq.read_table(out / FAILURES_FILE).to_pylist()
+def _failure_rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
 
 
 def _stored(text: str) -> str:
@@ -309,7 +393,7 @@ def test_an_image_path_the_images_folder_does_not_hold_as_a_file_is_left_out(hos
     summary = _shard_hostile(hostile, [*hostile.good[:2], hostile_record(case, hostile), *hostile.good[2:]],
                              tmp_path / "out")
     assert summary.samples == len(hostile.good) and summary.failures == {reason: 1}
-    (row,) = _failure_rows(tmp_path / "out")
+    (row,) = _failure_rows(summary.failures_file)
     assert (row["record"], row["image"], row["reason"]) == (2, _stored(image), reason)
     assert image in row["detail"] or repr(image) in row["detail"], row["detail"]
     good = {(hostile.images / "good" / name).read_bytes() for name in ("0.jpg", "1.jpg")}
@@ -320,13 +404,14 @@ def test_no_failure_quotes_the_file_it_describes(hostile, mix, mix_shards, tmp_p
     secret = Path("/etc/passwd").read_bytes()[:8]
     records = [hostile_record(case, hostile) for case in ("/etc/passwd", "/etc/passwd by ..")]
     summary = _shard_hostile(hostile, [*records, *hostile.good], tmp_path / "out")
-    written = [(tmp_path / "out" / FAILURES_FILE).read_bytes(), *(path.read_bytes() for path in summary.shards)]
+    written = [summary.failures_file.read_bytes(), *(path.read_bytes() for path in summary.shards)]
     assert not any(secret in data for data in written)
-    texts = [value for row in _failure_rows(tmp_path / "out") for value in row.values() if isinstance(value, str)]
+    texts = [value for row in _failure_rows(summary.failures_file) for value in row.values()
+             if isinstance(value, str)]
     assert not any(secret.decode("latin-1") in text for text in texts)
     assert summary.failures == {"bad path": 1, "outside images": 1}
     # A file inside the folder that is no image (an HTML error page) is described, not quoted.
-    details = {row["reason"]: row["detail"] for row in _failure_rows(mix_shards.out)}
+    details = {row["reason"]: row["detail"] for row in _failure_rows(mix_shards.failures_file)}
     assert "html" not in details["not an image"].lower()
 
 
@@ -336,7 +421,7 @@ def test_devices_inside_the_images_folder_are_not_read(tmp_path):
     (tmp_path / "dev.json").write_text(json.dumps(records))
     summary = write_llava_shards(tmp_path / "dev.json", "/dev", tmp_path / "out", workers=1, progress=False)
     assert summary.samples == 0 and summary.failures == {"not a file": 2}
-    assert [row["detail"] for row in _failure_rows(tmp_path / "out")] == [
+    assert [row["detail"] for row in _failure_rows(summary.failures_file)] == [
         "/dev/zero is a device, FIFO or socket, not a regular file", "/dev/null is a device, FIFO or socket, "
         "not a regular file"]
 
@@ -346,7 +431,7 @@ def test_a_record_with_text_utf8_cannot_hold_is_left_out(mix, tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps([broken, mix.records[1]]))
     summary = write_llava_shards(tmp_path / "broken.json", mix.images, tmp_path / "out", workers=1, progress=False)
     assert summary.samples == 1 and summary.failures == {"bad record": 1}
-    assert "lone surrogate" in _failure_rows(tmp_path / "out")[0]["detail"]
+    assert "lone surrogate" in _failure_rows(summary.failures_file)[0]["detail"]
 
 
 def _cli(*args, timeout: float | None = None):
@@ -374,6 +459,7 @@ def test_cli_writes_shards_and_reports(mix, mix_shards, tmp_path):
                   "--quiet")
     assert result.returncode == 0, result.stderr
     assert "27 samples" in result.stdout and "1 missing" in result.stdout and "lying extensions: 1" in result.stdout
+    assert f"{mix_shards.distinct_images} distinct image(s)" in result.stdout
     assert _digests(sorted((tmp_path / "out").glob("*.tar"))) == _digests(mix_shards.shards)
 
 
@@ -386,7 +472,7 @@ def test_cli_leaves_out_every_hostile_record_writes_the_rest_and_exits_0(hostile
                   timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"{len(hostile.good)} samples" in result.stdout
-    rows = _failure_rows(tmp_path / "out")
+    rows = _failure_rows(failures_path(tmp_path / "out", "hostile"))
     assert {row["id"]: row["reason"] for row in rows} == {f"hostile {case}": hostile.hostile[case][1]
                                                           for case in cases}
 
