@@ -7,8 +7,11 @@
                            and so do the finiteness check, the statistics and the storage encoding (float16,
                            bfloat16, int8, pooling) of the outputs: only the stored bytes (half those of float32
                            for float16) and the per-channel sums cross to the host
-    write (CPU)            compress and write the block's files, then its completion record, each only while
-                           this run still holds the store (the fence)
+    write (CPU)            copy the rows lent by other stores (`--reuse`, pipeline/lending.py), compress and
+                           write the block's files, then its completion record, each only while this run still
+                           holds the store (the fence)
+
+A block's rows are target rows, one per distinct image: each is read from the first sample showing its image.
 
 On a CPU-only cluster one `BlockWorker` runs the three in turn for each block, as one Ray actor call. With
 accelerators, `prepare` and `write` are Ray CPU tasks spread over every core while the worker holding a device
@@ -27,42 +30,63 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import lending
 from pipeline.data.images import ImageDecodeError, decode_rgb
 from pipeline.data.shards import read_indexed_image
 from pipeline.data.store import BlockRange, BlockRecord, BlockStats, Storage, TargetStore
 
-_INDEX_COLUMNS = ("shard", "key", "image_member", "image_offset", "image_size", "image_sha1")
+_INDEX_COLUMNS = ("row", "shard", "key", "image_member", "image_offset", "image_size", "image_sha1")
+
+
+def first_samples(index: pa.Table) -> pa.Table:
+    """One row per target row, in target row order: the columns of the first sample showing its image (the one
+    a block reads the image from), with `target_row`."""
+    rows = index.column("target_row").to_numpy()
+    samples = np.flatnonzero(rows >= 0)
+    _, first = np.unique(rows[samples], return_index=True)  # sorted by target row; the first sample of each
+    return index.take(samples[first]).select([*_INDEX_COLUMNS, "target_row"])
 
 
 @dataclass(frozen=True)
 class BlockRows:
-    """What a block's work needs from index.parquet: its rows' locations and hashes, and its duplicate rows."""
+    """What a block's work needs from index.parquet: where each of its rows' image lies and its hash, and the rows
+    other stores lend it (per teacher)."""
 
     block: BlockRange
-    columns: dict[str, list]  # _INDEX_COLUMNS, each a list for rows block.start .. block.stop
-    duplicates: dict[int, str]  # global row -> why it is not used (pipeline.data.index.duplicate_rows)
+    columns: dict[str, list]  # _INDEX_COLUMNS of each row's first sample, a list for rows block.start .. block.stop
+    lent: dict[str, dict[int, lending.LentRow]] = field(default_factory=dict)  # teacher -> {row: where to copy it}
 
     @classmethod
-    def from_index(cls, index: pa.Table, block: BlockRange, duplicates: dict[int, str]) -> BlockRows:
-        part = index.slice(block.start, block.rows).select(list(_INDEX_COLUMNS)).to_pydict()
-        return cls(block, part, {r: why for r, why in duplicates.items() if block.start <= r < block.stop})
+    def from_index(cls, firsts: pa.Table, block: BlockRange,
+                   lent: dict[str, dict[int, lending.LentRow]] | None = None) -> BlockRows:
+        """`firsts`: `first_samples` of the store's index."""
+        start = int(np.searchsorted(firsts.column("target_row").to_numpy(), block.start))
+        part = firsts.slice(start, block.rows).select(list(_INDEX_COLUMNS)).to_pydict()
+        return cls(block, part, {name: {r: lent_row for r, lent_row in rows.items() if block.start <= r < block.stop}
+                                 for name, rows in (lent or {}).items()})
 
     def get(self, column: str, row: int):
         return self.columns[column][row - self.block.start]
 
+    def computed(self, name: str) -> list[int]:
+        """The block's rows that teacher `name` computes (the others are lent)."""
+        lent = self.lent.get(name, {})
+        return [r for r in range(self.block.start, self.block.stop) if r not in lent]
+
     def failure(self, row: int, error: str, teacher: str = "") -> dict:
-        return {"row": row, "shard": self.get("shard", row), "key": self.get("key", row), "teacher": teacher,
-                "error": error}
+        return {"row": row, "sample": self.get("row", row), "shard": self.get("shard", row),
+                "key": self.get("key", row), "teacher": teacher, "error": error}
 
 
 @dataclass
 class PreparedBlock:
-    """A block's decoded and preprocessed inputs: for each teacher, (positions in `decoded`, CPU batch) pairs."""
+    """A block's decoded and preprocessed inputs: for each teacher, (positions in `decoded[teacher]`, CPU batch)
+    pairs."""
 
     rows: BlockRows
-    decoded: list[int]  # global rows whose image decoded, in order
+    decoded: dict[str, list[int]]  # per teacher: the rows it computes whose image decoded, in order
     inputs: dict[str, list[tuple[list[int], Any]]]
-    failures: list[dict]  # rows that could not be read or decoded (for every teacher)
+    failures: list[dict]  # rows that could not be read or decoded (for every teacher that computes them)
     input_errors: dict[str, list[tuple[int, str]]]  # per teacher: (position in `decoded`, why preprocessing failed)
     seconds: float
 
@@ -109,16 +133,14 @@ class ComputedBlock:
 # ---- prepare -----------------------------------------------------------------------------------------------------
 
 
-def read_images(rows: BlockRows, shard_urls: dict[str, str], max_pixels: int) -> tuple[dict, list[dict]]:
-    """Read and decode each image of the block once: {row: RGB image} plus per-row failures."""
+def read_images(rows: BlockRows, wanted: list[int], shard_urls: dict[str, str],
+                max_pixels: int) -> tuple[dict, list[dict]]:
+    """Read and decode the image of each `wanted` row once: {row: RGB image} plus per-row failures."""
     import fsspec
 
     images, failures = {}, []
     by_shard: dict[str, list[int]] = {}
-    for row in range(rows.block.start, rows.block.stop):
-        if row in rows.duplicates:
-            failures.append(rows.failure(row, rows.duplicates[row]))
-            continue
+    for row in wanted:
         by_shard.setdefault(rows.get("shard", row), []).append(row)
     for shard, shard_rows in by_shard.items():
         try:
@@ -191,12 +213,13 @@ def prepare(rows: BlockRows, preprocessors: dict[str, tuple[Any, int]], shard_ur
     """The CPU stage: decode the block's images once and preprocess them for every teacher in `preprocessors`
     ({name: (preprocess callable, batch_size)})."""
     started = time.perf_counter()
-    images, failures = read_images(rows, shard_urls, max_pixels)
-    decoded = sorted(images)
-    ordered = [images[r] for r in decoded]
-    inputs, input_errors = {}, {}
+    computed = {name: rows.computed(name) for name in preprocessors}
+    wanted = sorted(set().union(*computed.values()))  # an image every teacher borrows is not read at all
+    images, failures = read_images(rows, wanted, shard_urls, max_pixels)
+    decoded, inputs, input_errors = {}, {}, {}
     for name, (preprocess, batch_size) in preprocessors.items():
-        inputs[name], input_errors[name] = prepare_inputs(preprocess, ordered, batch_size)
+        decoded[name] = [r for r in computed[name] if r in images]
+        inputs[name], input_errors[name] = prepare_inputs(preprocess, [images[r] for r in decoded[name]], batch_size)
     return PreparedBlock(rows, decoded, inputs, failures, input_errors, time.perf_counter() - started)
 
 
@@ -295,14 +318,15 @@ def compute(teachers: dict, prepared: PreparedBlock, storages: dict[str, Storage
     """The accelerator stage: every prepared teacher's forwards into the block's rows, encoded by its storage
     (see `run_inputs` for `device_lock`)."""
     rows = prepared.rows
-    offsets = [r - rows.block.start for r in prepared.decoded]
     result = ComputedBlock(rows)
     for name, batches in prepared.inputs.items():
         started = time.perf_counter()
-        out = run_inputs(teachers[name], batches, offsets, rows.block.rows, storages[name],
-                         prepared.input_errors[name], device_lock)
-        failures = sorted(prepared.failures + [rows.failure(prepared.decoded[i], why, name) for i, why in out.errors],
-                          key=lambda f: f["row"])
+        decoded = prepared.decoded[name]
+        out = run_inputs(teachers[name], batches, [r - rows.block.start for r in decoded], rows.block.rows,
+                         storages[name], prepared.input_errors[name], device_lock)
+        lent = rows.lent.get(name, {})
+        failures = sorted([f for f in prepared.failures if f["row"] not in lent]
+                          + [rows.failure(decoded[i], why, name) for i, why in out.errors], key=lambda f: f["row"])
         result.teachers[name] = ComputedTargets(out, failures,
                                                 time.perf_counter() - started + prepared.seconds / len(prepared.inputs))
     return result
@@ -320,14 +344,15 @@ def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fin
     block = computed.rows.block
     records = {}
     for name, done in computed.teachers.items():
-        out = done.outputs
         started = time.perf_counter()
+        lent = computed.rows.lent.get(name, {})
+        out = lending.copy_lent_rows(done.outputs, block, lent, store.storage(name)) if lent else done.outputs
         store.check_fence(token)
         digest = store.write_encoded(name, block, out.stored, out.scale, out.valid)
         record = BlockRecord(teacher=name, fingerprint=fingerprints[name], block=block.block, start=block.start,
                              stop=block.stop, written=int(out.valid.sum()), failures=tuple(done.failures),
                              digest=digest, stats=BlockStats.from_dict(out.stats), batch_size=batch_sizes[name],
-                             seconds=round(done.seconds + time.perf_counter() - started, 4))
+                             seconds=round(done.seconds + time.perf_counter() - started, 4), reused=len(lent))
         store.check_fence(token)
         store.write_record(record)
         records[name] = record

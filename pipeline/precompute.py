@@ -7,6 +7,9 @@ write (files, then the completion record). A `BlockWorker` actor holds every pen
 GPU request is the sum of their `num_gpus`, so small teachers share a GPU. How blocks reach the workers, and how a
 run survives losing them, is pipeline/workers.py.
 
+A store has one target row per distinct image (pipeline/data/index.py `assign_target_rows`). Run on the store's
+shards plus new ones, it grows: the new samples are appended and only images new to the store are computed, in new
+blocks. `--reuse OTHER_STORE` copies the rows other stores hold instead of computing them (pipeline/lending.py).
 Re-running after any crash redoes exactly the blocks without a record.
 """
 
@@ -17,7 +20,7 @@ import time
 import typing
 from collections import deque
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -29,7 +32,8 @@ from pipeline.data.errors import JobError, UsageError
 from pipeline.data.failpoints import failpoint
 from pipeline.data.fingerprints import check_fingerprint, fingerprint_mismatch
 from pipeline.data.images import DEFAULT_MAX_PIXELS
-from pipeline.data.index import ShardIndex, build_index, duplicate_rows, first_difference
+from pipeline import lending
+from pipeline.data.index import ShardIndex, assign_target_rows, build_index, duplicate_rows, growth_problem
 from pipeline.local_ray import ray_session
 from pipeline.data.shards import shard_name
 from pipeline.data.store import DEFAULT_ROWS_PER_CHUNK, BlockRecord, TargetStore
@@ -66,6 +70,10 @@ class PrecomputeConfig(BaseModel):
                     "order, so more than 1 decodes rows it does not use")
     max_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS, ge=1, description="larger images are recorded as errors, not decoded")
+    reuse: tuple[str, ...] = Field(
+        default=(), description="a target store to copy rows from instead of computing them, where it holds the same "
+                                "image (sha1 of its bytes) for a teacher of the same fingerprint; each copied block is "
+                                "checked against its record. Repeatable: the first store that has a row lends it")
     feed: Literal["auto", "inline", "tasks"] = Field(
         default="auto", description="how blocks reach the workers: tasks, Ray CPU tasks on every core read, decode, "
                                     "preprocess and write while each device's worker only computes; inline, each "
@@ -83,6 +91,10 @@ class PrecomputeConfig(BaseModel):
     def add_flags(cls, parser) -> None:
         """One `--flag` per field, with the field's type, default and description: the CLI states none of them."""
         for name, info in cls.model_fields.items():
+            if typing.get_origin(info.annotation) is tuple:
+                parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="append", default=None,
+                                    metavar="STORE", help=info.description)
+                continue
             literal = typing.get_origin(info.annotation) is Literal
             choices = typing.get_args(info.annotation) if literal else None
             kinds = [t for t in typing.get_args(info.annotation) or (info.annotation,) if t is not type(None)]
@@ -93,7 +105,9 @@ class PrecomputeConfig(BaseModel):
     @classmethod
     def from_args(cls, args) -> PrecomputeConfig:
         """The config of parsed `add_flags` arguments (see `from_flags`)."""
-        return cls.from_flags(**{name: getattr(args, name) for name in cls.model_fields})
+        flags = {name: getattr(args, name) for name in cls.model_fields}
+        return cls.from_flags(**{name: value for name, value in flags.items() if value is not None or
+                                 typing.get_origin(cls.model_fields[name].annotation) is not tuple})
 
     @classmethod
     def from_flags(cls, **options) -> PrecomputeConfig:
@@ -113,7 +127,8 @@ class PrecomputeSummary:
     num_rows: int
     teachers: dict[str, dict] = field(default_factory=dict)  # name -> target_shape, dtype, blocks, failures
     blocks_computed: int = 0
-    rows_computed: int = 0
+    rows_computed: int = 0  # teacher-rows computed: a row lent by another store is not one
+    rows_reused: int = 0  # teacher-rows copied from --reuse stores
     failures: int = 0
     workers: int = 0
     nodes: int = 0  # the Ray nodes whose workers answered
@@ -133,7 +148,8 @@ class ComputeJob:
     which of them the store holds already (`present`) and each one's blocks without a record (`todo`)."""
 
     store: TargetStore
-    index: ShardIndex
+    index: ShardIndex  # its table is the store's, target rows assigned
+    lenders: list[lending.Lender]
     specs: dict
     fingerprints: dict[str, str]
     present: dict[str, bool]
@@ -144,36 +160,40 @@ class ComputeJob:
     progress: bool
 
 
-def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int, *,
-                         locked: bool = True) -> TargetStore:
-    """Create a new store for these shards, or check that an existing one was built from exactly them.
+def open_or_create_store(store_path: str, index: ShardIndex, rows_per_block: int, *, locked: bool = True,
+                         order=None) -> tuple[TargetStore, ShardIndex, bool]:
+    """Create a new store for these shards, or check that an existing one was built from them or from their first
+    shards (then these shards grow it). Returns the store, `index` with the store's target rows, and whether the
+    store still has to grow (only without the lock).
 
-    Writes only when `locked` (the caller holds the store's lock): the new store, or the identities of shards
-    that were re-read and found unchanged (touched or copied, so their mtime moved), so that the next run
-    need not read them again. Without the lock the store must exist; it is only checked.
+    Writes only when `locked` (the caller holds the store's lock): the new store, the growth, or the identities
+    of shards that were re-read and found unchanged (touched or copied, so their mtime moved), so that the next run
+    need not read them again. Without the lock the store must exist; it is only checked. `order`: the order in
+    which new images get rows (pipeline.lending.lending_order).
     """
     store = TargetStore(store_path)
     if not store.exists() or store.half_created():
         if not locked:
             raise RuntimeError(f"creating store {store_path} needs its lock")
-        store.create(index.table, index.fingerprint, rows_per_block=rows_per_block, shards=index.shards)
-        return store
-    stored = store.read_index()  # refused if it is not the index the store was made with
-    missing = [c for c in index.table.column_names if c not in stored.column_names]
-    if missing:
-        raise UsageError(f"store {store_path} is not one this version makes: its index.parquet has no {missing} "
-                         "column(s), which training needs to read samples in random order; precompute into a new "
-                         "--store")
-    # Every column, not only the fingerprint's: workers seek by the stored offsets and sizes.
-    if store.dataset_fingerprint != index.fingerprint or not stored.equals(index.table):
-        raise UsageError(
-            f"store {store_path} was built for other shards ({first_difference(stored, index.table)}); "
-            "pass the original --shards or a new --store"
-        )
+        table = assign_target_rows(index.table, None, rows_per_block, order)
+        store.create(table, index.fingerprint, rows_per_block=rows_per_block, shards=index.shards)
+        return store, replace(index, table=table), False
     if locked:
         store.remove_partial_writes()  # a run killed in the middle of a record's write leaves its temporary file
+        store.finish_growing()  # a run killed while it grew the store
+    stored = store.read_index()  # refused if it is not the index the store was made with
+    problem = growth_problem(stored, index.table)
+    if problem:
+        raise UsageError(f"store {store_path} was built for other shards: {problem}; pass its shards (new shards may "
+                         "be added: they grow the store) or a new --store")
+    grows = index.table.num_rows > stored.num_rows
+    if grows and locked:
+        table = assign_target_rows(index.table, stored, store.rows_per_block, order)
+        store.grow(table, index.fingerprint, index.shards)
+        return store, replace(index, table=table), False
+    if locked:
         store.record_shards(index.shards)  # also writes it again where it was deleted or damaged
-    return store
+    return store, replace(index, table=stored), grows
 
 
 def check_teacher(store: TargetStore, name: str, spec: dict, fingerprint: str) -> bool:
@@ -225,6 +245,8 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
     if config.batch_size is not None:
         specs = {name: spec.model_copy(update={"batch_size": config.batch_size}) for name, spec in specs.items()}
     fingerprints = {name: _fingerprint(manifest_path, name, spec) for name, spec in specs.items()}
+    lenders = lending.open_lenders(config.reuse, fingerprints, store_path)
+    order = lending.lending_order(lenders) if lenders else None
     store = TargetStore(store_path)
     store.check_location()
     existing = store.exists() and not store.half_created()
@@ -237,23 +259,23 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
 
     needs_ray = True
     if existing:
-        store = open_or_create_store(store_path, index, config.rows_per_block, locked=False)
+        store, _, grows = open_or_create_store(store_path, index, config.rows_per_block, locked=False)
         present, todo = _pending_blocks(store, specs, fingerprints)
-        if _already_complete(store, present, todo) and not store.needs_repair():  # touch nothing, not even the lock
-            return _summarise(store, specs, summary, started)
-        needs_ray = any(todo.values())  # else only the finish is left
+        if not grows and _already_complete(store, present, todo) and not store.needs_repair():
+            return _summarise(store, specs, summary, started)  # touch nothing, not even the lock
+        needs_ray = grows or any(todo.values())  # else only the finish is left
     with ExitStack() as stack:
         # Ray first: a cluster that cannot be joined is refused before the store is created or locked.
         ray = stack.enter_context(_ray(config)) if needs_ray else None
         lock = stack.enter_context(store.lock())
-        store = open_or_create_store(store_path, index, config.rows_per_block)
+        store, index, _ = open_or_create_store(store_path, index, config.rows_per_block, order=order)
         present, todo = _pending_blocks(store, specs, fingerprints)
         if not all(present.values()):
             store.chunk_rows(config.rows_per_chunk)  # before any worker starts: the store's blocks may be others
         if any(todo.values()):
             ray = ray or stack.enter_context(_ray(config))  # another run left work between our look and the lock
-            _compute(ray, ComputeJob(store, index, specs, fingerprints, present, todo, config, summary, lock,
-                                     progress))
+            _compute(ray, ComputeJob(store, index, lenders, specs, fingerprints, present, todo, config, summary,
+                                     lock, progress))
         else:
             summary.finished_earlier_run = True  # killed after its last record: only the finish is left
         failpoint("last-record")
@@ -262,6 +284,7 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
         store.write_run({"finished": time.time(), "seconds": round(summary.seconds, 3), "workers": summary.workers,
                          "nodes": summary.nodes,
                          "blocks_computed": summary.blocks_computed, "rows_computed": summary.rows_computed,
+                         "rows_reused": summary.rows_reused,
                          "failures": summary.failures, "teachers": sorted(specs),
                          "batch_sizes": {name: spec.batch_size for name, spec in specs.items()},
                          "config": config.model_dump(mode="json"),
@@ -345,8 +368,9 @@ def _compute(ray, job: ComputeJob) -> None:
                               remedy="give every node the driver's weights and teacher code")
 
     ranges = {b.block: b for b in store.blocks()}
-    duplicates = duplicate_rows(index.table)
-    queue = deque(BlockJob(stages.BlockRows.from_index(index.table, ranges[b], duplicates), names)
+    firsts = stages.first_samples(index.table)
+    lent = lending.lent_rows(job.lenders, firsts, job.todo, fingerprints)
+    queue = deque(BlockJob(stages.BlockRows.from_index(firsts, ranges[b], lent), names)
                   for b, names in sorted(names_by_block.items()))
     blocks_done, halfway = 0, max(1, len(names_by_block) // 2)
     bar = tqdm(total=sum(q.rows.block.rows * len(q.names) for q in queue), desc="precompute", unit="row",
@@ -356,7 +380,8 @@ def _compute(ray, job: ComputeJob) -> None:
         nonlocal blocks_done
         for record in records.values():
             summary.blocks_computed += 1
-            summary.rows_computed += record.rows
+            summary.rows_computed += record.rows - record.reused
+            summary.rows_reused += record.reused
             summary.failures += len(record.failures)
             bar.update(record.rows)
         bar.set_postfix(failures=summary.failures)
@@ -391,7 +416,12 @@ def _compute(ray, job: ComputeJob) -> None:
 
 def _write_finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:
     """After the data: errors.parquet from every record, then each complete teacher's mean/std and flag."""
-    errors = [{"row": -1, "teacher": "", **e} for e in index.shard_errors]
+    target_rows = index.table.column("target_row").to_numpy()
+    errors = [{"teacher": "", **e, "sample": e.get("row", -1),
+               "row": int(target_rows[e["row"]]) if "row" in e else -1} for e in index.shard_errors]
+    errors += [{"row": -1, "sample": sample, "shard": index.table.column("shard")[sample].as_py(),
+                "key": index.table.column("key")[sample].as_py(), "teacher": "", "error": why}
+               for sample, why in duplicate_rows(index.table).items()]
     for name in store.teacher_names():
         for record in store.read_records(name):
             errors.extend({**f, "teacher": f.get("teacher") or name} for f in record.failures)

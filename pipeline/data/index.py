@@ -1,16 +1,20 @@
-"""`index.parquet`: one row per sample of the shards, in a stable global order.
+"""`index.parquet`: one row per sample of the shards, in a stable global order, and the map from each sample to its
+target row.
 
-Row `i` of every target array is the sample in row `i` here. Columns (the first five are the store
-contract of DESIGN.md; the rest let workers read an image without scanning its tar again):
+Columns (`row` is the sample's position here; the rest let workers read an image without scanning its tar again):
 
-    row int64 | shard str | key str | image_sha1 str | caption_present bool |
+    row int64 | shard str | key str | image_sha1 str | target_row int64 | caption_present bool |
     has_conversation bool | image_member str | image_offset int64 | image_size int64 |
     sample_offset int64 | sample_size int64
+
+`target_row` is the row of every teacher array that holds the targets of the sample's image: one row per distinct
+image content (sha1 of the image bytes), shared by every sample showing that image, whatever its file name
+(`assign_target_rows`). It is -1 for a sample without an image and for a later occurrence of a key in its shard.
 
 (`sample_offset`, `sample_size`: the byte span of all the sample's members, so that training reads any sample,
 text-only ones included, in one read and in any order.)
 
-`image_sha1` is "" for a sample without an image member; such rows get `valid = 0` downstream.
+`image_sha1` is "" for a sample without an image member.
 
 A sample whose text cannot be read (a `KEY.json` that is not JSON, or JSON nested too deep to parse) is
 indexed without a conversation, and what went wrong is recorded for that sample: indexing never stops at one
@@ -33,6 +37,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +53,7 @@ INDEX_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("key", pa.string()),
         ("image_sha1", pa.string()),
+        ("target_row", pa.int64()),  # -1: no target row (no image, or a duplicate key)
         ("caption_present", pa.bool_()),
         ("has_conversation", pa.bool_()),
         ("image_member", pa.string()),
@@ -128,6 +134,11 @@ class PreviousIndex:
             return "the shard names of shards.parquet do not match the rows of index.parquet"
         return None
 
+    def in_recorded_order(self, infos: list[ShardInfo]) -> list[ShardInfo]:
+        """`infos`, the recorded shards first in the recorded order, then the others in their order."""
+        order = {name: i for i, name in enumerate(self.shards.column("shard").to_pylist())}
+        return sorted(infos, key=lambda info: (0, order[info.name]) if info.name in order else (1, 0))
+
     def reusable(self, info: ShardInfo) -> dict | None:
         """The shard's record (with its index rows under "table") if `info` is the file recorded, else None."""
         if self._by_name is None:
@@ -169,6 +180,77 @@ def dataset_fingerprint(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ImageCounts:
+    """What a store's rows-by-content saves: `images` target rows serve `samples - text_only` image samples."""
+
+    samples: int
+    images: int  # distinct image contents (target rows)
+    duplicates: int  # image samples whose content an earlier sample has, by the same path or a copy
+    text_only: int  # samples without a target row: no image, or a duplicate key
+
+    @classmethod
+    def of(cls, table: pa.Table) -> ImageCounts:
+        rows = table.column("target_row").to_numpy()
+        used = rows[rows >= 0]
+        images = len(np.unique(used))
+        return cls(samples=table.num_rows, images=images, duplicates=len(used) - images,
+                   text_only=table.num_rows - len(used))
+
+
+def assign_target_rows(table: pa.Table, stored: pa.Table | None, rows_per_block: int,
+                       first: Callable[[str], tuple] | None = None) -> pa.Table:
+    """`table` with its `target_row` column set: one row per distinct image sha1.
+
+    `stored` is the index the store holds (None for a new store); it must be `table`'s prefix
+    (`growth_problem`), and its samples keep their rows. An image new to the store gets a new row: new rows are
+    numbered from the first multiple of `rows_per_block` past the stored ones, so that they fill new blocks and
+    no block already written changes; in order of first appearance, or by `first(sha1)` then first appearance
+    (rows lent by other stores, ordered by where they lie there, so a block copies from few of their blocks).
+    """
+    known: dict[str, int] = {}
+    rows = np.full(table.num_rows, -1, dtype=np.int64)
+    done = 0
+    if stored is not None:
+        done = stored.num_rows
+        rows[:done] = stored.column("target_row").to_numpy()
+        for sha1, row in zip(stored.column("image_sha1").to_pylist(), rows[:done].tolist()):
+            if row >= 0:
+                known.setdefault(sha1, row)
+    used = rows[:done]
+    next_row = -(-(int(used.max()) + 1 if (used >= 0).any() else 0) // rows_per_block) * rows_per_block
+    duplicates = duplicate_rows(table)
+    new: dict[str, list[int]] = {}  # sha1 -> its samples, in order of first appearance
+    for i, sha1 in enumerate(table.column("image_sha1").to_pylist()[done:], start=done):
+        if not sha1 or i in duplicates:
+            continue
+        if sha1 in known:
+            rows[i] = known[sha1]
+        else:
+            new.setdefault(sha1, []).append(i)
+    order = list(new)
+    if first is not None:
+        order.sort(key=first)  # stable: first appearance breaks ties
+    for row, sha1 in enumerate(order, start=next_row):
+        rows[new[sha1]] = row
+    return table.set_column(table.schema.get_field_index("target_row"), "target_row", pa.array(rows))
+
+
+def growth_problem(stored: pa.Table, table: pa.Table) -> str | None:
+    """Why `table` (the shards now) does not extend `stored` (a store's index) by appending samples, naming the
+    first shard of the store that is missing or differs; None if it does."""
+    names = table.column("shard").to_pylist()
+    present = set(names)
+    for name in dict.fromkeys(stored.column("shard").to_pylist()):
+        if name not in present:
+            return f"its shard {name} is not among the shards given"
+    columns = [c for c in stored.column_names if c != "target_row"]
+    prefix = table.slice(0, stored.num_rows).select(columns)
+    if prefix.equals(stored.select(columns)):
+        return None
+    return first_difference(stored.select(columns), prefix) + " (a shard was rewritten since the store was made)"
+
+
 def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: int | None = None,
                 progress: bool = True) -> ShardIndex:
     """Index SHARDS in shard order, then file order.
@@ -176,9 +258,14 @@ def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: 
     With `previous` (a store's record), a shard whose identity (name, size, mtime or ETag) is the recorded one
     is not read: its rows and damage come from the record. The others are read, in `workers` processes (one task
     per shard; default: one per CPU when there are at least PARALLEL_MIN_BYTES to read, else this process).
-    Whichever way a shard was indexed, the result is the same table a serial scan of every shard gives.
+    Whichever way a shard was indexed, the result is the same table a serial scan of every shard gives. The
+    shards `previous` recorded come first, in its order, then the new ones in listing order: a store's samples
+    keep their rows when shards are added, whatever their names. Re-read shards have `target_row` -1, recorded ones
+    the recorded rows (`assign_target_rows` decides).
     """
     infos = list_shard_infos(shards)
+    if previous is not None:
+        infos = previous.in_recorded_order(infos)
     parts: list[dict | None] = [previous.reusable(info) if previous is not None else None for info in infos]
     todo = [i for i, part in enumerate(parts) if part is None]
     with tqdm(total=len(infos), initial=len(infos) - len(todo), desc="index", unit="shard",
@@ -255,6 +342,7 @@ def index_shard(url: str) -> dict:
         columns["shard"].append(name)
         columns["key"].append(sample.key)
         columns["image_sha1"].append(sample.image_sha1)
+        columns["target_row"].append(-1)  # assigned by the store (`assign_target_rows`)
         columns["caption_present"].append(caption_present)
         columns["has_conversation"].append(has_conversation)
         columns["image_member"].append(sample.image_member or "")

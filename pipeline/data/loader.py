@@ -70,7 +70,7 @@ class Skipped:
 class Sample:
     """One sample as read from its shard, with its targets from the store: what `TrainingSamples` transforms."""
 
-    row: int  # the sample's store row (its index row when there is no store)
+    row: int  # the sample's row in the store's index.parquet (in the shards' index when there is no store)
     key: str
     image: Image.Image | None  # RGB; None for a text-only sample
     caption: str | None
@@ -157,7 +157,8 @@ class TrainingSamples(Dataset[Item]):
                              "on these shards")
         self._columns = {c: index.column(c).to_pylist() for c in (
             "shard", "key", "image_sha1", "caption_present", "has_conversation", "sample_offset", "sample_size")}
-        self._target_rows, self._expected_sha1 = _match(index, stored)
+        self._stored_rows, self._expected_sha1 = _match(index, stored)
+        self._target_rows = stored.column("target_row").to_numpy()  # of each stored sample: where its targets lie
         self.rows, self.excluded = self._select(stored)
         self._files: dict[str, object] = {}
         self._files_pid = os.getpid()
@@ -171,11 +172,11 @@ class TrainingSamples(Dataset[Item]):
             if shard not in self.urls:
                 continue
             has_image = bool(c["image_sha1"][i])
-            target_row = self._target_rows[i]
+            stored_row = self._stored_rows[i]
             reason = None
-            if target_row < 0:
+            if stored_row < 0:
                 reason = NOT_IN_STORE
-            elif target_row in duplicates:
+            elif stored_row in duplicates:
                 reason = DUPLICATE
             elif c["image_sha1"][i] != self._expected_sha1[i]:
                 reason = IMAGE_CHANGED
@@ -254,17 +255,19 @@ class TrainingSamples(Dataset[Item]):
         if image is None and not conversations:
             return Skipped(row, NO_IMAGE)
         targets, valid, decoded = {}, {}, len(span)
-        target_row = self._target_rows[row]
+        stored_row = self._stored_rows[row]
+        target_row = int(self._target_rows[stored_row])
         for name in self.teachers:
             targets[name], valid[name], n = self._reader.row(name, target_row)
             decoded += n
-        return Sample(row=target_row, key=c["key"][row], image=image, caption=caption or None,
+        return Sample(row=stored_row, key=c["key"][row], image=image, caption=caption or None,
                       conversations=conversations, targets=targets, valid=valid, decoded_bytes=decoded)
 
 
 def _match(index: pa.Table, stored: pa.Table) -> tuple[list[int], list[str]]:
     """For each row of `index`: its row in `stored` (-1 if none) and the image sha1 recorded there. A key met for
-    the n-th time in its shard is that key's n-th row of the shard in both."""
+    the n-th time in its shard is that key's n-th row of the shard in both. (The targets are at the stored row's
+    `target_row`.)"""
     if index is stored:
         return index.column("row").to_pylist(), index.column("image_sha1").to_pylist()
     rows: dict[tuple[str, str, int], tuple[int, str]] = {}

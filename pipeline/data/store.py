@@ -1,18 +1,21 @@
-"""The target store (format version 1): the one file that knows how targets lie on disk.
+"""The target store (format version 2): the one file that knows how targets lie on disk.
 
     STORE/                      Zarr v3 group; attributes: format, format_version, dataset_fingerprint,
-                                num_rows, rows_per_block, created_by
-    STORE/index.parquet         one row per sample (see pipeline/data/index.py); row i here = row i below
+                                index_sha256, num_samples, num_rows, row_ranges, rows_per_block, created_by
+    STORE/index.parquet         one row per sample (see pipeline/data/index.py); its `target_row` is the row
+                                below that holds the sample's image's targets: one row per distinct image
     STORE/shards.parquet        one row per shard, in shard order: shard (name), size, mtime_ns, etag (the shard's
                                 identity when indexed: a rerun re-reads only shards whose identity changed),
                                 row_start, row_stop (its rows above), error, error_key (damage reading it found)
     STORE/<teacher>/            Zarr group; attributes: spec, teacher_fingerprint, target_shape, dtype,
                                 rows_per_chunk, storage, complete and mean/std (both set last)
     STORE/<teacher>/target      [num_rows, T, C] float16 (bfloat16 by spec), sharded: one shard = one block
-                                of rows_per_block rows, inner chunks of rows_per_chunk rows, zstd
+                                of rows_per_block rows, inner chunks of rows_per_chunk rows, zstd; only the
+                                rows of `row_ranges` are in use (each growth of the store starts a range on a
+                                block boundary, so no block is ever written twice)
     STORE/<teacher>/scale       only for int8 storage: [num_rows, T] float16, target = int8 code * scale
     STORE/<teacher>/valid       [num_rows] uint8, one chunk per block: 1 = target written, 0 = not
-    STORE/errors.parquet        row, shard, key, teacher, error: every sample that could not be processed
+    STORE/errors.parquet        row (target row), sample, shard, key, teacher, error: what could not be processed
     STORE/_blocks/<teacher>/<block>.json   completion record, written after the block's files are durable
     STORE/_runs/<time>.json     one summary per precompute run that did work (rows, seconds, workers) with
                                 its settings whole under `config` (pipeline.precompute.PrecomputeConfig)
@@ -20,6 +23,11 @@
 
 Any Zarr v3 reader opens the arrays without this package. A block is the unit of work and of
 writing: two workers never write the same file, and a block without a record is simply redone.
+
+A store grows (`grow`) when its shards gain new ones: index.parquet gets the new samples, the arrays get longer,
+and the new images' rows start a new range. The root attributes commit it: they name the digest of the index
+about to be written (`pending_index_sha256`) before it is written, and take it as theirs after, so a run killed
+in between leaves a store that the next run (and only it) finishes growing.
 
 Nothing else belongs in a store. A write killed half-way (kill -9) leaves its temporary file beside its
 target: zarr's `<name>.<32 hex digits>.partial`, or `<name>.tmp-<pid>` of `_atomic_write`. The next run that
@@ -70,7 +78,7 @@ from pipeline.data.store_lock import LOCK_FILE, StoreLock, check_fence
 zarr_bfloat16.register()
 
 FORMAT = "teacher-targets"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_FILE = "index.parquet"
 SHARDS_FILE = "shards.parquet"
 ERRORS_FILE = "errors.parquet"
@@ -87,7 +95,9 @@ _PARTIAL_WRITE = re.compile(r"(\.[0-9a-f]{32}\.partial|" + re.escape(TEMPORARY_I
 RESERVED_NAMES = frozenset({INDEX_FILE, SHARDS_FILE, ERRORS_FILE, BLOCKS_DIR, RUNS_DIR, LOCK_FILE, "zarr.json"})
 
 ERRORS_SCHEMA = pa.schema(
-    [("row", pa.int64()), ("shard", pa.string()), ("key", pa.string()), ("teacher", pa.string()), ("error", pa.string())]
+    [("row", pa.int64()),  # the target row, -1 where the failure is not a target's
+     ("sample", pa.int64()),  # the sample's row in index.parquet, -1 for damage tied to no sample (a cut shard)
+     ("shard", pa.string()), ("key", pa.string()), ("teacher", pa.string()), ("error", pa.string())]
 )
 
 
@@ -140,11 +150,12 @@ class BlockRecord:
     start: int  # global rows start..stop
     stop: int
     written: int  # rows whose valid flag is 1
-    failures: tuple[dict, ...]  # rows of errors.parquet (row, shard, key, teacher, error), sorted by row
+    failures: tuple[dict, ...]  # rows of errors.parquet (row, sample, shard, key, teacher, error), sorted by row
     digest: str  # `block_digest` of the stored values
     stats: BlockStats
     batch_size: int  # batch composition changes the last float bits: byte identity needs equal batch sizes
     seconds: float  # the block's stages for this teacher, its share of the block's reading and preprocessing
+    reused: int = 0  # rows copied from other stores (`--reuse`), not computed
 
     @property
     def rows(self) -> int:
@@ -167,7 +178,7 @@ class BlockRecord:
         return cls(teacher=teacher, fingerprint=fields["fingerprint"], block=block.block, start=block.start,
                    stop=block.stop, written=fields["written"], failures=tuple(fields["failures"]),
                    digest=fields["digest"], stats=BlockStats.from_dict(fields["stats"]),
-                   batch_size=fields["batch_size"], seconds=fields["seconds"])
+                   batch_size=fields["batch_size"], seconds=fields["seconds"], reused=fields["reused"])
 
 
 class DamagedRecord(ValueError):
@@ -356,8 +367,9 @@ class TargetStore:
 
     def create(self, index: pa.Table, dataset_fingerprint: str, *, rows_per_block: int,
                shards: pa.Table | None = None) -> None:
-        """Create the group, write index.parquet and shards.parquet (`shards`: pipeline.data.index.SHARDS_SCHEMA, the
-        shards' identities), then the group's attributes (which mark the store as made)."""
+        """Create the group, write index.parquet (its `target_row` assigned: `pipeline.data.index.assign_target_rows`)
+        and shards.parquet (`shards`: pipeline.data.index.SHARDS_SCHEMA, the shards' identities), then the group's
+        attributes (which mark the store as made)."""
         if rows_per_block < 1:
             raise UsageError(f"rows_per_block must be >= 1, got {rows_per_block}")
         if self.exists():  # a half-created store (see `half_created`): start its group again
@@ -371,18 +383,54 @@ class TargetStore:
         elif self.fs.exists(self._join(SHARDS_FILE)):  # left by an interrupted creation for other shards
             self.fs.rm(self._join(SHARDS_FILE))
         failpoint("store-created")  # the group exists without its attributes: a rerun creates it again
-        group.attrs.update(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "dataset_fingerprint": dataset_fingerprint,
-                "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
-                "num_rows": index.num_rows,
-                "rows_per_block": rows_per_block,
-                "created_by": f"teacher-targets-pipeline {package_version()}",
-            }
-        )
+        group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "rows_per_block": rows_per_block,
+                            "created_by": f"teacher-targets-pipeline {package_version()}",
+                            **_index_attrs(index, index_bytes, dataset_fingerprint)})
         self._group = group
+
+    def grow(self, index: pa.Table, dataset_fingerprint: str, shards: pa.Table) -> bool:
+        """Make `index` (the stored one plus new samples, rows assigned) the store's index; True if the arrays grew.
+
+        In this order, each step safe to repeat: the digest of the index to come is named (`pending_index_sha256`),
+        the teachers' arrays get longer and lose their completion flag where new rows came, index.parquet and
+        shards.parquet are written, and the root attributes take the new index as theirs. Block files and records
+        are not touched: new rows lie in new blocks. Only under the lock.
+        """
+        index_bytes = _parquet_bytes(index)
+        attrs = _index_attrs(index, index_bytes, dataset_fingerprint)
+        self.group.attrs.update({"pending_index_sha256": attrs["index_sha256"]})
+        failpoint("grow-pending")
+        grew = attrs["num_rows"] > self.num_rows
+        for name in self.teacher_names():
+            group = self.group[name]
+            for array in _TEACHER_ARRAYS:
+                if array in group and group[array].shape[0] != attrs["num_rows"]:
+                    group[array].resize((attrs["num_rows"], *group[array].shape[1:]))
+            if grew and group.attrs.get("complete"):
+                group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k not in _COMPLETION_ATTRS})
+        self._atomic_write(self._join(INDEX_FILE), index_bytes)
+        self._write_parquet(SHARDS_FILE, shards)
+        failpoint("grow-index-written")
+        root = {k: v for k, v in self.group.attrs.asdict().items() if k != "pending_index_sha256"}
+        self.group.attrs.put({**root, **attrs})
+        return grew
+
+    def finish_growing(self) -> bool:
+        """Commit a growth that a killed run left half done (its index written, the attributes not yet); True if
+        there was one. Only under the lock."""
+        pending = self.group.attrs.get("pending_index_sha256")
+        if pending is None:
+            return False
+        data = self._read_index_bytes()
+        if hashlib.sha256(data).hexdigest() == pending:
+            index = self._parse_parquet(INDEX_FILE, data, "rerun `pipeline precompute`")
+            from pipeline.data.index import dataset_fingerprint
+
+            self.grow(index, dataset_fingerprint(index), self.read_shard_records() or _no_shards())
+        else:  # killed before the index was written: the store is as it was; the run grows it again
+            root = {k: v for k, v in self.group.attrs.asdict().items() if k != "pending_index_sha256"}
+            self.group.attrs.put(root)
+        return True
 
     @property
     def group(self) -> zarr.Group:
@@ -397,9 +445,7 @@ class TargetStore:
             if fmt != FORMAT:
                 raise UsageError(f"{self.path} is a Zarr group but not a target store (format={fmt!r})")
             if ver != FORMAT_VERSION:
-                raise UsageError(
-                    f"{self.path} has store format_version {ver}; this package reads version {FORMAT_VERSION}"
-                )
+                raise UsageError(_version_message(self.path, ver))
             self._group = group
         return self._group
 
@@ -414,7 +460,17 @@ class TargetStore:
 
     @property
     def num_rows(self) -> int:
+        """The length of the teacher arrays: the target rows in use (`row_ranges`) and the gaps between ranges."""
         return int(self.group.attrs["num_rows"])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.group.attrs["num_samples"])
+
+    @property
+    def row_ranges(self) -> list[tuple[int, int]]:
+        """The target rows in use, as [start, stop) ranges: one per growth of the store, each starting a block."""
+        return [(int(a), int(b)) for a, b in self.group.attrs["row_ranges"]]
 
     @property
     def rows_per_block(self) -> int:
@@ -425,8 +481,10 @@ class TargetStore:
         return str(self.group.attrs["dataset_fingerprint"])
 
     def blocks(self) -> list[BlockRange]:
-        n, size = self.num_rows, self.rows_per_block
-        return [BlockRange(b, start, min(start + size, n)) for b, start in enumerate(range(0, n, size))]
+        """The blocks holding rows in use; block b is row b * rows_per_block onwards (the Zarr shard it fills)."""
+        size = self.rows_per_block
+        return [BlockRange(start // size, start, min(start + size, stop))
+                for range_start, stop in self.row_ranges for start in range(range_start, stop, size)]
 
     def read_index(self) -> pa.Table:
         """index.parquet, checked against the digest the store recorded when it was made.
@@ -434,18 +492,24 @@ class TargetStore:
         Every column counts (workers seek by `image_offset`, the loader maps keys to rows), so an edited or
         damaged index is refused here rather than trusted.
         """
-        with self.fs.open(self._join(INDEX_FILE), "rb") as f:
-            data = f.read()
+        data = self._read_index_bytes()
         expected = self.group.attrs.get("index_sha256")
         if expected is None:
             raise UsageError(f"{self.path}/zarr.json records no index_sha256, which every store this package makes "
                              "records (edited or damaged); rebuild the store with `pipeline precompute` into a new "
                              "--store")
         if hashlib.sha256(data).hexdigest() != expected:
+            if hashlib.sha256(data).hexdigest() == self.group.attrs.get("pending_index_sha256"):
+                raise UsageError(f"store {self.path} is being grown by a precompute run, or was when that run was "
+                                 "killed; rerun `pipeline precompute` to finish it")
             raise UsageError(f"{self.path}/{INDEX_FILE} differs from the index this store was made with (edited or "
                              "damaged); restore it, or rebuild the store with `pipeline precompute` into a new --store")
         return self._parse_parquet(INDEX_FILE, data, "restore it, or rebuild the store with `pipeline precompute` "
                                                      "into a new --store")
+
+    def _read_index_bytes(self) -> bytes:
+        with self.fs.open(self._join(INDEX_FILE), "rb") as f:
+            return f.read()
 
     def read_shard_records(self) -> pa.Table | None:
         """shards.parquet (see pipeline/data/index.py, SHARDS_SCHEMA), or None where it is missing (deleted: it is
@@ -803,7 +867,7 @@ class TargetStore:
         """The files the format allows, as a tree for `_outside`: {name: subtree} for a folder, True for a file, and
         for a folder of many files a test of their paths relative to it."""
         teachers = self.teacher_names()
-        records = {f"{block:06d}.json" for block in range(len(self.blocks()))}  # as `_record_path` names them
+        records = {f"{b.block:06d}.json" for b in self.blocks()}  # as `_record_path` names them
         layout: dict = {name: True for name in _STORE_FILES}
         layout[BLOCKS_DIR] = {name: records.__contains__ for name in teachers}
         layout[RUNS_DIR] = lambda relative: "/" not in relative and relative.endswith(".json")
@@ -882,6 +946,30 @@ class TargetReader:
         return teacher
 
 
+def _index_attrs(index: pa.Table, index_bytes: bytes, dataset_fingerprint: str) -> dict:
+    """The root attributes that describe the store's index and the target rows it uses."""
+    rows = index.column("target_row").to_numpy()
+    used = np.unique(rows[rows >= 0])
+    breaks = np.flatnonzero(np.diff(used) != 1) + 1
+    ranges = [[int(run[0]), int(run[-1]) + 1] for run in np.split(used, breaks) if len(run)]
+    return {"dataset_fingerprint": dataset_fingerprint, "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+            "num_samples": index.num_rows, "num_rows": ranges[-1][1] if ranges else 0, "row_ranges": ranges}
+
+
+def _no_shards() -> pa.Table:
+    from pipeline.data.index import SHARDS_SCHEMA
+
+    return SHARDS_SCHEMA.empty_table()
+
+
+def _version_message(path: str, version) -> str:
+    if version == 1:
+        return (f"store {path} is format version 1 (a target row per sample); this package reads version "
+                f"{FORMAT_VERSION} (a target row per distinct image, stores that grow): recompute it with "
+                "`pipeline precompute` into a new --store, then delete it")
+    return f"{path} has store format_version {version}; this package reads version {FORMAT_VERSION}"
+
+
 def is_partial_write(path: str) -> bool:
     """Whether `path` names the temporary file of a write that was never renamed into place (`_PARTIAL_WRITE`)."""
     return _PARTIAL_WRITE.search(posixpath.basename(path)) is not None
@@ -890,6 +978,7 @@ def is_partial_write(path: str) -> bool:
 # The store's own files at its top (its folders are _blocks/, _runs/ and one per teacher), and a teacher's arrays.
 _STORE_FILES = frozenset({"zarr.json", INDEX_FILE, SHARDS_FILE, ERRORS_FILE, LOCK_FILE})
 _TEACHER_ARRAYS = ("target", "scale", "valid")
+_COMPLETION_ATTRS = frozenset({"complete", "mean", "std", "stats_count"})  # what `mark_complete` writes
 
 
 def _outside(layout: dict, parts: list[str]) -> str | None:
@@ -977,9 +1066,11 @@ def _record_problem(record, name: str, block: BlockRange, channels: int | None) 
         return f"seconds is {record.get('seconds')!r}, not a number"
     if not _is_int(record.get("batch_size")):
         return f"batch_size is {record.get('batch_size')!r}, not an integer"
+    if not (_is_int(record.get("reused")) and 0 <= record["reused"] <= block.rows):
+        return f"reused is {record.get('reused')!r}, not a row count of the block"
     failures = record.get("failures")
     if not isinstance(failures, list) or not all(_is_failure(f) for f in failures):
-        return "failures is not a list of {row, shard, key, error}"
+        return "failures is not a list of {row, sample, shard, key, error}"
     stats = record.get("stats")
     if not (isinstance(stats, dict) and _is_int(stats.get("count")) and stats["count"] >= 0
             and all(_is_sums(stats.get(key), channels) for key in ("sum", "sumsq"))):
@@ -999,7 +1090,7 @@ def _is_number(value) -> bool:
 
 
 def _is_failure(failure) -> bool:
-    return isinstance(failure, dict) and _is_int(failure.get("row")) and all(
+    return isinstance(failure, dict) and _is_int(failure.get("row")) and _is_int(failure.get("sample")) and all(
         isinstance(failure.get(key), str) for key in ("shard", "key", "error"))
 
 

@@ -211,3 +211,46 @@ def hostile_images(root: Path) -> HostileSet:
         "lone surrogate": ("good/\ud800.jpg", "bad path"),
     }
     return HostileSet(images=images, outside=outside, good=good, hostile=hostile)
+
+
+# skimage's `cat` is `chelsea` under another name: the same pixels.
+_DISTINCT_SOURCES = [i for i, (name, _, _) in enumerate(SOURCES) if name != "cat"]
+
+
+def distinct_photo(index: int) -> bytes:
+    """JPEG bytes of the index-th distinct photo: the demo photographs, then their mirror images, then crops."""
+    image = _photo(_DISTINCT_SOURCES[index % len(_DISTINCT_SOURCES)])
+    variant = index // len(_DISTINCT_SOURCES)
+    if variant % 2:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if variant >= 2:
+        image = image.crop((variant, variant, image.width - variant, image.height - variant))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def photo_path(images: Path, index: int) -> str:
+    """The path, relative to `images`, of the index-th distinct photo (written there)."""
+    relative = f"photos/{index:04d}.jpg"
+    _write(images, relative, distinct_photo(index))
+    return relative
+
+
+def copy_path(images: Path, index: int, copy: int) -> str:
+    """The path of a byte-identical copy of the index-th distinct photo under another name (written there)."""
+    relative = f"copies/{copy}/{index:04d}-copy.jpg"
+    _write(images, relative, distinct_photo(index))
+    return relative
+
+
+def caption_records(root: Path, name: str, images: list[str | None]) -> LlavaSet:
+    """`root/NAME.json`, a LLaVA-558K-style caption record per entry of `images` (a path under `root/images`, as
+    `photo_path` and `copy_path` give; None for a text-only record), record ids from NAME."""
+    records = []
+    for i, relative in enumerate(images):
+        turns = _qa(("Describe the image briefly.", f"Picture {relative}."), image=relative is not None)
+        records.append({"id": f"{name}-{i}", **({"image": relative} if relative else {}), "conversations": turns})
+    text_only = frozenset(r["id"] for r in records if "image" not in r)
+    return LlavaSet(json_path=_save_json(root, f"{name}.json", records), images=root / "images", records=records,
+                    left_out={}, lying=frozenset(), text_only=text_only, duplicate_ids=0)

@@ -73,7 +73,8 @@ def test_each_run_summary_records_the_settings_it_was_given(demo_dir, store_copy
     run = json.loads(second.read_text())
     assert run["rows_computed"] == ROWS_PER_BLOCK and run["teachers"] == ["depth", "gen", "seg"]
     assert run["config"] == {"address": None, "batch_size": None, "workers": 1, "rows_per_block": ROWS_PER_BLOCK,
-                             "rows_per_chunk": ROWS_PER_CHUNK, "max_pixels": 40_000_000, "feed": "inline"}
+                             "rows_per_chunk": ROWS_PER_CHUNK, "max_pixels": 40_000_000, "feed": "inline",
+                             "reuse": []}
     assert PrecomputeConfig.model_validate(run["config"]).max_pixels == 40_000_000  # a summary rebuilds its config
 
 
