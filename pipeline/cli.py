@@ -392,11 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="bytes on disk per teacher and storage option, and teacher FLOPs per image")
     p.add_argument("--teachers", required=True, help="teacher manifest (manifests/teachers/*.yaml)")
-    p.add_argument("--rows", type=int, required=True, help="number of samples, e.g. 558128 for LLaVA-558K")
+    p.add_argument("--rows", type=int, default=None,
+                   help="target rows = distinct images (a store holds one row per image content; repeated images "
+                        "and text-only samples take none): at most 558128 for LLaVA-558K, about 379000 for the "
+                        "665K mix; default: count them in --shards")
     p.add_argument("--rows-per-block", type=int, default=64, help="as for precompute (default 64)")
     p.add_argument("--rows-per-chunk", type=int, default=1, help="as for precompute (default 1)")
     p.add_argument("--shards", default=None,
-                   help="measure compression on the first images of these shards (default: bundled sample photos)")
+                   help="the dataset's shards: without --rows they are indexed and their distinct images counted; "
+                        "compression is measured on their first images (default: bundled sample photos)")
     p.add_argument("--sample-images", type=int, default=16, help="images to measure compression on (default 16)")
     p.add_argument("--no-load", action="store_true", help="never load a model: declared shapes only, nothing measured")
     p.add_argument("--json", action="store_true", help="machine-readable output")

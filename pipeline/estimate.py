@@ -1,11 +1,18 @@
 """`pipeline estimate`: how big a store will be and how much teacher compute it takes, before any run.
 
     pipeline estimate --teachers manifests/teachers/olavlm.yaml --rows 558128
+    pipeline estimate --teachers manifests/teachers/olavlm.yaml --shards data/llava_665k/shards --no-load
     pipeline estimate --teachers manifests/teachers/demo.yaml --rows 200 --shards runs/demo/shards --json
 
 Per teacher, and in total, the bytes the teacher's store group takes on disk at each storage option (float16,
 bfloat16, int8, pool 2, int8 + pool 2), and the teacher's forward FLOPs per image.
 
+- Rows: a store holds one target row per distinct image content (the sha1 of the image bytes), not one per
+  sample: repeated images and text-only samples cost no row. `rows` is that number when it is known (LLaVA's
+  665K mix: 624,610 image records, about 379K distinct images). Without it the shards are indexed and given
+  target rows as precompute gives them (`pipeline.data.index.assign_target_rows`: one per distinct non-empty
+  `image_sha1`, none for the rows of a duplicate key); the estimate then reports the samples, distinct images,
+  duplicates and samples without a target row that it found (`pipeline.data.index.ImageCounts`).
 - Shapes: from the loaded model when its weights are on this machine (never downloaded), else the `target_shape`
   the manifest declares; with neither the teacher is reported as unknown.
 - Compression: when the model loads, it runs on `sample_images` images (the first ones of `shards`, else
@@ -17,7 +24,7 @@ bfloat16, int8, pool 2, int8 + pool 2), and the teacher's forward FLOPs per imag
 - On-disk layout, as `pipeline.data.store` writes it: per array one shard file per block of `rows_per_block` rows with a
   16-byte index entry per chunk plus a 4-byte checksum, the int8 `scale` array ([rows, T'] float16), the `valid`
   flags and the JSON metadata (the group's attributes hold the per-channel mean and std). `index.parquet` and
-  `errors.parquet` are not counted (about 100 bytes per row).
+  `errors.parquet` are not counted (about 100 bytes per sample).
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one forward of one image (matrix products, convolutions
   and attention; element-wise work is not counted); unknown without the weights.
 """
@@ -32,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline.data.errors import UsageError
+from pipeline.data.index import ImageCounts, assign_target_rows, build_index
 from pipeline.data.store import ZSTD_LEVEL, Storage, new_teacher_attrs
 
 OPTIONS: dict[str, Storage] = {
@@ -70,12 +78,14 @@ class TeacherEstimate:
 @dataclass
 class Estimate:
     manifest: str
-    rows: int
+    rows: int  # target rows: distinct images
     rows_per_block: int
     rows_per_chunk: int
     teachers: list[TeacherEstimate]
     totals: dict[str, int | None]
     images_measured: str | None = None
+    counted_in: str | None = None  # the shards `rows` was counted in, if it was
+    counted: ImageCounts | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -183,6 +193,12 @@ def sample_images(shards: str | None, count: int) -> tuple[list, str]:
     return images, f"{count} scikit-image sample photographs"
 
 
+def count_images(shards: str) -> ImageCounts:
+    """Index `shards` and count their samples and the target rows a store of them has (see the module doc)."""
+    table = build_index(shards, progress=False).table
+    return ImageCounts.of(assign_target_rows(table, None, rows_per_block=1))
+
+
 def _measure(teacher, images: list, rows_per_chunk: int) -> tuple[dict[str, float], dict[str, float], int]:
     """Per option: (target compression ratio, scale compression ratio), and FLOPs of one image's forward."""
     import torch
@@ -208,9 +224,10 @@ def _measure(teacher, images: list, rows_per_chunk: int) -> tuple[dict[str, floa
     return ratios, scale_ratios, int(counter.get_total_flops())
 
 
-def estimate(manifest_path: str, rows: int, *, rows_per_block: int = 64, rows_per_chunk: int = 1,
+def estimate(manifest_path: str, rows: int | None, *, rows_per_block: int = 64, rows_per_chunk: int = 1,
              shards: str | None = None, sample_count: int = DEFAULT_SAMPLE_IMAGES, load: bool = True) -> Estimate:
-    """Bytes per teacher and option for a store of `rows` rows built from `manifest_path` (see the module doc).
+    """Bytes per teacher and option for a store of `rows` target rows (distinct images) built from
+    `manifest_path` (see the module doc). `rows=None` counts them in `shards`, which then must be given.
 
     `load=False` never loads a model (declared shapes only, nothing measured).
     """
@@ -218,12 +235,21 @@ def estimate(manifest_path: str, rows: int, *, rows_per_block: int = 64, rows_pe
 
     import teachers
 
-    if rows < 1:
+    if rows is None and shards is None:
+        raise UsageError("give --rows (the number of distinct images) or --shards to count them in")
+    if rows is not None and rows < 1:
         raise UsageError(f"--rows must be >= 1, got {rows}")
     if rows_per_block < 1 or rows_per_chunk < 1 or rows_per_block % min(rows_per_chunk, rows_per_block):
         raise UsageError(f"rows_per_chunk {rows_per_chunk} must divide rows_per_block {rows_per_block}")
     rows_per_chunk = min(rows_per_chunk, rows_per_block)
     manifest = teachers.load_manifest(manifest_path)
+    counted = None
+    if rows is None:
+        counted = count_images(shards)
+        if counted.images == 0:
+            raise UsageError(f"shards {shards} hold no image ({counted.samples} samples, all text-only): a store "
+                             "of them has no target row")
+        rows = counted.images
     images, images_note = None, None
     results = []
     for name, spec in manifest.teachers.items():
@@ -260,7 +286,8 @@ def estimate(manifest_path: str, rows: int, *, rows_per_block: int = 64, rows_pe
             totals[option] = sum(r.bytes[option] if r.bytes[option] is not None else r.bytes["float16"]
                                  for r in results)
     return Estimate(manifest=str(manifest_path), rows=rows, rows_per_block=rows_per_block,
-                    rows_per_chunk=rows_per_chunk, teachers=results, totals=totals, images_measured=images_note)
+                    rows_per_chunk=rows_per_chunk, teachers=results, totals=totals, images_measured=images_note,
+                    counted_in=None if counted is None else shards, counted=counted)
 
 
 def _load_if_local(spec):
@@ -307,8 +334,14 @@ def format_estimate(result: Estimate) -> str:
                                  for o in options], ""])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    out = [f"{result.manifest}: {result.rows:,} rows, {result.rows_per_block} rows per block, "
-           f"{result.rows_per_chunk} per chunk", fmt(header), *(fmt(row) for row in lines), ""]
+    out = [f"{result.manifest}: {result.rows:,} target rows (one per distinct image), {result.rows_per_block} "
+           f"rows per block, {result.rows_per_chunk} per chunk"]
+    if result.counted is not None:
+        c = result.counted
+        out.append(f"counted in {result.counted_in}: {c.samples:,} samples, {c.images:,} distinct images, "
+                   f"{c.duplicates:,} duplicates (image samples repeating an earlier image), {c.text_only:,} "
+                   "without a target row (text-only or a duplicate key)")
+    out += [fmt(header), *(fmt(row) for row in lines), ""]
     out.append("* = the storage the manifest asks for. pool2 applies to square token grids only (a teacher it "
                "does not fit stays float16 in the total).")
     for r in result.teachers:
@@ -320,5 +353,5 @@ def format_estimate(result: Estimate) -> str:
         if r.target_shape is None:
             notes.append("no shape: declare target_shape: [T, C] in the manifest or make the weights available")
         out.append(f"{r.name}: " + "; ".join(notes))
-    out.append("Not counted: index.parquet and errors.parquet (about 100 bytes per row).")
+    out.append("Not counted: index.parquet and errors.parquet (about 100 bytes per sample).")
     return "\n".join(out)
