@@ -2,14 +2,19 @@
 
 Checks, per teacher: every block has a completion record made by the same teacher fingerprint; the
 stored values on disk hash to the digest the record kept (so a damaged or edited shard file is caught); the
-valid flags agree with the record; valid rows hold finite numbers and invalid rows hold zeros. Store
-wide: index.parquet is, byte for byte, the index the store was made with (every column: the offsets and
-sizes that workers seek by as much as the keys), it matches the dataset fingerprint, shards.parquet agrees with
-it, and, when given, the shards and a teacher manifest. Every parquet file is read (a damaged one is a problem
-naming it), and every file that is not part of the store's format is named: the partial files a killed write
-leaves (a precompute rerun removes them) and anything else. `--shards` is the deep check: every shard is read and
-every image re-hashed, whatever identities (size, mtime, ETag) the store recorded; precompute reruns trust those
-identities and re-read only the shards whose identity changed.
+valid flags agree with the record, and every target row in use is valid or has a failure recorded; valid rows
+hold finite numbers and invalid rows hold zeros. Store wide: index.parquet is, byte for byte, the index the store
+was made with (every column: the offsets and sizes that workers seek by as much as the keys), it matches the
+dataset fingerprint, shards.parquet agrees with it, and, when given, the shards and a teacher manifest. The map
+from samples to target rows keeps the format's rules: a sample with an image (and a key new to its shard) has a
+target row inside a block of the store, every other sample has none (-1), samples share a row exactly when they
+share an image (sha1), and the root attributes num_samples, num_rows and row_ranges are what the index gives.
+Every parquet file is read (a damaged one is a problem naming it), and every file that is not part of the store's
+format is named: the partial files a killed write leaves (a precompute rerun removes them) and anything else.
+`--shards` is the deep check: every shard is read and every image re-hashed, whatever identities (size, mtime,
+ETag) the store recorded, and compared in the store's order (a grown store holds its shards in the order they
+were added, not in listing order); precompute reruns trust those identities and re-read only the shards whose
+identity changed.
 
 Besides problems, verify reports notes that do not make a store wrong: blocks computed with different batch
 sizes hold the same values to float16 rounding, but not the same bytes as a run with one batch size.
@@ -21,10 +26,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.data.errors import UsageError
 from pipeline.data.fingerprints import fingerprint_mismatch
-from pipeline.data.index import PreviousIndex, build_index, dataset_fingerprint, first_difference
+from pipeline.data.index import (SHARDS_SCHEMA, PreviousIndex, ShardIndex, build_index, dataset_fingerprint,
+                                 duplicate_rows, first_difference)
 from pipeline.data.store import BlockRecord, TargetStore, is_partial_write
 
 
@@ -49,21 +56,24 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
         problems.append(str(exc))
         index = None
     if index is not None:
-        if index.num_rows != store.num_samples or index.column("row").to_pylist() != list(range(index.num_rows)):
-            problems.append(f"index.parquet has {index.num_rows} rows out of order or count; the store says "
-                            f"{store.num_samples}")
+        if index.column("row").to_pylist() != list(range(index.num_rows)):
+            problems.append(f"index.parquet's row column is not 0..{index.num_rows - 1} in order")
         if dataset_fingerprint(index) != store.dataset_fingerprint:
             problems.append("index.parquet does not hash to the store's dataset_fingerprint (edited index?)")
+        problems.extend(_map_problems(store, index))
         records = _shard_records(store, index, report)
         if shards is not None:
-            current = build_index(shards, progress=progress)  # every shard read and re-hashed: no reuse here
+            # Every shard read and re-hashed (no reuse here), then laid out as the store holds them.
+            recorded = (records.column("shard").to_pylist() if records is not None
+                        else list(dict.fromkeys(index.column("shard").to_pylist())))
+            current, current_shards = _in_store_order(build_index(shards, progress=progress), recorded)
             columns = [c for c in index.column_names if c != "target_row"]  # the store's, not the shards'
-            if current.fingerprint != store.dataset_fingerprint or not index.select(columns).equals(
-                    current.table.select(columns)):
+            if dataset_fingerprint(current) != store.dataset_fingerprint or not index.select(columns).equals(
+                    current.select(columns)):
                 problems.append("the shards differ from the store's: "
-                                f"{first_difference(index.select(columns), current.table.select(columns))}")
+                                f"{first_difference(index.select(columns), current.select(columns))}")
             elif records is not None:
-                _compare_shard_records(records, current.shards, report)
+                _compare_shard_records(records, current_shards, report)
     try:
         store.read_errors()
     except UsageError as exc:
@@ -75,6 +85,7 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
     for name in sorted(set(expected) - set(store.teacher_names())):
         problems.append(f"{name}: in the manifest but not in the store")
     blocks = store.blocks()
+    in_use = _rows_in_use(index) if index is not None else None
     for name in store.teacher_names():
         teacher = store.teacher_attrs(name)
         fingerprint = teacher.get("teacher_fingerprint")
@@ -102,8 +113,86 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
             if record is None:
                 continue
             problems.extend(f"{name} block {block.block}: {p}" for p in _check_block(store, name, block, record,
-                                                                                      fingerprint))
+                                                                                      fingerprint, in_use))
     return report
+
+
+def _rows_in_use(index: pa.Table) -> np.ndarray:
+    """The target rows the index maps samples to, sorted, each once."""
+    rows = index.column("target_row").to_numpy()
+    return np.unique(rows[rows >= 0])
+
+
+def _row_ranges(in_use: np.ndarray) -> list[list[int]]:
+    """Runs of consecutive rows, as [start, stop) pairs: what the store's `row_ranges` attribute holds."""
+    runs = np.split(in_use, np.flatnonzero(np.diff(in_use) != 1) + 1)
+    return [[int(run[0]), int(run[-1]) + 1] for run in runs if len(run)]
+
+
+def _map_problems(store: TargetStore, index: pa.Table) -> list[str]:
+    """Where index.parquet's map from samples to target rows, or the root attributes made from it, break the
+    format's rules (the module docstring); one line per rule broken, naming its first offender."""
+    found = []
+    ranges = _row_ranges(_rows_in_use(index))
+    gives = {"num_samples": index.num_rows, "num_rows": ranges[-1][1] if ranges else 0, "row_ranges": ranges}
+    says = {key: store.attrs.get(key) for key in gives}
+    if says != gives:
+        found.append(f"{store.path}/zarr.json says " + ", ".join(f"{k} {v}" for k, v in says.items())
+                     + " but index.parquet gives " + ", ".join(f"{k} {v}" for k, v in gives.items())
+                     + " (edited or damaged); precompute into a new --store")
+    rows = index.column("target_row").to_pylist()
+    sha1s = index.column("image_sha1").to_pylist()
+    names = [f"{shard}/{key}" for shard, key in zip(index.column("shard").to_pylist(), index.column("key").to_pylist())]
+    blocks = store.blocks()
+    in_blocks = np.zeros(max((b.stop for b in blocks), default=0), dtype=bool)
+    for block in blocks:
+        in_blocks[block.start : block.stop] = True
+    duplicates = duplicate_rows(index)
+    broken: dict[str, list[str]] = {}
+    first_of_row: dict[int, int] = {}  # target row -> the first sample mapped to it
+    first_of_image: dict[str, int] = {}  # sha1 -> the first sample showing it
+    for sample, (row, sha1) in enumerate(zip(rows, sha1s)):
+        if not sha1 or sample in duplicates:
+            if row != -1:
+                broken.setdefault("without an image or with a repeated key have a target row", []).append(
+                    f"sample {sample}, {names[sample]}, row {row}")
+            continue
+        if row == -1:
+            broken.setdefault("with an image have no target row", []).append(f"sample {sample}, {names[sample]}")
+            continue
+        if not 0 <= row < len(in_blocks) or not in_blocks[row]:
+            broken.setdefault("have a target row in no block of the store", []).append(
+                f"sample {sample}, {names[sample]}, row {row}")
+            continue
+        other = first_of_row.setdefault(row, sample)
+        if sha1s[other] != sha1:
+            broken.setdefault("share a target row with a sample of another image", []).append(
+                f"samples {other} and {sample} share target row {row} but hold other images")
+        other = first_of_image.setdefault(sha1, sample)
+        if rows[other] != row:
+            broken.setdefault("have another target row than an earlier sample of their image", []).append(
+                f"samples {other} and {sample} hold the same image (sha1 {sha1[:12]}..) but have target rows "
+                f"{rows[other]} and {row}")
+    found.extend(f"index.parquet: {len(where)} sample(s) {rule} (first: {where[0]}); the map from samples to "
+                 "target rows is wrong: precompute into a new --store" for rule, where in broken.items())
+    return found
+
+
+def _in_store_order(current: ShardIndex, recorded: list[str]) -> tuple[pa.Table, pa.Table]:
+    """`current` (an index of the shards in listing order) as the store lays its shards out: those it recorded
+    first, in its order, then any others in listing order, as `build_index` orders a store's shards
+    (`PreviousIndex.in_recorded_order`). Returns the index (INDEX_SCHEMA) and shard records (SHARDS_SCHEMA)."""
+    position = {name: i for i, name in enumerate(recorded)}
+    shards = sorted(current.shards.to_pylist(),
+                    key=lambda r: (0, position[r["shard"]]) if r["shard"] in position else (1, 0))
+    tables, start = [], 0
+    for shard in shards:
+        tables.append(current.table.slice(shard["row_start"], shard["row_stop"] - shard["row_start"]))
+        shard["row_start"], shard["row_stop"] = start, start + tables[-1].num_rows
+        start = shard["row_stop"]
+    table = pa.concat_tables(tables).combine_chunks() if tables else current.table
+    table = table.set_column(0, "row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    return table, pa.Table.from_pylist(shards, schema=SHARDS_SCHEMA)
 
 
 def _shard_records(store: TargetStore, index, report: VerifyReport):
@@ -156,7 +245,10 @@ def _compare_shard_records(records, current, report: VerifyReport) -> None:
                             "reruns re-read them until a run with work records them")
 
 
-def _check_block(store: TargetStore, name: str, block, record: BlockRecord, fingerprint: str) -> list[str]:
+def _check_block(store: TargetStore, name: str, block, record: BlockRecord, fingerprint: str,
+                 in_use: np.ndarray | None) -> list[str]:
+    """What is wrong with one teacher's block; `in_use`: the sorted target rows the index uses (None if the index
+    cannot be read: every row of the block counts as used)."""
     found = []
     if record.fingerprint != fingerprint:
         found.append(fingerprint_mismatch(
@@ -178,6 +270,14 @@ def _check_block(store: TargetStore, name: str, block, record: BlockRecord, fing
         found.append("non-finite values in valid rows")
     if np.any(values[~good]):
         found.append("rows marked invalid hold non-zero values")
+    used = (np.arange(block.start, block.stop) if in_use is None
+            else in_use[np.searchsorted(in_use, block.start) : np.searchsorted(in_use, block.stop)])
+    failed = {f["row"] for f in record.failures}
+    unexplained = [row for row in used[~good[used - block.start]].tolist() if row not in failed]
+    if unexplained:
+        found.append(f"{len(unexplained)} row(s) in use are not valid and no failure is recorded for them (first: "
+                     f"target row {unexplained[0]}); delete the block's record (in {store.path}/_blocks/{name}/) "
+                     "and rerun `pipeline precompute` to compute the block again")
     return found
 
 

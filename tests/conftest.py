@@ -84,6 +84,47 @@ def store_copy(demo_store, tmp_path) -> Path:
     return copy
 
 
+MORE_SHARD = "0-more.tar"  # sorts before the demo's shards, so a store grown by it lists them in another order
+
+
+def write_more_shard(path: Path, demo_shards: Path) -> None:
+    """A shard of 4 samples: `again`, a byte-identical copy of the demo's first image under another key; `words`,
+    text only; `mirrored`, an image the demo does not have; `again` once more, a duplicate key."""
+    import io
+    import tarfile
+
+    from PIL import Image, ImageOps
+
+    with tarfile.open(sorted(demo_shards.glob("*.tar"))[0]) as tar:
+        photo = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read()
+    mirrored = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(photo))).save(mirrored, format="JPEG")
+    members = [("again.jpg", photo), ("again.txt", b"the first photo again"), ("words.txt", b"no image here"),
+               ("mirrored.jpg", mirrored.getvalue()), ("mirrored.txt", b"the first photo mirrored"),
+               ("again.jpg", photo), ("again.txt", b"a key its shard has already")]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def grown_dir(demo_dir, demo_store, ray_local, tmp_path_factory) -> Path:
+    """`shards/` (the demo's plus MORE_SHARD) and `store/`: the demo store grown by MORE_SHARD, which gives one new
+    image (its row starts a new block: the store's rows are 0..40 and 48..49), one duplicate and two samples without
+    a target row. Tests that change it copy it first."""
+    from pipeline.precompute import PrecomputeConfig, run_precompute
+
+    root = tmp_path_factory.mktemp("grown")
+    shutil.copytree(demo_dir / "shards", root / "shards")
+    write_more_shard(root / "shards" / MORE_SHARD, demo_dir / "shards")
+    shutil.copytree(demo_store, root / "store")
+    run_precompute(str(root / "shards"), str(DEMO_TEACHERS), str(root / "store"),
+                   PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK), progress=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint(demo_store, demo_dir, tmp_path_factory) -> Path:
     """A student trained 2 steps on the demo store (for probe and preview); tests must not write into it."""
