@@ -113,16 +113,10 @@ def _cmd_precompute(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from dataclasses import asdict
-
     from pipeline.status import format_status, store_status
 
-    store, teachers = store_status(args.store)
-    if args.json:
-        print(json.dumps({"store": store.path, "num_rows": store.num_rows, "teachers": [asdict(t) for t in teachers],
-                          "last_run": store.last_run()}, indent=1))
-    else:
-        print(format_status(store, teachers))
+    status = store_status(args.store)
+    print(json.dumps(status.to_json(), indent=1) if args.json else format_status(status))
     return 0
 
 
@@ -317,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_precompute)
 
-    p = sub.add_parser("status", help="per teacher: rows done / total, failures, bytes, fingerprints")
+    p = sub.add_parser("status", help="samples, distinct images, duplicates; per teacher: rows done / total, rows "
+                                      "reused, failures, bytes, fingerprints")
     p.add_argument("store", help="target store directory or fsspec URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_status)
