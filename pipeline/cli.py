@@ -63,7 +63,7 @@ byte-identical under another one, and the distinct images: a target store comput
 Rerunning the same command resumes: finished shards (those with a PREFIX-NNNNN_stats.json) are kept; the same
 --prefix with a different input, --images folder or different arguments is refused (OUT/PREFIX_sharding.json
 records them). Another JSON cut into the same OUT with another --prefix adds its shards beside the first ones: a
-dataset grows by a shard set, and shards are read in sorted name order, so pick a prefix that sorts after theirs.
+dataset grows by a shard set, and `pipeline precompute` on the same store appends them, whatever their names.
 
 examples (the LLaVA-1.5 training data, as downloaded):
   pipeline shards llava LLaVA-Pretrain/blip_laion_cc_sbu_558k.json --images LLaVA-Pretrain/images --out shards/pt
@@ -92,6 +92,21 @@ def _cmd_index(args) -> int:
     return 0
 
 
+PRECOMPUTE_DESCRIPTION = """\
+Run the teachers of a manifest over WebDataset shards into a target store, once per distinct image: samples that
+show the same image (by the sha1 of its bytes, whatever the file name) share one target row.
+
+A rerun of the same command after any crash computes what is left. Run on the store's shards plus new ones, it
+grows the store: the new samples are added, and only images new to the store are computed, into new blocks (no
+earlier file changes). A shard of the store that is missing or was rewritten is refused, naming it. With --reuse
+OTHER_STORE, rows that another store holds for a teacher of the same fingerprint are copied, not computed.
+
+examples:
+  pipeline precompute --shards shards/pt --teachers manifests/teachers/olavlm.yaml --store stores/pt
+  pipeline precompute --shards shards/ift --teachers manifests/teachers/olavlm.yaml --store stores/ift --reuse stores/pt
+"""
+
+
 def _cmd_precompute(args) -> int:
     from pipeline.precompute import PrecomputeConfig, run_precompute
 
@@ -103,7 +118,8 @@ def _cmd_precompute(args) -> int:
         print(f"store {summary.store}: every block was already computed; wrote what the last run left unfinished "
               "(errors.parquet, statistics, completion flags)")
     else:
-        print(f"computed {summary.blocks_computed} block(s), {summary.rows_computed} teacher-rows, "
+        reused = f", {summary.rows_reused} reused from --reuse stores" if config.reuse else ""
+        print(f"computed {summary.blocks_computed} block(s), {summary.rows_computed} teacher-rows{reused}, "
               f"{summary.failures} failure(s) in {summary.seconds:.1f}s -> {summary.store}")
     for name, info in summary.teachers.items():
         print(f"  {name:<8} target {info['target_shape']} {info['dtype']}, "
@@ -301,10 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_index)
 
-    p = sub.add_parser("precompute", help="run the teachers of a manifest over shards into a target store (Ray)")
+    p = sub.add_parser(
+        "precompute", help="run the teachers of a manifest over shards into a target store (Ray)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=PRECOMPUTE_DESCRIPTION)
     p.add_argument("--shards", required=True, help="directory, brace pattern or fsspec URL of WebDataset tars")
     p.add_argument("--teachers", required=True, help="teacher manifest (manifests/teachers/*.yaml)")
-    p.add_argument("--store", required=True, help="target store directory or fsspec URL (created if missing)")
+    p.add_argument("--store", required=True, help="target store directory or fsspec URL (created if missing; a "
+                                                   "store of some of these shards grows by the others)")
     from pipeline.precompute import PrecomputeConfig
 
     PrecomputeConfig.add_flags(p)

@@ -14,8 +14,8 @@ instruction mix `llava_v1_5_mix665k.json` are written. Output under DIR:
 
 Every file of a run is named by its prefix, so one folder holds the shards of several JSONs: cutting a second
 JSON into the same DIR with another `prefix` adds its shards beside the first ones (a dataset grows by a shard
-set), and nothing of another prefix is read, rewritten or deleted. A directory's shards are read in sorted name
-order, so a prefix that sorts after the earlier ones keeps their shards first.
+set), and nothing of another prefix is read, rewritten or deleted. `pipeline precompute` on a store of the
+earlier shards appends the new ones, whatever their names sort as.
 
 Decisions:
 - Order: the JSON's, or with `shuffle` a permutation seeded by `seed`; then cut into shards of

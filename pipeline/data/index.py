@@ -248,7 +248,10 @@ def growth_problem(stored: pa.Table, table: pa.Table) -> str | None:
     prefix = table.slice(0, stored.num_rows).select(columns)
     if prefix.equals(stored.select(columns)):
         return None
-    return first_difference(stored.select(columns), prefix) + " (a shard was rewritten since the store was made)"
+    old, new = stored.select(columns).to_pylist(), prefix.to_pylist()
+    row = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), len(new))
+    return (f"its shard {old[row]['shard']} differs from what the store indexed "
+            f"({first_difference(stored.select(columns), prefix)})")
 
 
 def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: int | None = None,
@@ -260,8 +263,8 @@ def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: 
     per shard; default: one per CPU when there are at least PARALLEL_MIN_BYTES to read, else this process).
     Whichever way a shard was indexed, the result is the same table a serial scan of every shard gives. The
     shards `previous` recorded come first, in its order, then the new ones in listing order: a store's samples
-    keep their rows when shards are added, whatever their names. Re-read shards have `target_row` -1, recorded ones
-    the recorded rows (`assign_target_rows` decides).
+    keep their rows when shards are added, whatever their names. `target_row` is -1: the store assigns it
+    (`assign_target_rows`).
     """
     infos = list_shard_infos(shards)
     if previous is not None:
@@ -287,6 +290,8 @@ def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: 
         start += table.num_rows
     table = pa.concat_tables(tables).combine_chunks() if tables else INDEX_SCHEMA.empty_table()
     table = table.set_column(0, "row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    table = table.set_column(table.schema.get_field_index("target_row"), "target_row",
+                             pa.array(np.full(table.num_rows, -1, dtype=np.int64)))
     return ShardIndex(table=table, urls=[info.url for info in infos], fingerprint=dataset_fingerprint(table),
                       shard_errors=shard_errors, shards=pa.Table.from_pylist(records, schema=SHARDS_SCHEMA),
                       scanned=[infos[i].name for i in todo])

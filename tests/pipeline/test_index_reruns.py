@@ -143,7 +143,7 @@ def test_a_shard_rewritten_after_indexing_is_reread_and_the_store_refused_naming
     change(shards / SHARD)
     assert (shards / SHARD).stat().st_size == size  # only the mtime tells that it changed
     before = store_files(store_copy)
-    with pytest.raises(UsageError, match=r"built for other shards .*" + message):
+    with pytest.raises(UsageError, match=r"built for other shards: its shard demo-00001.tar differs .*" + message):
         precompute(counting(shards), store_copy)
     assert counted.opened == [str(shards / SHARD)]  # that shard alone was read again
     assert store_files(store_copy) == before

@@ -208,13 +208,12 @@ def test_every_kind_of_bad_sample_is_recorded_and_good_samples_match_the_clean_r
                              PrecomputeConfig(rows_per_block=4, rows_per_chunk=2), progress=False)
     index = pq.read_table(store / "index.parquet").to_pylist()
     errors = pq.read_table(store / "errors.parquet").to_pylist()
-    by_key = {}
+    by_sample = {}
     for error in errors:
-        by_key.setdefault((error["row"], error["key"]), []).append(error)
+        by_sample.setdefault(error["sample"], []).append(error)
 
     def errors_of(key):
-        rows = [r["row"] for r in index if r["key"] == key]
-        return [e for r in rows for e in by_key.get((r, key), [])]
+        return [e for r in index if r["key"] == key for e in by_sample.get(r["row"], [])]
 
     assert {e["teacher"] for e in errors_of("zero")} == set(TEACHERS)
     assert "empty image" in errors_of("zero")[0]["error"]
@@ -224,26 +223,28 @@ def test_every_kind_of_bad_sample_is_recorded_and_good_samples_match_the_clean_r
     assert errors_of("cmyk") == [] and errors_of("nocaption") == []
     duplicate_rows = [r["row"] for r in index if r["key"] == index[0]["key"]]
     assert len(duplicate_rows) == 2
-    assert {e["teacher"] for e in by_key[(duplicate_rows[1], index[0]["key"])]} == set(TEACHERS)
-    assert "duplicate key" in by_key[(duplicate_rows[1], index[0]["key"])][0]["error"]
-    truncated = [e for e in errors if e["row"] == -1]
+    # The later occurrence of a key is no sample: it gets no target row, and one failure before any teacher ran.
+    (duplicate,) = by_sample[duplicate_rows[1]]
+    assert (duplicate["teacher"], duplicate["row"], index[duplicate_rows[1]]["target_row"]) == ("", -1, -1)
+    assert "duplicate key" in duplicate["error"]
+    truncated = [e for e in errors if e["sample"] == -1]
     assert len(truncated) == 1 and "truncated" in truncated[0]["error"] and truncated[0]["shard"] == "bad-00001.tar"
-    assert summary.failures == 5 * len(TEACHERS)
+    assert summary.failures == 4 * len(TEACHERS)
 
     caption = {r["key"]: r["caption_present"] for r in index}
     assert caption["nocaption"] is False and caption["cmyk"] is True
     clean_index = pq.read_table(demo_store / "index.parquet").to_pylist()
-    clean_rows = {(r["key"], r["image_sha1"]): r["row"] for r in clean_index}
+    clean_rows = {(r["key"], r["image_sha1"]): r["target_row"] for r in clean_index}
     for name in TEACHERS:
         valid = zarr.open_array(str(store / name / "valid"))[:]
         target = zarr.open_array(str(store / name / "target"))
         clean = zarr.open_array(str(demo_store / name / "target"))
-        bad_rows = {e["row"] for e in errors if e["row"] >= 0}
-        for row in index:
-            assert valid[row["row"]] == (row["row"] not in bad_rows), (name, row["key"])
+        bad_rows = {e["row"] for e in errors if e["teacher"] == name}
+        for row in (r for r in index if r["target_row"] >= 0):
+            assert valid[row["target_row"]] == (row["target_row"] not in bad_rows), (name, row["key"])
             clean_row = clean_rows.get((row["key"], row["image_sha1"]))
-            if clean_row is not None and row["row"] not in bad_rows:
-                np.testing.assert_array_equal(target[row["row"]], clean[clean_row])
+            if clean_row is not None and row["target_row"] not in bad_rows:
+                np.testing.assert_array_equal(target[row["target_row"]], clean[clean_row])
 
 
 # ---- refusals and reuse ---------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ import json, sys
 import numpy as np, pyarrow.parquet as pq, zarr
 root = zarr.open_group({str(demo_store)!r}, mode="r")
 index = pq.read_table({str(demo_store / "index.parquet")!r})
-out = {{"attrs": dict(root.attrs), "rows": index.num_rows, "teachers": {{}}}}
+out = {{"attrs": dict(root.attrs), "rows": index.num_rows, "teachers": {{}},
+       "distinct": len(set(index.column("image_sha1").to_pylist())),
+       "mapped": sorted(set(index.column("target_row").to_pylist()))}}
 for name in {list(TEACHERS)!r}:
     target, valid = root[name]["target"], root[name]["valid"]
     out["teachers"][name] = {{"shape": list(target.shape), "dtype": str(target.dtype),
@@ -35,8 +37,11 @@ print(json.dumps(out))
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["imported"] == []
     assert report["attrs"]["format"] == "teacher-targets"
-    assert report["attrs"]["format_version"] == 1
-    assert report["attrs"]["num_rows"] == report["rows"] == DEMO_SAMPLES
+    assert report["attrs"]["format_version"] == 2
+    # The demo's photos are all distinct, so every sample has its own target row, mapped by index.parquet.
+    assert report["attrs"]["num_samples"] == report["rows"] == report["distinct"] == DEMO_SAMPLES
+    assert report["attrs"]["num_rows"] == DEMO_SAMPLES and report["mapped"] == list(range(DEMO_SAMPLES))
+    assert report["attrs"]["row_ranges"] == [[0, DEMO_SAMPLES]]
     for name in TEACHERS:
         info = report["teachers"][name]
         tokens, channels = info["attrs"]["target_shape"]
@@ -59,7 +64,7 @@ def test_block_records_are_plain_sorted_json_with_the_documented_fields(demo_sto
             record = json.loads(data)
             assert data == json.dumps(record, sort_keys=True, indent=1).encode()
             assert set(record) == {"teacher", "fingerprint", "block", "start", "stop", "rows", "written", "failures",
-                                   "digest", "stats", "batch_size", "seconds"}
+                                   "digest", "stats", "batch_size", "seconds", "reused"}
             assert set(record["stats"]) == {"count", "sum", "sumsq"}
             assert (record["teacher"], record["block"]) == (name, block)
             start = block * attrs["rows_per_block"]
@@ -70,6 +75,7 @@ def test_block_records_are_plain_sorted_json_with_the_documented_fields(demo_sto
 def test_rows_align_with_index(demo_store, demo_dir):
     index = pq.read_table(demo_store / "index.parquet").to_pylist()
     assert [r["row"] for r in index] == list(range(DEMO_SAMPLES))
+    assert [r["target_row"] for r in index] == list(range(DEMO_SAMPLES))  # every demo photo is a distinct image
     # The index lists the shards' samples in shard order, then tar order.
     import tarfile
 

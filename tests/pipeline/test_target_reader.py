@@ -16,8 +16,8 @@ FAILED_ROW = 5
 
 def _store(path, storage: Storage) -> TargetStore:
     index = pa.table({"row": list(range(ROWS)), "shard": ["s-00000.tar"] * ROWS,
-                      "key": [f"{i:03d}" for i in range(ROWS)], "image_sha1": ["0" * 40] * ROWS,
-                      "caption_present": [True] * ROWS})
+                      "key": [f"{i:03d}" for i in range(ROWS)], "image_sha1": [f"{i:040d}" for i in range(ROWS)],
+                      "target_row": list(range(ROWS)), "caption_present": [True] * ROWS})
     store = TargetStore(str(path))
     store.create(index, "0" * 64, rows_per_block=4)
     store.add_teacher("depth", spec={"kind": "random"}, fingerprint="0" * 64, target_shape=(TOKENS, CHANNELS),
