@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="PNG of a few rows: image and targets (PCA pictures), or predicted vs target")
     p.add_argument("store", nargs="?", default=None, help="target store directory or fsspec URL")
     p.add_argument("--store", dest="store_option", default=None, help="the store, as an option (for --checkpoint)")
-    p.add_argument("--rows", required=True, help="rows to show, e.g. 0,5,9 or 0-3")
+    p.add_argument("--rows", required=True,
+                   help="samples to show, as rows of the store's index.parquet, e.g. 0,5,9 or 0-3")
     p.add_argument("--shards", default=None,
                    help="the store's shards, to show the images (with --checkpoint: default the training shards)")
     p.add_argument("--checkpoint", default=None,

@@ -3,10 +3,11 @@
     pipeline preview runs/demo/store --rows 0,5,9 --shards runs/demo/shards --out preview.png
     pipeline preview --checkpoint runs/demo/checkpoint --store runs/demo/store --rows 0,5,9 --out pred.png
 
-One figure row per sample: the image, then one panel per teacher. A target with a square token grid ([g*g, C])
-becomes a picture: its tokens projected on their first three principal components (over that image's tokens),
-each scaled to 0..255 as R, G, B, and upsampled with nearest so every token is one visible square; similar colours
-mean similar features. A single token ([1, C]) is drawn as a bar strip of its channels; other token counts as a
+One figure row per sample (`--rows` are rows of the store's index.parquet): the image, then one panel per teacher,
+its target read at the sample's target row (samples showing the same image share one). A target with a square
+token grid ([g*g, C]) becomes a picture: its tokens projected on their first three principal components (over that
+image's tokens), each scaled to 0..255 as R, G, B, and upsampled with nearest so every token is one visible square;
+similar colours mean similar features. A single token ([1, C]) is drawn as a bar strip of its channels; other token counts as a
 one-row strip of PCA colours. With a checkpoint, each teacher gets the target and the student's prediction (at the
 task's last tapped layer) side by side: the prediction is projected on the target's components and scales, so equal
 colours mean equal features, and the panel shows their cosine similarity.
@@ -121,14 +122,14 @@ def target_panel(tokens: np.ndarray, title: str, basis: PcaBasis | None = None,
 
 # ---- reading --------------------------------------------------------------------------------------------------------
 
-def read_images(store, shards: str, rows: list[int]) -> dict[int, object]:
-    """{row: RGB PIL image} read by the index's byte offsets, each checked against the indexed sha1."""
+def read_images(index, shards: str, rows: list[int]) -> dict[int, object]:
+    """{row: RGB PIL image, or None for a sample without one} for rows of `index` (a store's index.parquet), read
+    by its byte offsets, each checked against the indexed sha1."""
     import fsspec
 
     from pipeline.data.images import ImageDecodeError, decode_rgb
     from pipeline.data.shards import list_shards, read_indexed_image, shard_name
 
-    index = store.read_index()
     columns = {c: index.column(c).to_pylist() for c in ("shard", "key", "image_sha1", "image_offset", "image_size")}
     urls = {shard_name(u): u for u in list_shards(shards)}
     images = {}
@@ -150,38 +151,53 @@ def read_images(store, shards: str, rows: list[int]) -> dict[int, object]:
     return images
 
 
-def _image_title(row: int, key: str) -> str:
-    return f"row {row}\n{key}"
+def _image_title(row: int, key: str, target_row: int) -> str:
+    return f"row {row}" + (f", target row {target_row}" if target_row >= 0 else "") + f"\n{key}"
 
 
 # ---- the two previews -----------------------------------------------------------------------------------------------
 
 def preview_store(store_path: str, rows: str | list[int], out: str, *, shards: str | None = None,
                   teachers: list[str] | None = None) -> tuple[int, int]:
-    """PNG of the image and every teacher's target for each row; returns its (width, height) in pixels.
+    """PNG of the image and every teacher's target for each sample (`rows`: rows of the store's index.parquet);
+    returns its (width, height) in pixels.
 
     Without `shards` the image column says so and only targets are drawn.
     """
     from pipeline.data.store import TargetStore
 
     store = TargetStore(store_path)
-    rows = parse_rows(rows, store.num_rows) if isinstance(rows, str) else rows
+    rows = parse_rows(rows, store.num_samples) if isinstance(rows, str) else rows
+    return render(store_panels(store, rows, shards=shards, teachers=teachers), out)
+
+
+def store_panels(store, rows: list[int], *, shards: str | None = None,
+                 teachers: list[str] | None = None) -> list[list[Panel]]:
+    """One line of panels per sample (a row of index.parquet): its image, then each teacher's target, read at the
+    sample's target row (samples showing one image share it), all through one reader of the store."""
     names = _teachers(store, teachers)
-    keys = store.read_index().column("key").to_pylist()
-    images = read_images(store, shards, rows) if shards else {}
+    index = store.read_index()
+    keys = index.column("key").to_pylist()
+    target_rows = index.column("target_row").to_pylist()
+    images = read_images(index, shards, rows) if shards else {}
+    reader = store.reader()
     grid: list[list[Panel]] = []
     for row in rows:
-        line = [Panel("image", _image_title(row, keys[row]), images.get(row)) if shards
-                else Panel("empty", _image_title(row, keys[row]) + "\n(no --shards: image not shown)")]
+        title = _image_title(row, keys[row], target_rows[row])
+        line = [Panel("image", title, images.get(row)) if shards
+                else Panel("empty", title + "\n(no --shards: image not shown)")]
         for name in names:
-            target, valid = store.read_rows(name, row, row + 1)
-            shape = "x".join(str(x) for x in target.shape[1:])
-            if not valid[0]:
+            if target_rows[row] < 0:
+                line.append(Panel("empty", f"{name}\n(no target row: no image,\nor a repeated key)"))
+                continue
+            target, valid, _ = reader.row(name, target_rows[row])
+            shape = "x".join(str(x) for x in target.shape)
+            if not valid:
                 line.append(Panel("empty", f"{name} [{shape}]\n(no target: failed row)"))
                 continue
-            line.append(target_panel(target[0], f"{name} [{shape}]")[0])
+            line.append(target_panel(target, f"{name} [{shape}]")[0])
         grid.append(line)
-    return render(grid, out)
+    return grid
 
 
 def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], out: str, *,
@@ -199,7 +215,7 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     from student.checkpoint import checkpoint_max_length, load_frozen_student, shards_from_checkpoint
 
     store = TargetStore(store_path)
-    rows = parse_rows(rows, store.num_rows) if isinstance(rows, str) else rows
+    rows = parse_rows(rows, store.num_samples) if isinstance(rows, str) else rows
     shards = shards or shards_from_checkpoint(checkpoint)
     model, tokenizer, image_processor = load_frozen_student(checkpoint)
     tasks = [s for s in model.config.task_specs() if s.name in store.teacher_names()]
@@ -209,6 +225,7 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     names = [s.name for s in tasks]
     index = store.read_index()
     shard_of_row = index.column("shard").to_pylist()
+    target_rows = index.column("target_row").to_pylist()
     urls = {shard_name(u): u for u in list_shards(shards)}
     missing = sorted({shard_of_row[r] for r in rows} - set(urls))
     if missing:
@@ -229,7 +246,7 @@ def preview_checkpoint(checkpoint: str, store_path: str, rows: str | list[int], 
     grid = []
     for i, row in enumerate(rows):
         sample = found[row]
-        line = [Panel("image", _image_title(row, sample.key), sample.image)]
+        line = [Panel("image", _image_title(row, sample.key, target_rows[row]), sample.image)]
         for spec in tasks:
             layer = spec.layers[-1]
             target = np.asarray(sample.targets[spec.name], dtype=np.float32)

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from pipeline.data.errors import UsageError
-from pipeline.preview import fit_pca, parse_rows, pca_colours, preview_size, run_preview, target_panel
+from pipeline.data.store import TargetStore
+from pipeline.preview import (fit_pca, parse_rows, pca_colours, preview_size, run_preview, store_panels,
+                              target_panel)
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -66,6 +68,27 @@ def test_store_preview_refuses_shards_that_do_not_hold_the_rows(demo_store, demo
     one = str(sorted((demo_dir / "shards").glob("*.tar"))[0])
     with pytest.raises(UsageError, match="not among --shards"):
         run_preview(str(demo_store), "39", str(tmp_path / "p.png"), shards=one)
+
+
+def test_store_preview_shows_each_sample_the_targets_of_its_own_image(grown_dir):
+    # Samples 40..43 of the grown store: `again` (sample 0's image), `words` (no image), `mirrored` (a new image,
+    # at target row 48) and `again` once more (a repeated key).
+    store = TargetStore(str(grown_dir / "store"))
+    first, again, words, mirrored, repeated = store_panels(store, [0, 40, 41, 42, 43],
+                                                           shards=str(grown_dir / "shards"))
+    assert again[0].title == "row 40, target row 0\nagain" and mirrored[0].title == "row 42, target row 48\nmirrored"
+    assert np.array_equal(np.asarray(again[0].data), np.asarray(first[0].data))
+    for i in range(1, 4):  # depth, gen, seg
+        assert again[i].kind == first[i].kind != "empty" and np.array_equal(again[i].data, first[i].data)
+        assert mirrored[i].kind != "empty" and not np.array_equal(mirrored[i].data, first[i].data)
+        assert words[i].kind == repeated[i].kind == "empty" and "no target row" in words[i].title
+
+
+def test_store_preview_rows_are_the_samples_of_the_index(grown_dir, tmp_path):
+    out = tmp_path / "preview.png"
+    assert run_preview(str(grown_dir / "store"), "43", str(out)) == preview_size(1, 1 + 3) == png_size(out)
+    with pytest.raises(UsageError, match=r"0\.\.43 \(not \[44\]\)"):  # the arrays are longer: 49 target rows
+        run_preview(str(grown_dir / "store"), "44", str(tmp_path / "p.png"))
 
 
 @pytest.mark.slow
