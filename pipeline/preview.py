@@ -7,10 +7,10 @@ One figure row per sample (`--rows` are rows of the store's index.parquet): the 
 its target read at the sample's target row (samples showing the same image share one). A target with a square
 token grid ([g*g, C]) becomes a picture: its tokens projected on their first three principal components (over that
 image's tokens), each scaled to 0..255 as R, G, B, and upsampled with nearest so every token is one visible square;
-similar colours mean similar features. A single token ([1, C]) is drawn as a bar strip of its channels; other token counts as a
-one-row strip of PCA colours. With a checkpoint, each teacher gets the target and the student's prediction (at the
-task's last tapped layer) side by side: the prediction is projected on the target's components and scales, so equal
-colours mean equal features, and the panel shows their cosine similarity.
+similar colours mean similar features. A single token ([1, C]) is drawn as a bar strip of its channels; other token
+counts as a one-row strip of PCA colours. With a checkpoint, each teacher gets the target and the student's
+prediction (at the task's last tapped layer) side by side: the prediction is projected on the target's components
+and scales, so equal colours mean equal features, and the panel shows their cosine similarity.
 
 Images are read from the shards by the byte offsets in the store's index and checked against its sha1, as
 precompute reads them; with a checkpoint, samples come through the training loader, so the student sees exactly

@@ -102,7 +102,8 @@ def format_status(status: StoreStatus) -> str:
                "or a repeated key)") if counts else f"{store.num_samples} samples"
     rows = sum(stop - start for start, stop in store.row_ranges)
     lines = [f"store {store.path}: {samples}",
-             f"  {rows} target rows in blocks of {store.rows_per_block} rows, dataset {store.dataset_fingerprint[:12]}.."]
+             f"  {rows} target rows in blocks of {store.rows_per_block} rows, "
+             f"dataset {store.dataset_fingerprint[:12]}.."]
     if not status.teachers:
         lines.append("  no teachers yet")
     for t in status.teachers:

@@ -135,7 +135,8 @@ def _map_problems(store: TargetStore, index: pa.Table) -> list[str]:
     found = []
     ranges = _row_ranges(_rows_in_use(index))
     gives = {"num_samples": index.num_rows, "num_rows": ranges[-1][1] if ranges else 0, "row_ranges": ranges}
-    says = {key: store.attrs.get(key) for key in gives}
+    attrs = store.attrs
+    says = {key: attrs.get(key) for key in gives}
     if says != gives:
         found.append(f"{store.path}/zarr.json says " + ", ".join(f"{k} {v}" for k, v in says.items())
                      + " but index.parquet gives " + ", ".join(f"{k} {v}" for k, v in gives.items())
