@@ -77,15 +77,18 @@ examples (the LLaVA-1.5 training data, as downloaded):
 def _cmd_index(args) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.data.index import build_index
+    from pipeline.data.index import ImageCounts, assign_target_rows, build_index
 
     if os.path.isdir(args.out):  # before reading every shard, not when the index is written
         raise UsageError(f"--out {args.out} is a directory; pass the file to write, e.g. "
                          f"{os.path.join(args.out, 'index.parquet')}")
     index = build_index(args.shards, progress=not args.quiet)
+    table = assign_target_rows(index.table, None, rows_per_block=1)  # as a new store would number them
+    counts = ImageCounts.of(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    pq.write_table(index.table, args.out)
-    print(f"{index.table.num_rows} samples from {len(index.urls)} shard(s) -> {args.out} "
+    pq.write_table(table, args.out)
+    print(f"{counts.samples} samples ({counts.images} distinct images, {counts.duplicates} repeats, "
+          f"{counts.text_only} without an image) from {len(index.urls)} shard(s) -> {args.out} "
           f"(dataset fingerprint {index.fingerprint[:12]}..)")
     for error in index.shard_errors:
         print(f"warning: {error['shard']}: {error['error']}", file=sys.stderr)
@@ -311,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_shards_llava)
 
-    p = sub.add_parser("index", help="list the samples of a shard set into index.parquet")
+    p = sub.add_parser("index", help="list the samples of a shard set into index.parquet, with the target rows a new store gives them")
     p.add_argument("shards", help="directory, brace pattern (shard-{00000..00009}.tar) or fsspec URL")
     p.add_argument("--out", required=True, help="where to write the index (.parquet)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

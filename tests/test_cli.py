@@ -96,4 +96,6 @@ def test_index_writes_one_row_per_sample(demo_dir, tmp_path):
 
     table = pq.read_table(out)
     assert table.num_rows == 40
-    assert table.column_names[:5] == ["row", "shard", "key", "image_sha1", "caption_present"]
+    assert table.column_names[:5] == ["row", "shard", "key", "image_sha1", "target_row"]
+    assert table.column("target_row").to_pylist() == list(range(40))  # the demo's photos are all distinct
+    assert "40 samples (40 distinct images, 0 repeats, 0 without an image)" in result.stdout

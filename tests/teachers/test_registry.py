@@ -148,7 +148,7 @@ def test_describe_reports_the_bytes_per_row_the_store_writes(tiny_spec, tiny_tea
     teacher = tiny_teacher(kind)
     targets = teacher(teacher.preprocess(images[:2])).numpy()
     store = TargetStore(str(tmp_path / "store"))
-    store.create(pa.table({"row": [0, 1]}), "0" * 64, rows_per_block=2)
+    store.create(pa.table({"row": [0, 1], "target_row": [0, 1]}), "0" * 64, rows_per_block=2)
     for number, storage_fields in enumerate(STORAGES):
         # Loaded once (the shape from the model); the other storages are described from the declared shape.
         spec = teachers.to_spec({**tiny_spec(kind), **storage_fields, "target_shape": list(teacher.target_shape)})
