@@ -146,11 +146,6 @@ class TrainingSamples(Dataset[Item]):
             stored = store.read_index() if stored_index is None else stored_index
             index = stored if index is None else index
             self._reader = store.reader()
-        missing = [c for c in ("sample_offset", "sample_size") if c not in index.column_names]
-        if missing:
-            raise UsageError(f"the index of {store_path or shards} has no {missing[0]} column, which every index "
-                             "this version makes has and random-order reading needs; build the store again with "
-                             "`pipeline precompute` into a new --store")
         unknown = sorted(set(self.urls) - set(stored.column("shard").to_pylist()))
         if unknown:
             raise UsageError(f"store {store_path} was not built for shard {unknown[0]}; run `pipeline precompute` "

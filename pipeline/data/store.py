@@ -407,7 +407,8 @@ class TargetStore:
                 if array in group and group[array].shape[0] != attrs["num_rows"]:
                     group[array].resize((attrs["num_rows"], *group[array].shape[1:]))
             if grew and group.attrs.get("complete"):
-                group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k not in _COMPLETION_ATTRS})
+                kept = {k: v for k, v in group.attrs.asdict().items() if k not in _COMPLETION_STATISTICS}
+                group.attrs.put({**kept, "complete": False})
         self._atomic_write(self._join(INDEX_FILE), index_bytes)
         self._write_parquet(SHARDS_FILE, shards)
         failpoint("grow-index-written")
@@ -657,9 +658,8 @@ class TargetStore:
 
     def storage(self, name: str) -> Storage:
         attrs = self.teacher_attrs(name)
-        options = attrs.get("storage", {})
-        return Storage(dtype=attrs.get("dtype", "float16"), quantize=options.get("quantize", "none"),
-                       pool=int(options.get("pool", 1)))
+        options = attrs["storage"]
+        return Storage(dtype=attrs["dtype"], quantize=options["quantize"], pool=int(options["pool"]))
 
     def mark_complete(self, name: str, extra: dict | None = None) -> None:
         self.group[name].attrs.update({"complete": True, **(extra or {})})
@@ -942,7 +942,7 @@ class TargetReader:
             attrs = dict(group.attrs)
             teacher = self._teachers[name] = _TeacherRows(
                 target=group["target"], scale=group["scale"] if "scale" in group else None, valid=group["valid"],
-                storage=storage, tokens=int(attrs["target_shape"][0]), chunk_rows=int(attrs.get("rows_per_chunk", 1)))
+                storage=storage, tokens=int(attrs["target_shape"][0]), chunk_rows=int(attrs["rows_per_chunk"]))
         return teacher
 
 
@@ -978,7 +978,7 @@ def is_partial_write(path: str) -> bool:
 # The store's own files at its top (its folders are _blocks/, _runs/ and one per teacher), and a teacher's arrays.
 _STORE_FILES = frozenset({"zarr.json", INDEX_FILE, SHARDS_FILE, ERRORS_FILE, LOCK_FILE})
 _TEACHER_ARRAYS = ("target", "scale", "valid")
-_COMPLETION_ATTRS = frozenset({"complete", "mean", "std", "stats_count"})  # what `mark_complete` writes
+_COMPLETION_STATISTICS = frozenset({"mean", "std", "stats_count"})  # what `mark_complete` adds
 
 
 def _outside(layout: dict, parts: list[str]) -> str | None:

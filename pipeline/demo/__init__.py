@@ -26,7 +26,7 @@ Layout under OUT::
     shards/demo-00000.tar ...          `pipeline shards llava` of llava/: KEY.jpg, KEY.txt (a caption for every
                                        sample) and KEY.json (the record: for every third sample an instruction
                                        conversation, for the others a LLaVA-558K-style caption conversation)
-    shards/sharding.json, demo-00000_stats.json ..., failures.parquet    the sharder's records of its run
+    shards/demo_sharding.json, demo-00000_stats.json ..., demo_failures.parquet    the sharder's records
     assets/teachers/depth/             DepthAnythingForDepthEstimation (DINOv2 backbone) + DPT image processor
     assets/teachers/seg/               OneFormerForUniversalSegmentation (Swin backbone) + OneFormerProcessor
     assets/teachers/gen/image_encoder/     CLIPVisionModelWithProjection (the unCLIP image encoder layout)
