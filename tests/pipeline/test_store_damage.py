@@ -332,3 +332,13 @@ def test_a_finished_store_with_leftovers_is_repaired_by_a_rerun(demo_dir, demo_s
     summary = precompute(demo_dir / "shards", store_copy)
     assert summary.finished_earlier_run and not killed.exists()
     assert store_files(store_copy) == store_files(demo_store)
+
+
+def test_a_version_1_store_is_refused_in_one_line_that_says_to_recompute_it(store_copy, capsys):
+    metadata = json.loads((store_copy / "zarr.json").read_text())
+    metadata["attributes"]["format_version"] = 1  # a store of one target row per sample, as version 1 made them
+    (store_copy / "zarr.json").write_text(json.dumps(metadata))
+    for argv in (["status", str(store_copy)], ["verify", str(store_copy)]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "format version 1" in err and "recompute it with `pipeline precompute` into a new --store" in err
