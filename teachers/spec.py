@@ -49,8 +49,8 @@ class TeacherSpecBase(BaseModel):
     pool: int = Field(default=1, ge=1)
     compute_dtype: ComputeDType = "float32"
     # TF32 (10-bit mantissa) for float32 matmuls and convolutions: faster on CUDA GPUs from Ampere on, and it changes
-    # the targets there, so it is part of the fingerprint (left out of the payload while False, so that adding the
-    # field moved no existing fingerprint). It has an effect on CUDA devices only: elsewhere there is no TF32.
+    # the targets there, so it is part of the fingerprint. It has an effect on CUDA devices only: elsewhere there is
+    # no TF32.
     tf32: bool = False
     batch_size: int = Field(default=8, gt=0)
     num_gpus: float = Field(default=0.0, ge=0.0)
@@ -75,11 +75,8 @@ class TeacherSpecBase(BaseModel):
         return Storage(dtype=self.storage_dtype, quantize=self.quantize, pool=self.pool)
 
     def fingerprint_payload(self) -> dict[str, Any]:
-        """The spec as JSON-able data, without the non-output fields (and without `tf32` while it is False)."""
-        payload = self.model_dump(mode="json", exclude=set(NON_OUTPUT_FIELDS))
-        if not payload.get("tf32"):
-            payload.pop("tf32", None)
-        return payload
+        """The spec as JSON-able data, without the non-output fields."""
+        return self.model_dump(mode="json", exclude=set(NON_OUTPUT_FIELDS))
 
     def canonical_json(self) -> str:
         """Key-sorted, whitespace-free JSON of `fingerprint_payload()`, stable across runs and machines."""

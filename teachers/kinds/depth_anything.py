@@ -59,13 +59,6 @@ class DepthAnythingSpec(TeacherSpecBase):
             raise ValueError(f"block indices must be unique, got {list(layers)}")
         return tuple(sorted(layers))
 
-    def fingerprint_payload(self) -> dict[str, Any]:
-        payload = super().fingerprint_payload()
-        # Left out at its default, so that adding the field moved no existing fingerprint (as `tf32`).
-        if payload.get("pos_embed_interpolation") == "transformers":
-            payload.pop("pos_embed_interpolation")
-        return payload
-
 
 # The reference normalises with these in float64 (numpy) and casts to float32 at the very end; the table below
 # holds exactly those float32 values, so the device lookup gives the reference's pixel_values bit for bit.

@@ -5,6 +5,7 @@ second dataset computed with `--reuse` of the first store."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 from pathlib import Path
 
@@ -133,3 +134,25 @@ def test_pretraining_on_a_grown_store_gives_each_sample_its_own_images_targets(g
         "train.save_every=0"], progress=False)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["loss"] > 0 for m in metrics)
+
+
+def test_a_lending_block_that_does_not_match_its_record_is_refused_naming_the_store(grown, tmp_path):
+    from pipeline.data.errors import PipelineError
+
+    lender = tmp_path / "lender"
+    shutil.copytree(grown["store"], lender)
+    store = TargetStore(str(lender))
+    block = store.blocks()[0]
+    targets, valid = store.read_rows("depth", block.start, block.stop)
+    store.write_block("depth", block, targets + 1.0, valid)  # its record still holds the old digest
+    with pytest.raises(PipelineError, match=rf"--reuse {lender}: block 0 of teacher depth does not hold what its "
+                                            "record says"):
+        _precompute(str(grown["root"] / "shards"), tmp_path / "store", lender)
+
+
+def test_a_store_whose_shard_is_missing_is_refused_naming_it(grown, tmp_path):
+    from pipeline.data.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"built for other shards: its shard first-00001.tar is not among the "
+                                         "shards given"):
+        _precompute(str(grown["root"] / "shards" / "first-00000.tar"), grown["store"])

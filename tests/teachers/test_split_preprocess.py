@@ -202,8 +202,7 @@ def test_bfloat16_compute_gets_bfloat16_pixel_values(teacher_dirs, images):
 def test_tf32_is_a_fingerprinted_float32_only_switch(teacher_dirs):
     spec = {"kind": "depth_anything_v2", "model": str(teacher_dirs["depth"]), "layers": [0]}
     plain = teachers.to_spec(spec)
-    # Off (the default) it is not in the hashed payload, so adding the field moved no existing fingerprint.
-    assert "tf32" not in plain.canonical_json()
+    assert '"tf32":false' in plain.canonical_json()
     assert teachers.spec_fingerprint({**spec, "tf32": True}) != teachers.spec_fingerprint(plain)
     assert teachers.spec_fingerprint({**spec, "tf32": False}) == teachers.spec_fingerprint(plain)
     with pytest.raises(Exception, match="tf32"):
