@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_shards_llava)
 
-    p = sub.add_parser("index", help="list the samples of a shard set into index.parquet, with the target rows a new store gives them")
+    p = sub.add_parser("index", help="list the samples of a shard set into index.parquet, with the target rows a new "
+                                     "store gives them")
     p.add_argument("shards", help="directory, brace pattern (shard-{00000..00009}.tar) or fsspec URL")
     p.add_argument("--out", required=True, help="where to write the index (.parquet)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -249,7 +249,9 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
     order = lending.lending_order(lenders) if lenders else None
     store = TargetStore(store_path)
     store.check_location()
-    existing = store.exists() and not store.half_created()
+    # A growth that a killed run left with its index written but not yet the store's is looked at only under the
+    # lock, where it is finished first: until then the store refuses to read that index.
+    existing = store.exists() and not store.half_created() and "pending_index_sha256" not in store.attrs
     # On a rerun only the shards whose identity (size, mtime or ETag) changed since the store recorded them are
     # read again; the full re-read and re-hash is `pipeline verify --shards`.
     index = build_index(shards, previous=store.previous_index() if existing else None, progress=progress)
@@ -322,7 +324,7 @@ def _summarise(store: TargetStore, specs: dict, summary: PrecomputeSummary, star
         summary.teachers[name] = {
             "target_shape": attrs["target_shape"],
             "dtype": attrs["dtype"],
-            "storage": attrs.get("storage", {}),
+            "storage": attrs["storage"],
             "fingerprint": attrs["teacher_fingerprint"],
             "blocks_done": len(records),
             "blocks_total": len(store.blocks()),
@@ -416,12 +418,12 @@ def _compute(ray, job: ComputeJob) -> None:
 
 def _write_finish(store: TargetStore, index: ShardIndex, names: list[str]) -> None:
     """After the data: errors.parquet from every record, then each complete teacher's mean/std and flag."""
-    target_rows = index.table.column("target_row").to_numpy()
-    errors = [{"teacher": "", **e, "sample": e.get("row", -1),
-               "row": int(target_rows[e["row"]]) if "row" in e else -1} for e in index.shard_errors]
-    errors += [{"row": -1, "sample": sample, "shard": index.table.column("shard")[sample].as_py(),
-                "key": index.table.column("key")[sample].as_py(), "teacher": "", "error": why}
-               for sample, why in duplicate_rows(index.table).items()]
+    # Found before any teacher ran, so no target row's: a cut shard (no sample), a sample whose text could not be
+    # read, a later occurrence of a key.
+    errors = [{"teacher": "", **e, "sample": e.get("row", -1), "row": -1} for e in index.shard_errors]
+    keys = index.table.select(["shard", "key"])
+    errors += [{"row": -1, "sample": sample, "shard": keys["shard"][sample].as_py(), "key": keys["key"][sample].as_py(),
+                "teacher": "", "error": why} for sample, why in duplicate_rows(index.table).items()]
     for name in store.teacher_names():
         for record in store.read_records(name):
             errors.extend({**f, "teacher": f.get("teacher") or name} for f in record.failures)

@@ -186,7 +186,8 @@ def twin_stores(tmp_path: Path, rows: int, rows_per_block: int, rows_per_chunk: 
     for name in ("zarr", "ours"):
         store = TargetStore(str(tmp_path / name))
         rows_column = pa.array(range(rows), pa.int64())
-        store.create(pa.table({"row": rows_column, "target_row": rows_column}), "dataset", rows_per_block=rows_per_block)
+        store.create(pa.table({"row": rows_column, "target_row": rows_column}), "dataset",
+                     rows_per_block=rows_per_block)
         store.add_teacher("t", spec={}, fingerprint="f", target_shape=shape, storage=storage,
                           rows_per_chunk=rows_per_chunk)
         made.append(store)

@@ -287,7 +287,8 @@ def test_shards_whose_layout_changed_are_refused_naming_the_column(demo_dir, sto
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.pax_headers = len(data), 0, {"comment": "re-tarred"}
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(UsageError, match=r"built for other shards: its shard demo-00000.tar differs .*\(row 0 .*image_offset"):
+    with pytest.raises(UsageError,
+                       match=r"built for other shards: its shard demo-00000.tar differs .*\(row 0 .*image_offset"):
         precompute(shards, store_copy)
 
 
