@@ -40,6 +40,7 @@ class Lender:
     """One `--reuse` store, as the driver reads it once."""
 
     store: TargetStore
+    rows_per_block: int
     rows: dict[str, int]  # image sha1 -> target row
     teachers: dict[str, tuple[str, dict[int, BlockRecord], np.ndarray]]  # fingerprint -> (name, records, valid)
 
@@ -49,7 +50,7 @@ class Lender:
         if row is None or teacher is None:
             return None
         name, records, valid = teacher
-        record = records.get(row // self.store.rows_per_block)
+        record = records.get(row // self.rows_per_block)
         if record is None or not valid[row]:
             return None
         return LentRow(self.store.path, name, row, BlockRange(record.block, record.start, record.stop), record.digest)
@@ -76,7 +77,7 @@ def open_lenders(paths: tuple[str, ...], fingerprints: dict[str, str], store_pat
             if fingerprint in wanted and fingerprint not in teachers:
                 records = {r.block: r for r in store.read_records(name)}
                 teachers[fingerprint] = (name, records, store.group[name]["valid"][:].astype(bool))
-        lenders.append(Lender(store, rows, teachers))
+        lenders.append(Lender(store, store.rows_per_block, rows, teachers))
     return lenders
 
 
