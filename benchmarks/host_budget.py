@@ -68,7 +68,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def time_compute(clock: Clock, setup: Setup, prepared):
     from pipeline.data.finishing import finish
 
     storages = {name: t.spec.storage() for name, t in setup.teachers.items()}
-    sleep = sum(t.spec.ms_per_image for t in setup.teachers.values()) * len(prepared.decoded) / 1000.0
+    sleep = sum(t.spec.ms_per_image * len(prepared.decoded[n]) for n, t in setup.teachers.items()) / 1000.0
     wall, cpu = time.perf_counter(), time.process_time()
     computed = stages.compute(setup.teachers, prepared, storages)
     whole_wall, whole_cpu = time.perf_counter() - wall - sleep, time.process_time() - cpu
@@ -345,7 +345,7 @@ def run_p10(setup: Setup) -> float:
     """Rows/s of one device worker computing the prepared blocks, as its actor does in the tasks feed."""
     from pipeline.workers import BLOCKS_IN_FLIGHT_PER_WORKER
 
-    rows = sum(len(p.decoded) for p in setup.prepared)
+    rows = sum(p.rows.block.rows for p in setup.prepared)
     started = time.perf_counter()
     with ThreadPoolExecutor(BLOCKS_IN_FLIGHT_PER_WORKER) as pool:
         list(pool.map(setup.p10_worker.compute, setup.prepared))
@@ -356,7 +356,7 @@ def build_setup(out: Path, rows: int, rows_per_block: int) -> Setup:
     import teachers
     from pipeline import block_stages as stages
     from pipeline.data.images import DEFAULT_MAX_PIXELS
-    from pipeline.data.index import build_index, duplicate_rows
+    from pipeline.data.index import ImageCounts, assign_target_rows, build_index
     from pipeline.workers import BlockWorker
 
     shards = write_llava_like_shards(out / "shards", rows)
@@ -364,16 +364,18 @@ def build_setup(out: Path, rows: int, rows_per_block: int) -> Setup:
     cpu_manifest = write_manifest(out / "cpu-only.yaml", imitated, CPU_ONLY_MS, gpu=False)
     device_manifest = write_manifest(out / f"sim-{DEVICE_MS:g}ms.yaml", imitated, DEVICE_MS, gpu=False)
     index = build_index(str(shards), progress=False)
+    index = replace(index, table=assign_target_rows(index.table, None, rows_per_block))
     specs = dict(teachers.load_manifest(cpu_manifest).teachers)
     setup = Setup(shards, index, rows_per_block, {n: teachers.create(s) for n, s in specs.items()},
                   cpu_manifest=cpu_manifest, work=out / "work")
     setup.work.mkdir(parents=True)
-    duplicates = duplicate_rows(index.table)
-    if duplicates:
-        raise RuntimeError(f"the benchmark's shards hold duplicate rows {sorted(duplicates)[:5]}: every row must be "
-                           "an image to compute")
+    counts = ImageCounts.of(index.table)
+    if counts.images != counts.samples:
+        raise RuntimeError(f"the benchmark's shards hold {counts.samples} samples but {counts.images} distinct "
+                           "images: every sample must be an image of its own to compute")
     store = new_store(setup, setup.work / "blocks")
-    setup.blocks = [stages.BlockRows.from_index(index.table, b, duplicates) for b in store.blocks()]
+    firsts = stages.first_samples(index.table)
+    setup.blocks = [stages.BlockRows.from_index(firsts, b) for b in store.blocks()]
     shard_urls = {Path(u).name: u for u in index.urls}
     preprocessors = {n: (t.preprocess, t.spec.batch_size) for n, t in setup.teachers.items()}
     setup.prepared = [stages.prepare(b, preprocessors, shard_urls, DEFAULT_MAX_PIXELS) for b in setup.blocks]

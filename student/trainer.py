@@ -41,7 +41,7 @@ from pipeline.data.loader import IMAGE_CHANGED, EpochOrder, TrainingSamples, tra
 from pipeline.data.store import TargetStore
 from student.build import assemble_student
 from student.checkpoint import PROVENANCE_FILE, TrainState, resume_training_state, save_training_state
-from student.config import ExperimentConfig, load_experiment
+from student.config import ExperimentConfig
 from student.data import Batch, BatchCollator, SampleEncoder
 from student.loss import coupled_loss
 from student.metrics import METRICS_FILE, TENSORBOARD_DIR, data_counts, hparams, mean_terms, open_metrics
@@ -438,9 +438,3 @@ def save_checkpoint(parts: TrainingParts, state: TrainState, final_loss: dict[st
     with open(os.path.join(out, PROVENANCE_FILE), "w") as f:
         json.dump(run_provenance(parts.cfg, parts.store_info, acc, state, final_loss, resumed_from, rows), f,
                   indent=1, sort_keys=True)
-
-
-def train_from_config(path: str, overrides: list[str] | None = None, *, progress: bool = True) -> TrainResult:
-    """`train` on a manifest with `--set` overrides; for cached targets (`data.online_teachers` needs `train`'s
-    `online_targets=`)."""
-    return train(load_experiment(path, overrides), progress=progress)

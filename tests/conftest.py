@@ -125,11 +125,17 @@ def grown_dir(demo_dir, demo_store, ray_local, tmp_path_factory) -> Path:
     return root
 
 
+def train_from_config(path: str, overrides: list[str] | None = None, *, progress: bool = True):
+    """What `pipeline train --config PATH --set ...` runs, for cached targets (online teachers come from the CLI)."""
+    from student.config import load_experiment
+    from student.trainer import train
+
+    return train(load_experiment(path, overrides), progress=progress)
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint(demo_store, demo_dir, tmp_path_factory) -> Path:
     """A student trained 2 steps on the demo store (for probe and preview); tests must not write into it."""
-    from student.trainer import train_from_config
-
     out = tmp_path_factory.mktemp("checkpoint") / "demo"
     train_from_config(str(DEMO_EXPERIMENT), [f"output_dir={out}", "train.max_steps=2", "data.num_workers=0",
                                              "data.batch_size=2", "train.trackers=[]"], progress=False)

@@ -24,7 +24,7 @@ def _metrics(out) -> list[dict]:
 
 def test_pt_on_558k_then_ift_on_the_mix_with_its_text_only_samples(demo_dir, ray_local, tmp_path):
     from pipeline.precompute import PrecomputeConfig, run_precompute
-    from student.trainer import train_from_config
+    from tests.conftest import train_from_config
 
     pretrain, mix = pretrain_558k(tmp_path / "558k"), mix_665k(tmp_path / "665k")
     pt_shards = write_llava_shards(pretrain.json_path, pretrain.images, tmp_path / "pt-shards", num_shards=3,

@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TRAIN_AND_REPORT = """
 import json, sys
-from student.trainer import train_from_config
-result = train_from_config(sys.argv[1], sys.argv[2:], progress=False)
+from student.config import load_experiment
+from student.trainer import train
+result = train(load_experiment(sys.argv[1], sys.argv[2:]), progress=False)
 print(json.dumps({"teacher_modules": sorted(m for m in sys.modules if m.split(".")[0] == "teachers"),
                   "final": result.final_loss}))
 """

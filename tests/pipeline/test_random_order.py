@@ -52,7 +52,7 @@ def test_the_loader_delivers_the_samplers_order_with_any_number_of_workers(demo_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_first_steps_of_training_draw_from_many_shards(demo_store, demo_dir, tmp_path):
-    from student.trainer import train_from_config
+    from tests.conftest import train_from_config
 
     out = tmp_path / "out"
     train_from_config(str(DEMO_EXPERIMENT), [f"output_dir={out}", "train.max_steps=2", "data.num_workers=0",

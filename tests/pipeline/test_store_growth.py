@@ -111,7 +111,7 @@ def _rows_by_sha1(store: TargetStore) -> dict[str, int]:
 
 def test_pretraining_on_a_grown_store_gives_each_sample_its_own_images_targets(grown, tmp_path):
     from pipeline.data.loader import TrainingSamples
-    from student.trainer import train_from_config
+    from tests.conftest import train_from_config
 
     store = TargetStore(str(grown["store"]))
     index = store.read_index()

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def checkpoint(demo_store, demo_dir, tmp_path_factory):
-    from student.trainer import train_from_config
+    from tests.conftest import train_from_config
 
     out = tmp_path_factory.mktemp("generate") / "pt"
     train_from_config(str(REPO / "manifests" / "experiments" / "demo_pt.yaml"),

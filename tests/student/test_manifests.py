@@ -60,7 +60,7 @@ def test_an_unknown_key_is_refused(tmp_path):
 def test_demo_stages_run_in_sequence(demo_store, demo_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from student.trainer import train_from_config
+    from tests.conftest import train_from_config
 
     previous = None
     for stage in ("pt", "vpt", "ift"):

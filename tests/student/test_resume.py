@@ -37,7 +37,7 @@ def read_metrics(output_dir) -> dict[int, dict]:
 
 def train_here(output_dir, steps: int, workers: int, *extra: str):
     """`train_from_config` in this process, as a library user calls it."""
-    from student.trainer import train_from_config
+    from tests.conftest import train_from_config
 
     overrides = [a.removeprefix("--set=") for a in run_args(output_dir, steps, workers)[3:]]
     return train_from_config(str(DEMO_EXPERIMENT), [*overrides, *extra], progress=False)

@@ -28,8 +28,9 @@ def audit(event, args):
     if event == "open" and isinstance(args[0], str) and args[0].startswith(teacher_assets):
         opened.append(args[0])
 sys.addaudithook(audit)
-from student.trainer import train_from_config
-result = train_from_config(sys.argv[2], sys.argv[3:], progress=False)
+from student.config import load_experiment
+from student.trainer import train
+result = train(load_experiment(sys.argv[2], sys.argv[3:]), progress=False)
 import torch
 print(json.dumps({
     "torch_threads": torch.get_num_threads(),
