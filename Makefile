@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pos_embed.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/dedup.py
 
 # On a machine with CUDA GPUs: the paper's teachers at real size (random weights), bare forward vs pipeline rows/s.
 bench-gpu: $(STAMP)
