@@ -111,7 +111,9 @@ def test_an_indexing_failure_reaches_errors_parquet_and_a_rerun_keeps_it(demo_di
     summary = precompute(shards, store, manifest)
     assert summary.rows_computed == 3 and summary.failures == 0  # the image of b is fine: its targets are computed
     (error,) = pq.read_table(store / "errors.parquet").to_pylist()
-    assert (error["row"], error["shard"], error["key"], error["teacher"]) == (1, "hostile-00000.tar", "b", "")
+    # Sample 1's text, not a target: no target row is named.
+    assert (error["sample"], error["row"], error["shard"], error["key"], error["teacher"]) == (
+        1, -1, "hostile-00000.tar", "b", "")
     assert "RecursionError" in error["error"]
     assert verify_store(str(store), shards=str(shards)).problems == []
 
