@@ -82,9 +82,11 @@ PHASES = [(phase, "inline") for phase in
 def test_kill_9_of_the_driver_at_each_phase_then_rerun_gives_a_verified_identical_store(
         phase, feed, demo_dir, small_block_store, ray_local, tmp_path):
     store = tmp_path / "store"
+    # The killed driver joins the session's Ray, as a driver of a cluster does (a local Ray of its own dies with it:
+    # `test_kill_9_of_the_whole_job...`, `test_a_killed_driver_leaves_no_ray_process_behind`).
     command = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
                "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet", "--feed", feed,
-               *small_block_flags()]
+               "--address", ray_local.get_runtime_context().gcs_address, *small_block_flags()]
     killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "PIPELINE_KILL_AT": phase})
     assert killed.returncode == -signal.SIGKILL, f"the run did not die at {phase}: {killed.stderr[-2000:]}"
