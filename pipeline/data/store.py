@@ -392,8 +392,8 @@ class TargetStore:
         """Make `index` (the stored one plus new samples, rows assigned) the store's index; True if the arrays grew.
 
         In this order, each step safe to repeat: the digest of the index to come is named (`pending_index_sha256`),
-        the teachers' arrays get longer and lose their completion flag where new rows came, index.parquet and
-        shards.parquet are written, and the root attributes take the new index as theirs. Block files and records
+        the teachers' arrays get longer and lose their completion flag where new rows came, shards.parquet and then
+        index.parquet are written, and the root attributes take the new index as theirs. Block files and records
         are not touched: new rows lie in new blocks. Only under the lock.
         """
         index_bytes = _parquet_bytes(index)
@@ -409,8 +409,8 @@ class TargetStore:
             if grew and group.attrs.get("complete"):
                 kept = {k: v for k, v in group.attrs.asdict().items() if k not in _COMPLETION_STATISTICS}
                 group.attrs.put({**kept, "complete": False})
+        self._write_parquet(SHARDS_FILE, shards)  # first: an index found written has its shards' record beside it
         self._atomic_write(self._join(INDEX_FILE), index_bytes)
-        self._write_parquet(SHARDS_FILE, shards)
         failpoint("grow-index-written")
         root = {k: v for k, v in self.group.attrs.asdict().items() if k != "pending_index_sha256"}
         self.group.attrs.put({**root, **attrs})
@@ -427,7 +427,8 @@ class TargetStore:
             index = self._parse_parquet(INDEX_FILE, data, "rerun `pipeline precompute`")
             from pipeline.data.index import dataset_fingerprint
 
-            self.grow(index, dataset_fingerprint(index), self.read_shard_records() or _no_shards())
+            shards = self.read_shard_records()  # written before the index: the new one
+            self.grow(index, dataset_fingerprint(index), _no_shards() if shards is None else shards)
         else:  # killed before the index was written: the store is as it was; the run grows it again
             root = {k: v for k, v in self.group.attrs.asdict().items() if k != "pending_index_sha256"}
             self.group.attrs.put(root)
