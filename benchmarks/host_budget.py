@@ -374,8 +374,7 @@ def build_setup(out: Path, rows: int, rows_per_block: int) -> Setup:
         raise RuntimeError(f"the benchmark's shards hold {counts.samples} samples but {counts.images} distinct "
                            "images: every sample must be an image of its own to compute")
     store = new_store(setup, setup.work / "blocks")
-    firsts = stages.first_samples(index.table)
-    setup.blocks = [stages.BlockRows.from_index(firsts, b) for b in store.blocks()]
+    setup.blocks = stages.block_rows(stages.first_samples(index.table), store.blocks())
     shard_urls = {Path(u).name: u for u in index.urls}
     preprocessors = {n: (t.preprocess, t.spec.batch_size) for n, t in setup.teachers.items()}
     setup.prepared = [stages.prepare(b, preprocessors, shard_urls, DEFAULT_MAX_PIXELS) for b in setup.blocks]

@@ -56,15 +56,6 @@ class BlockRows:
     columns: dict[str, list]  # _INDEX_COLUMNS of each row's first sample, a list for rows block.start .. block.stop
     lent: dict[str, dict[int, lending.LentRow]] = field(default_factory=dict)  # teacher -> {row: where to copy it}
 
-    @classmethod
-    def from_index(cls, firsts: pa.Table, block: BlockRange,
-                   lent: dict[str, dict[int, lending.LentRow]] | None = None) -> BlockRows:
-        """`firsts`: `first_samples` of the store's index."""
-        start = int(np.searchsorted(firsts.column("target_row").to_numpy(), block.start))
-        part = firsts.slice(start, block.rows).select(list(_INDEX_COLUMNS)).to_pydict()
-        return cls(block, part, {name: {r: lent_row for r, lent_row in rows.items() if block.start <= r < block.stop}
-                                 for name, rows in (lent or {}).items()})
-
     def get(self, column: str, row: int):
         return self.columns[column][row - self.block.start]
 
@@ -76,6 +67,16 @@ class BlockRows:
     def failure(self, row: int, error: str, teacher: str = "") -> dict:
         return {"row": row, "sample": self.get("row", row), "shard": self.get("shard", row),
                 "key": self.get("key", row), "teacher": teacher, "error": error}
+
+
+def block_rows(firsts: pa.Table, blocks: list[BlockRange],
+               lent: dict[int, dict[str, dict[int, lending.LentRow]]] | None = None) -> list[BlockRows]:
+    """The BlockRows of each of `blocks`. `firsts`: `first_samples` of the store's index; `lent`: what
+    `pipeline.lending.lent_rows` gives, by block."""
+    starts = np.searchsorted(firsts.column("target_row").to_numpy(), [block.start for block in blocks])
+    columns = firsts.select(list(_INDEX_COLUMNS))
+    return [BlockRows(block, columns.slice(int(start), block.rows).to_pydict(), (lent or {}).get(block.block, {}))
+            for block, start in zip(blocks, starts)]
 
 
 @dataclass
@@ -346,7 +347,7 @@ def write(store: TargetStore, computed: ComputedBlock, *, token: str | None, fin
     for name, done in computed.teachers.items():
         started = time.perf_counter()
         lent = computed.rows.lent.get(name, {})
-        out = lending.copy_lent_rows(done.outputs, block, lent, store.storage(name)) if lent else done.outputs
+        out = lending.copy_lent_rows(done.outputs, block, lent) if lent else done.outputs
         store.check_fence(token)
         digest = store.write_encoded(name, block, out.stored, out.scale, out.valid)
         record = BlockRecord(teacher=name, fingerprint=fingerprints[name], block=block.block, start=block.start,

@@ -94,25 +94,25 @@ def lending_order(lenders: list[Lender]):
 
 
 def lent_rows(lenders: list[Lender], firsts: pa.Table, blocks: dict[str, list[BlockRange]],
-              fingerprints: dict[str, str]) -> dict[str, dict[int, LentRow]]:
-    """{teacher: {target row: LentRow}} for the rows of `blocks` (per teacher, those to compute) that a lender has.
-    `firsts`: pipeline.block_stages.first_samples of this store's index."""
+              fingerprints: dict[str, str]) -> dict[int, dict[str, dict[int, LentRow]]]:
+    """{block: {teacher: {target row: LentRow}}} for the rows of `blocks` (per teacher, those to compute) that a
+    lender has. `firsts`: pipeline.block_stages.first_samples of this store's index."""
     if not lenders:
         return {}
     sha1s = firsts.column("image_sha1").to_pylist()  # firsts is in target row order, one entry per row in use
     positions = {row: i for i, row in enumerate(firsts.column("target_row").to_pylist())}
-    lent: dict[str, dict[int, LentRow]] = {}
+    lent: dict[int, dict[str, dict[int, LentRow]]] = {}
     for name, todo in blocks.items():
         for block in todo:
             for row in range(block.start, block.stop):
                 sha1 = sha1s[positions[row]]
                 found = next((r for lender in lenders if (r := lender.lends(sha1, fingerprints[name]))), None)
                 if found is not None:
-                    lent.setdefault(name, {})[row] = found
+                    lent.setdefault(block.block, {}).setdefault(name, {})[row] = found
     return lent
 
 
-def copy_lent_rows(outputs, block: BlockRange, lent: dict[int, LentRow], storage: Storage):
+def copy_lent_rows(outputs, block: BlockRange, lent: dict[int, LentRow]):
     """`outputs` (a block's `TeacherOutputs`, lent rows unset) with the lent rows copied in and counted in its
     statistics. JobError if a lending block's stored values do not match its record."""
     stored, valid = np.array(outputs.stored), np.array(outputs.valid)  # Ray hands over read-only arrays
@@ -131,8 +131,8 @@ def copy_lent_rows(outputs, block: BlockRange, lent: dict[int, LentRow], storage
         if scale is not None:
             scale[here] = theirs["scale"][there]
         valid[here] = 1
-        values = storage.decode(stored[here], None if scale is None else scale[here],
-                                _tokens(path, teacher)).astype(np.float64)
+        storage, tokens = _layout(path, teacher)  # the lender's: the same fingerprint is the same storage
+        values = storage.decode(stored[here], None if scale is None else scale[here], tokens).astype(np.float64)
         sums = sums + values.sum(axis=(0, 1))
         squares = squares + np.square(values).sum(axis=(0, 1))
         count += values.shape[0] * values.shape[1]
@@ -145,8 +145,11 @@ def _store(path: str) -> TargetStore:
     return TargetStore(path)
 
 
-def _tokens(path: str, teacher: str) -> int:
-    return int(_store(path).teacher_attrs(teacher)["target_shape"][0])
+@functools.lru_cache(maxsize=32)
+def _layout(path: str, teacher: str) -> tuple[Storage, int]:
+    """A lending teacher's storage and tokens per target, read once per process."""
+    store = _store(path)
+    return store.storage(teacher), int(store.teacher_attrs(teacher)["target_shape"][0])
 
 
 def _checked_block(path: str, teacher: str, block: BlockRange, digest: str) -> dict[str, np.ndarray]:

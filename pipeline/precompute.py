@@ -372,8 +372,8 @@ def _compute(ray, job: ComputeJob) -> None:
     ranges = {b.block: b for b in store.blocks()}
     firsts = stages.first_samples(index.table)
     lent = lending.lent_rows(job.lenders, firsts, job.todo, fingerprints)
-    queue = deque(BlockJob(stages.BlockRows.from_index(firsts, ranges[b], lent), names)
-                  for b, names in sorted(names_by_block.items()))
+    queue = deque(BlockJob(rows, names_by_block[rows.block.block])
+                  for rows in stages.block_rows(firsts, [ranges[b] for b in sorted(names_by_block)], lent))
     blocks_done, halfway = 0, max(1, len(names_by_block) // 2)
     bar = tqdm(total=sum(q.rows.block.rows * len(q.names) for q in queue), desc="precompute", unit="row",
                disable=not job.progress, smoothing=0.1)

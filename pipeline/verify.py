@@ -30,8 +30,8 @@ import pyarrow as pa
 
 from pipeline.data.errors import UsageError
 from pipeline.data.fingerprints import fingerprint_mismatch
-from pipeline.data.index import (SHARDS_SCHEMA, PreviousIndex, ShardIndex, build_index, dataset_fingerprint,
-                                 duplicate_rows, first_difference)
+from pipeline.data.index import (PreviousIndex, build_index, dataset_fingerprint, duplicate_rows, first_difference,
+                                 index_layout)
 from pipeline.data.store import BlockRecord, TargetStore, is_partial_write
 
 
@@ -66,14 +66,14 @@ def verify_store(path: str, *, shards: str | None = None, manifest: str | None =
             # Every shard read and re-hashed (no reuse here), then laid out as the store holds them.
             recorded = (records.column("shard").to_pylist() if records is not None
                         else list(dict.fromkeys(index.column("shard").to_pylist())))
-            current, current_shards = _in_store_order(build_index(shards, progress=progress), recorded)
+            current = build_index(shards, order=recorded, progress=progress)
             columns = [c for c in index.column_names if c != "target_row"]  # the store's, not the shards'
-            if dataset_fingerprint(current) != store.dataset_fingerprint or not index.select(columns).equals(
-                    current.select(columns)):
+            if current.fingerprint != store.dataset_fingerprint or not index.select(columns).equals(
+                    current.table.select(columns)):
                 problems.append("the shards differ from the store's: "
-                                f"{first_difference(index.select(columns), current.select(columns))}")
+                                f"{first_difference(index.select(columns), current.table.select(columns))}")
             elif records is not None:
-                _compare_shard_records(records, current_shards, report)
+                _compare_shard_records(records, current.shards, report)
     try:
         store.read_errors()
     except UsageError as exc:
@@ -123,18 +123,11 @@ def _rows_in_use(index: pa.Table) -> np.ndarray:
     return np.unique(rows[rows >= 0])
 
 
-def _row_ranges(in_use: np.ndarray) -> list[list[int]]:
-    """Runs of consecutive rows, as [start, stop) pairs: what the store's `row_ranges` attribute holds."""
-    runs = np.split(in_use, np.flatnonzero(np.diff(in_use) != 1) + 1)
-    return [[int(run[0]), int(run[-1]) + 1] for run in runs if len(run)]
-
-
 def _map_problems(store: TargetStore, index: pa.Table) -> list[str]:
     """Where index.parquet's map from samples to target rows, or the root attributes made from it, break the
     format's rules (the module docstring); one line per rule broken, naming its first offender."""
     found = []
-    ranges = _row_ranges(_rows_in_use(index))
-    gives = {"num_samples": index.num_rows, "num_rows": ranges[-1][1] if ranges else 0, "row_ranges": ranges}
+    gives = index_layout(index)
     attrs = store.attrs
     says = {key: attrs.get(key) for key in gives}
     if says != gives:
@@ -177,23 +170,6 @@ def _map_problems(store: TargetStore, index: pa.Table) -> list[str]:
     found.extend(f"index.parquet: {len(where)} sample(s) {rule} (first: {where[0]}); the map from samples to "
                  "target rows is wrong: precompute into a new --store" for rule, where in broken.items())
     return found
-
-
-def _in_store_order(current: ShardIndex, recorded: list[str]) -> tuple[pa.Table, pa.Table]:
-    """`current` (an index of the shards in listing order) as the store lays its shards out: those it recorded
-    first, in its order, then any others in listing order, as `build_index` orders a store's shards
-    (`PreviousIndex.in_recorded_order`). Returns the index (INDEX_SCHEMA) and shard records (SHARDS_SCHEMA)."""
-    position = {name: i for i, name in enumerate(recorded)}
-    shards = sorted(current.shards.to_pylist(),
-                    key=lambda r: (0, position[r["shard"]]) if r["shard"] in position else (1, 0))
-    tables, start = [], 0
-    for shard in shards:
-        tables.append(current.table.slice(shard["row_start"], shard["row_stop"] - shard["row_start"]))
-        shard["row_start"], shard["row_stop"] = start, start + tables[-1].num_rows
-        start = shard["row_stop"]
-    table = pa.concat_tables(tables).combine_chunks() if tables else current.table
-    table = table.set_column(0, "row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    return table, pa.Table.from_pylist(shards, schema=SHARDS_SCHEMA)
 
 
 def _shard_records(store: TargetStore, index, report: VerifyReport):

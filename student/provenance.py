@@ -9,6 +9,7 @@ import os
 
 from pipeline.data.errors import UsageError
 from pipeline.data.fingerprints import check_fingerprint
+from pipeline.data.index import row_ranges
 from pipeline.data.store import TargetStore
 from student.checkpoint import PROVENANCE_FILE, TrainState
 from student.config import ExperimentConfig
@@ -50,7 +51,7 @@ def run_provenance(cfg: ExperimentConfig, store_info: dict, accelerator, state: 
         "resumed_from": resumed_from,
         # The store rows trained on (every rank, every invocation since the first), as [start, stop) ranges: a
         # checkpoint names its data.
-        "rows": {"count": len(set(rows)), "ranges": _row_ranges(rows)},
+        "rows": {"count": len(set(rows)), "ranges": row_ranges(rows)},
         "final_loss": loss,
         "created_by": "teacher-targets-pipeline",
     }
@@ -64,13 +65,3 @@ def rows_of(checkpoint: str) -> list[int]:
     except FileNotFoundError:
         return []
     return [row for start, stop in ranges for row in range(start, stop)]
-
-
-def _row_ranges(rows: list[int]) -> list[list[int]]:
-    ranges: list[list[int]] = []
-    for row in sorted(set(rows)):
-        if ranges and ranges[-1][1] == row:
-            ranges[-1][1] = row + 1
-        else:
-            ranges.append([row, row + 1])
-    return ranges

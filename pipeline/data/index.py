@@ -134,11 +134,6 @@ class PreviousIndex:
             return "the shard names of shards.parquet do not match the rows of index.parquet"
         return None
 
-    def in_recorded_order(self, infos: list[ShardInfo]) -> list[ShardInfo]:
-        """`infos`, the recorded shards first in the recorded order, then the others in their order."""
-        order = {name: i for i, name in enumerate(self.shards.column("shard").to_pylist())}
-        return sorted(infos, key=lambda info: (0, order[info.name]) if info.name in order else (1, 0))
-
     def reusable(self, info: ShardInfo) -> dict | None:
         """The shard's record (with its index rows under "table") if `info` is the file recorded, else None."""
         if self._by_name is None:
@@ -178,6 +173,21 @@ def dataset_fingerprint(table: pa.Table) -> str:
     for shard, key, sha1 in zip(*(table.column(c).to_pylist() for c in ("shard", "key", "image_sha1"))):
         digest.update(f"{shard}\t{key}\t{sha1}\n".encode())
     return digest.hexdigest()
+
+
+def row_ranges(rows) -> list[list[int]]:
+    """The distinct non-negative ints of `rows`, as sorted [start, stop) runs of consecutive rows."""
+    values = np.asarray(rows, dtype=np.int64)
+    used = np.unique(values[values >= 0])
+    runs = np.split(used, np.flatnonzero(np.diff(used) != 1) + 1)
+    return [[int(run[0]), int(run[-1]) + 1] for run in runs if len(run)]
+
+
+def index_layout(index: pa.Table) -> dict:
+    """The store attributes an index gives: `num_samples`, `row_ranges` (the target rows in use, as runs) and
+    `num_rows` (the teacher arrays' length: the end of the last run)."""
+    ranges = row_ranges(index.column("target_row").to_numpy())
+    return {"num_samples": index.num_rows, "num_rows": ranges[-1][1] if ranges else 0, "row_ranges": ranges}
 
 
 @dataclass(frozen=True)
@@ -248,27 +258,29 @@ def growth_problem(stored: pa.Table, table: pa.Table) -> str | None:
     prefix = table.slice(0, stored.num_rows).select(columns)
     if prefix.equals(stored.select(columns)):
         return None
-    old, new = stored.select(columns).to_pylist(), prefix.to_pylist()
-    row = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), len(new))
-    return (f"its shard {old[row]['shard']} differs from what the store indexed "
-            f"({first_difference(stored.select(columns), prefix)})")
+    old = stored.select(columns)
+    shard = old.column("shard")[_first_different_row(old.to_pylist(), prefix.to_pylist())].as_py()
+    return f"its shard {shard} differs from what the store indexed ({first_difference(old, prefix)})"
 
 
-def build_index(shards: str, *, previous: PreviousIndex | None = None, workers: int | None = None,
-                progress: bool = True) -> ShardIndex:
+def build_index(shards: str, *, previous: PreviousIndex | None = None, order: list[str] | None = None,
+                workers: int | None = None, progress: bool = True) -> ShardIndex:
     """Index SHARDS in shard order, then file order.
 
     With `previous` (a store's record), a shard whose identity (name, size, mtime or ETag) is the recorded one
     is not read: its rows and damage come from the record. The others are read, in `workers` processes (one task
     per shard; default: one per CPU when there are at least PARALLEL_MIN_BYTES to read, else this process).
     Whichever way a shard was indexed, the result is the same table a serial scan of every shard gives. The
-    shards `previous` recorded come first, in its order, then the new ones in listing order: a store's samples
-    keep their rows when shards are added, whatever their names. `target_row` is -1: the store assigns it
-    (`assign_target_rows`).
+    shards named in `order` (default: those `previous` recorded) come first, in that order, then the others in
+    listing order: a store's samples keep their rows when shards are added, whatever their names. `target_row`
+    is -1: the store assigns it (`assign_target_rows`).
     """
     infos = list_shard_infos(shards)
-    if previous is not None:
-        infos = previous.in_recorded_order(infos)
+    if order is None and previous is not None:
+        order = previous.shards.column("shard").to_pylist()
+    if order is not None:
+        position = {name: i for i, name in enumerate(order)}
+        infos = sorted(infos, key=lambda info: (0, position[info.name]) if info.name in position else (1, 0))
     parts: list[dict | None] = [previous.reusable(info) if previous is not None else None for info in infos]
     todo = [i for i, part in enumerate(parts) if part is None]
     with tqdm(total=len(infos), initial=len(infos) - len(todo), desc="index", unit="shard",
@@ -364,9 +376,9 @@ def first_difference(expected: pa.Table, actual: pa.Table) -> str:
     if expected.column_names != actual.column_names:
         return f"the index columns differ ({expected.column_names} vs {actual.column_names})"
     old, new = expected.to_pylist(), actual.to_pylist()
-    for row, (a, b) in enumerate(zip(old, new)):
-        if a == b:
-            continue
+    row = _first_different_row(old, new)
+    if row < min(len(old), len(new)):
+        a, b = old[row], new[row]
         if (a["shard"], a["key"]) != (b["shard"], b["key"]):
             return f"row {row}: the store has {a['shard']}/{a['key']} but the shards give {b['shard']}/{b['key']}"
         if a["image_sha1"] != b["image_sha1"]:
@@ -377,6 +389,12 @@ def first_difference(expected: pa.Table, actual: pa.Table) -> str:
     if len(old) != len(new):
         return f"the store has {len(old)} rows but the shards give {len(new)}"
     return "no difference"
+
+
+def _first_different_row(old: list[dict], new: list[dict]) -> int:
+    """The first position where two lists of index rows differ; the shorter one's length if it is the other's
+    start."""
+    return next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
 
 
 def duplicate_rows(table: pa.Table) -> dict[int, str]:

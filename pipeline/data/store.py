@@ -72,7 +72,7 @@ from pipeline.data import zarr_bfloat16
 from pipeline.data.atomic import TEMPORARY_INFIX, atomic_write
 from pipeline.data.errors import UsageError
 from pipeline.data.failpoints import failpoint
-from pipeline.data.index import PreviousIndex
+from pipeline.data.index import PreviousIndex, index_layout
 from pipeline.data.store_lock import LOCK_FILE, StoreLock, check_fence
 
 zarr_bfloat16.register()
@@ -412,8 +412,7 @@ class TargetStore:
         self._write_parquet(SHARDS_FILE, shards)  # first: an index found written has its shards' record beside it
         self._atomic_write(self._join(INDEX_FILE), index_bytes)
         failpoint("grow-index-written")
-        root = {k: v for k, v in self.group.attrs.asdict().items() if k != "pending_index_sha256"}
-        self.group.attrs.put({**root, **attrs})
+        self._settle_growth(attrs)
         return grew
 
     def finish_growing(self) -> bool:
@@ -430,9 +429,13 @@ class TargetStore:
             shards = self.read_shard_records()  # written before the index: the new one
             self.grow(index, dataset_fingerprint(index), _no_shards() if shards is None else shards)
         else:  # killed before the index was written: the store is as it was; the run grows it again
-            root = {k: v for k, v in self.group.attrs.asdict().items() if k != "pending_index_sha256"}
-            self.group.attrs.put(root)
+            self._settle_growth({})
         return True
+
+    def _settle_growth(self, attrs: dict) -> None:
+        """The root attributes with `attrs` set and no growth pending, in one write of zarr.json."""
+        root = {k: v for k, v in self.group.attrs.asdict().items() if k != "pending_index_sha256"}
+        self.group.attrs.put({**root, **attrs})
 
     @property
     def group(self) -> zarr.Group:
@@ -500,8 +503,9 @@ class TargetStore:
             raise UsageError(f"{self.path}/zarr.json records no index_sha256, which every store this package makes "
                              "records (edited or damaged); rebuild the store with `pipeline precompute` into a new "
                              "--store")
-        if hashlib.sha256(data).hexdigest() != expected:
-            if hashlib.sha256(data).hexdigest() == self.group.attrs.get("pending_index_sha256"):
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            if digest == self.group.attrs.get("pending_index_sha256"):
                 raise UsageError(f"store {self.path} is being grown by a precompute run, or was when that run was "
                                  "killed; rerun `pipeline precompute` to finish it")
             raise UsageError(f"{self.path}/{INDEX_FILE} differs from the index this store was made with (edited or "
@@ -949,12 +953,8 @@ class TargetReader:
 
 def _index_attrs(index: pa.Table, index_bytes: bytes, dataset_fingerprint: str) -> dict:
     """The root attributes that describe the store's index and the target rows it uses."""
-    rows = index.column("target_row").to_numpy()
-    used = np.unique(rows[rows >= 0])
-    breaks = np.flatnonzero(np.diff(used) != 1) + 1
-    ranges = [[int(run[0]), int(run[-1]) + 1] for run in np.split(used, breaks) if len(run)]
     return {"dataset_fingerprint": dataset_fingerprint, "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
-            "num_samples": index.num_rows, "num_rows": ranges[-1][1] if ranges else 0, "row_ranges": ranges}
+            **index_layout(index)}
 
 
 def _no_shards() -> pa.Table:

@@ -26,8 +26,7 @@ import zarr
 
 from pipeline.cli import main as cli
 from pipeline.data.errors import UsageError
-from pipeline.block_stages import BlockRows
-from pipeline.data.index import duplicate_rows
+from pipeline.block_stages import block_rows, first_samples
 from pipeline.data.loader import TrainingSamples
 from pipeline.precompute import BlockWorker, PrecomputeConfig, run_precompute
 from pipeline.data.store import TargetStore
@@ -195,7 +194,7 @@ def test_a_worker_of_a_dead_run_cannot_write_into_a_store_another_run_holds(demo
                          token=stale_token)
     (store_copy / "_blocks" / "gen" / "000000.json").unlink()
     index = store.read_index()
-    block = BlockRows.from_index(index, store.blocks()[0], duplicate_rows(index))
+    (block,) = block_rows(first_samples(index), store.blocks()[:1])
     with store.lock():  # another run holds the store now
         before = store_files(store_copy)
         with pytest.raises(FencedOut, match="no longer holds the store lock"):
