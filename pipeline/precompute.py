@@ -280,6 +280,7 @@ def run_precompute(shards: str, manifest_path: str, store_path: str, config: Pre
                                      lock, progress))
         else:
             summary.finished_earlier_run = True  # killed after its last record: only the finish is left
+        store.remove_partial_writes()  # of this run's workers that were killed in a write and replaced
         failpoint("last-record")
         _write_finish(store, index, list(specs))
         summary.seconds = time.perf_counter() - started

@@ -127,9 +127,14 @@ def test_a_killed_worker_actor_is_replaced_and_the_store_completes(feed, demo_di
     thread = threading.Thread(target=run)
     thread.start()
     wait_for_records(store, at_least=1)
-    workers = [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("ray::BlockWorker")]
+    # This process's own Ray (its raylet is our child), not another test process's.
+    workers = [p for p in psutil.Process().children(recursive=True) if _name(p).startswith("ray::BlockWorker")]
     assert workers, "no worker actor process found"
     workers[0].send_signal(signal.SIGKILL)
+    # What a worker killed inside a write leaves (the kill above lands there only sometimes): its temporary file.
+    chunks = store / "seg" / "target" / "c" / "0" / "0"
+    chunks.mkdir(parents=True, exist_ok=True)
+    (chunks / f"0.tmp-{workers[0].pid}").write_bytes(b"half a chunk")
     thread.join(timeout=240)
     assert "error" not in outcome, outcome.get("error")
     assert array_files(store) == array_files(small_block_store)
@@ -342,6 +347,13 @@ def test_a_stop_signal_at_each_phase_stops_the_workers_frees_the_lock_and_the_re
                    progress=False)
     assert verify_store(str(store), shards=str(demo_dir / "shards"), manifest=str(DEMO_TEACHERS)).problems == []
     assert store_files(store) == store_files(small_block_store)
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:  # gone since it was listed
+        return ""
 
 
 def _process_group(process: psutil.Process) -> int | None:
