@@ -33,8 +33,11 @@ demo: $(STAMP)
 	@echo "      $(DEMO_DIR)/checkpoint (student), $(DEMO_DIR)/preview.png (targets), $(DEMO_DIR)/probe.png (layer-wise probes),"
 	@echo "      $(DEMO_DIR)/visualize.png (the student's predictions decoded by the teachers' heads)"
 
+# Two test processes: one alone keeps 2 cores about 55% busy (imports, process starts and Ray's waits are serial).
+# Work stealing keeps a module's tests together (its fixtures built once) until a process runs dry.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # Speed and memory goals live here, as ratios measured side by side in one run (never in timed tests): each is the
 # median of interleaved rounds with its min-max. Results and the machine they came from: benchmarks/RESULTS.md.

@@ -45,7 +45,9 @@ def demo_dir(tmp_path_factory) -> Path:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # "local": a Ray of this process's own, never the cluster another test process (an xdist worker, the two-node
+    # cluster test) recorded in /tmp/ray, which a plain ray.init() would join.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 
