@@ -26,8 +26,11 @@ DEMO_SAMPLES = 40
 DEMO_SHARDS = 4
 ROWS_PER_BLOCK = 16
 ROWS_PER_CHUNK = 4
+# One Ray worker per run (the default is one per core): on 2 cores a second worker's start (torch, transformers and
+# three teachers: ~5 s of CPU) costs more than its half of the blocks saves, and two test processes share the cores.
+DEMO_BLOCKS = {"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, "workers": 1}
 # Many small blocks, so that a crash, a signal or a lost node lands mid-run.
-SMALL_BLOCKS = {"rows_per_block": 4, "rows_per_chunk": 2, "batch_size": 2}
+SMALL_BLOCKS = {"rows_per_block": 4, "rows_per_chunk": 2, "batch_size": 2, "workers": 1}
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +61,8 @@ def demo_store(demo_dir, ray_local) -> Path:
     from pipeline.precompute import PrecomputeConfig, run_precompute
 
     store = demo_dir / "store"
-    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store),
-                   PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK), progress=False)
+    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**DEMO_BLOCKS),
+                   progress=False)
     return store
 
 
@@ -74,9 +77,10 @@ def small_block_store(demo_dir, ray_local, tmp_path_factory) -> Path:
     return store
 
 
-def small_block_flags() -> list[str]:
-    """SMALL_BLOCKS as `pipeline precompute` flags."""
-    return [arg for key, value in SMALL_BLOCKS.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+def small_block_flags(*, one_worker: bool = True) -> list[str]:
+    """SMALL_BLOCKS as `pipeline precompute` flags; without `one_worker`, a worker per core (or per cluster CPU)."""
+    settings = SMALL_BLOCKS if one_worker else {k: v for k, v in SMALL_BLOCKS.items() if k != "workers"}
+    return [arg for key, value in settings.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
 @pytest.fixture
@@ -122,8 +126,8 @@ def grown_dir(demo_dir, demo_store, ray_local, tmp_path_factory) -> Path:
     shutil.copytree(demo_dir / "shards", root / "shards")
     write_more_shard(root / "shards" / MORE_SHARD, demo_dir / "shards")
     shutil.copytree(demo_store, root / "store")
-    run_precompute(str(root / "shards"), str(DEMO_TEACHERS), str(root / "store"),
-                   PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK), progress=False)
+    run_precompute(str(root / "shards"), str(DEMO_TEACHERS), str(root / "store"), PrecomputeConfig(**DEMO_BLOCKS),
+                   progress=False)
     return root
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DEMO_TEACHERS, MORE_SHARD, REPO
+from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, MORE_SHARD, REPO
 
 
 def run_cli(*args, env=None):
@@ -55,7 +55,7 @@ def test_status_counts_duplicates_and_rows_reused_from_another_store(grown_dir, 
         shutil.copy(grown_dir / "shards" / name, shards)
     store = tmp_path / "store"
     run_precompute(str(shards), str(DEMO_TEACHERS), str(store),
-                   PrecomputeConfig(rows_per_block=16, rows_per_chunk=4, reuse=(str(grown_dir / "store"),)),
+                   PrecomputeConfig(**DEMO_BLOCKS, reuse=(str(grown_dir / "store"),)),
                    progress=False)
 
     result = run_cli("status", str(store))

@@ -34,7 +34,7 @@ def test_pt_on_558k_then_ift_on_the_mix_with_its_text_only_samples(demo_dir, ray
     assert ift_shards.text_only == len(mix.text_only) > 0
 
     store = tmp_path / "store"
-    run_precompute(str(pt_shards.out), str(DEMO_TEACHERS), str(store), PrecomputeConfig(rows_per_block=8),
+    run_precompute(str(pt_shards.out), str(DEMO_TEACHERS), str(store), PrecomputeConfig(rows_per_block=8, workers=1),
                    progress=False)
     pt = tmp_path / "pt"
     train_from_config(str(PT), [f"output_dir={pt}", f"data.shards={pt_shards.out}", f"data.store={store}",

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.precompute import PrecomputeConfig, run_precompute
-from tests.conftest import DEMO_EXPERIMENT, DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from tests.conftest import DEMO_BLOCKS, DEMO_EXPERIMENT, DEMO_TEACHERS, REPO
 from tests.teachers.tiny_generic import build_timm
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -50,7 +50,7 @@ def test_a_timm_teacher_added_by_manifest_then_two_experiments_from_one_store(de
     before = {name: files_of(store_copy / name) for name in ("depth", "seg", "gen")}
 
     summary = run_precompute(str(demo_dir / "shards"), str(manifest_path), str(store_copy),
-                             PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK),
+                             PrecomputeConfig(**DEMO_BLOCKS),
                              progress=False)
     assert summary.rows_computed == 40  # the new teacher's rows, nothing else
     assert {name: files_of(store_copy / name) for name in ("depth", "seg", "gen")} == before

@@ -24,7 +24,7 @@ from pipeline.data.index import PreviousIndex, build_index
 from pipeline.precompute import PrecomputeConfig, open_or_create_store, run_precompute
 from pipeline.data.store import TargetStore
 from pipeline.verify import verify_store
-from tests.conftest import DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, ROWS_PER_BLOCK
 from tests.pipeline.test_store_promises import store_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -71,7 +71,7 @@ def counting(path: Path) -> str:
 
 
 def precompute(shards, store, **kw):
-    config = PrecomputeConfig(**{"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, **kw})
+    config = PrecomputeConfig(**{**DEMO_BLOCKS, **kw})
     return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), config, progress=False)
 
 

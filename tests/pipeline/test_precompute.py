@@ -20,7 +20,7 @@ import zarr
 from pipeline.cli import main
 from pipeline.data.errors import UsageError
 from pipeline.precompute import PrecomputeConfig, run_precompute
-from tests.conftest import DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -34,7 +34,7 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def precompute(shards, store, **kw):
-    config = PrecomputeConfig(**{"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, **kw})
+    config = PrecomputeConfig(**{**DEMO_BLOCKS, **kw})
     return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), config, progress=False)
 
 
@@ -62,8 +62,7 @@ def test_lost_block_records_are_recomputed_bit_identically(demo_dir, demo_store,
 def test_each_run_summary_records_the_settings_it_was_given(demo_dir, store_copy, capsys):
     """`STORE/_runs/*.json` holds the run's whole PrecomputeConfig: the flags a user passed, the defaults of the rest."""
     (first,) = (store_copy / "_runs").glob("*.json")  # the demo store's own run, called from Python
-    assert json.loads(first.read_text())["config"] == PrecomputeConfig(
-        rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK).model_dump(mode="json")
+    assert json.loads(first.read_text())["config"] == PrecomputeConfig(**DEMO_BLOCKS).model_dump(mode="json")
     (store_copy / "_blocks" / "depth" / "000001.json").unlink()  # one block left to do, so that the run does work
     code = main(["precompute", "--shards", str(demo_dir / "shards"), "--teachers", str(DEMO_TEACHERS),
                  "--store", str(store_copy), "--rows-per-block", str(ROWS_PER_BLOCK), "--rows-per-chunk",

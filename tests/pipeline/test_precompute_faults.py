@@ -23,7 +23,7 @@ from pipeline.cli import main as cli
 from pipeline.data.errors import UsageError
 from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.verify import verify_store
-from tests.conftest import DEMO_TEACHERS, REPO, SMALL_BLOCKS, small_block_flags
+from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, REPO, SMALL_BLOCKS, small_block_flags
 from tests.pipeline.test_store_promises import store_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -212,7 +212,7 @@ def test_every_kind_of_bad_sample_is_recorded_and_good_samples_match_the_clean_r
     write_bad_shards(demo_dir, tmp_path / "shards")
     store = tmp_path / "store"
     summary = run_precompute(str(tmp_path / "shards"), str(DEMO_TEACHERS), str(store),
-                             PrecomputeConfig(rows_per_block=4, rows_per_chunk=2), progress=False)
+                             PrecomputeConfig(rows_per_block=4, rows_per_chunk=2, workers=1), progress=False)
     index = pq.read_table(store / "index.parquet").to_pylist()
     errors = pq.read_table(store / "errors.parquet").to_pylist()
     by_sample = {}
@@ -288,11 +288,11 @@ def test_adding_a_teacher_computes_only_it_and_leaves_the_others_untouched(demo_
     store = tmp_path / "store"
     shards = str(demo_dir / "shards")
     two = write_manifest(tmp_path / "two.yaml", demo_dir, names=("depth", "gen"))
-    run_precompute(shards, str(two), str(store), PrecomputeConfig(rows_per_block=16, rows_per_chunk=4), progress=False)
+    run_precompute(shards, str(two), str(store), PrecomputeConfig(**DEMO_BLOCKS), progress=False)
     before = {p: p.read_bytes() for p in (store / "depth").rglob("*") if p.is_file()}
     before.update({p: p.read_bytes() for p in (store / "gen").rglob("*") if p.is_file()})
     summary = run_precompute(shards, str(DEMO_TEACHERS), str(store),
-                             PrecomputeConfig(rows_per_block=16, rows_per_chunk=4), progress=False)
+                             PrecomputeConfig(**DEMO_BLOCKS), progress=False)
     assert summary.rows_computed == 40  # seg's rows only
     assert {p: p.read_bytes() for p in before} == before
     assert zarr.open_group(str(store))["seg"].attrs["complete"] is True

@@ -43,7 +43,7 @@ def test_precompute_reads_shards_from_and_writes_the_store_to_s3(s3_env, demo_di
     fs.put(str(demo_dir / "shards") + "/", "data/shards/", recursive=True)
     command = [sys.executable, "-m", "pipeline", "precompute", "--shards", "s3://data/shards",
                "--teachers", str(DEMO_TEACHERS), "--store", "s3://data/store", "--quiet",
-               "--rows-per-block", str(ROWS_PER_BLOCK), "--rows-per-chunk", str(ROWS_PER_CHUNK)]
+               "--rows-per-block", str(ROWS_PER_BLOCK), "--rows-per-chunk", str(ROWS_PER_CHUNK), "--workers", "1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -11,10 +11,10 @@ import zarr
 
 from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.data.store import TargetStore
-from tests.conftest import DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-DEMO_SETTINGS = PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK)
+DEMO_SETTINGS = PrecomputeConfig(**DEMO_BLOCKS)
 
 
 def manifest_with(tmp_path: Path, **storage) -> Path:

@@ -22,7 +22,7 @@ from tests.pipeline.llava_fixtures import caption_records, copy_path, photo_path
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TEACHERS = 3  # the demo manifest's depth, seg and gen
-BLOCK = {"rows_per_block": 4, "rows_per_chunk": 2, "batch_size": 2}
+BLOCK = {"rows_per_block": 4, "rows_per_chunk": 2, "batch_size": 2, "workers": 1}
 
 
 def _precompute(shards: str, store: Path, *reuse: Path) -> dict:

@@ -32,7 +32,7 @@ from pipeline.precompute import BlockWorker, PrecomputeConfig, run_precompute
 from pipeline.data.store import TargetStore
 from pipeline.data.store_lock import FencedOut
 from pipeline.verify import verify_store
-from tests.conftest import DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -40,7 +40,7 @@ TEACHERS = ("depth", "seg", "gen")
 
 
 def precompute(shards, store, manifest=DEMO_TEACHERS, **kw):
-    config = PrecomputeConfig(**{"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUNK, **kw})
+    config = PrecomputeConfig(**{**DEMO_BLOCKS, **kw})
     return run_precompute(str(shards), str(manifest), str(store), config, progress=False)
 
 

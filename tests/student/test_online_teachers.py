@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import DEMO_EXPERIMENT, DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from tests.conftest import DEMO_BLOCKS, DEMO_EXPERIMENT, DEMO_TEACHERS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -66,7 +66,7 @@ def test_online_teachers_round_like_an_int8_pooled_store(demo_dir, ray_local, tm
     (tmp_path / "int8.yaml").write_text(yaml.safe_dump(manifest))
     store = tmp_path / "int8-store"
     run_precompute(str(demo_dir / "shards"), str(tmp_path / "int8.yaml"), str(store),
-                   PrecomputeConfig(rows_per_block=ROWS_PER_BLOCK, rows_per_chunk=ROWS_PER_CHUNK), progress=False)
+                   PrecomputeConfig(**DEMO_BLOCKS), progress=False)
     depth_only = ["model.tasks={depth: {layers: [3, 4]}}", "model.task_order=null"]
     (cached, _), (online, online_valid), cached_terms, online_terms = first_batch_losses(store, tmp_path, *depth_only)
     assert online_valid["depth"].all()
