@@ -1,7 +1,8 @@
-"""Session fixtures shared by the suite: one demo set, one local Ray, one precomputed store.
+"""Session fixtures shared by the suite: one demo set, one precomputed store and one trained student for the whole
+run (`build_once`: the xdist test processes share them), and one local Ray per test process.
 
 Everything is real: tiny random-initialised checkpoints saved with save_pretrained, real tar shards,
-a real local Ray cluster, real Zarr stores on disk. Ray starts once per session (it costs ~4 s and
+a real local Ray cluster, real Zarr stores on disk. Ray starts once per process (it costs ~3 s of CPU and
 ~1-2 GB), and every test that uses it has a timeout.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,13 +35,33 @@ DEMO_BLOCKS = {"rows_per_block": ROWS_PER_BLOCK, "rows_per_chunk": ROWS_PER_CHUN
 SMALL_BLOCKS = {"rows_per_block": 4, "rows_per_chunk": 2, "batch_size": 2, "workers": 1}
 
 
+def run_folder(tmp_path_factory) -> Path:
+    """This test run's temporary folder, shared by its xdist processes (each has its own folder below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(tmp_path_factory, name: str, build: Callable[[], object]) -> None:
+    """Run `build` once for the whole test run: the xdist processes share what it makes (the first to ask builds it
+    while the others wait). What it builds is read-only to tests: those that change it copy it first."""
+    from filelock import FileLock
+
+    root = run_folder(tmp_path_factory)
+    with FileLock(str(root / f"{name}.lock")):
+        built = root / f"{name}.built"
+        if not built.exists():
+            build()
+            built.touch()
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A demo set (shards + tiny checkpoints) that every manifest's ${DEMO_DIR} points at."""
     from pipeline.demo import build_demo_assets
 
-    root = tmp_path_factory.mktemp("demo")
-    build_demo_assets(root, num_samples=DEMO_SAMPLES, num_shards=DEMO_SHARDS, seed=0)
+    root = run_folder(tmp_path_factory) / "demo"
+    build_once(tmp_path_factory, "demo", lambda: build_demo_assets(root, num_samples=DEMO_SAMPLES,
+                                                                   num_shards=DEMO_SHARDS, seed=0))
     os.environ["DEMO_DIR"] = str(root)
     return root
 
@@ -55,25 +77,25 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def demo_store(demo_dir, ray_local) -> Path:
-    """The demo store, precomputed once for the session; tests that change a store copy it first."""
+def _precompute(shards: Path, store: Path, settings: dict) -> None:
     from pipeline.precompute import PrecomputeConfig, run_precompute
 
+    run_precompute(str(shards), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**settings), progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_store(demo_dir, ray_local, tmp_path_factory) -> Path:
+    """The demo store, precomputed once for the run; tests that change a store copy it first."""
     store = demo_dir / "store"
-    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**DEMO_BLOCKS),
-                   progress=False)
+    build_once(tmp_path_factory, "demo-store", lambda: _precompute(demo_dir / "shards", store, DEMO_BLOCKS))
     return store
 
 
 @pytest.fixture(scope="session")
 def small_block_store(demo_dir, ray_local, tmp_path_factory) -> Path:
     """An uninterrupted run with SMALL_BLOCKS: the yardstick of the crash, signal and cluster tests."""
-    from pipeline.precompute import PrecomputeConfig, run_precompute
-
-    store = tmp_path_factory.mktemp("small-blocks") / "store"
-    run_precompute(str(demo_dir / "shards"), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**SMALL_BLOCKS),
-                   progress=False)
+    store = run_folder(tmp_path_factory) / "small-blocks" / "store"
+    build_once(tmp_path_factory, "small-blocks", lambda: _precompute(demo_dir / "shards", store, SMALL_BLOCKS))
     return store
 
 
@@ -120,14 +142,15 @@ def grown_dir(demo_dir, demo_store, ray_local, tmp_path_factory) -> Path:
     """`shards/` (the demo's plus MORE_SHARD) and `store/`: the demo store grown by MORE_SHARD, which gives one new
     image (its row starts a new block: the store's rows are 0..40 and 48..49), one duplicate and two samples without
     a target row. Tests that change it copy it first."""
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    root = run_folder(tmp_path_factory) / "grown"
 
-    root = tmp_path_factory.mktemp("grown")
-    shutil.copytree(demo_dir / "shards", root / "shards")
-    write_more_shard(root / "shards" / MORE_SHARD, demo_dir / "shards")
-    shutil.copytree(demo_store, root / "store")
-    run_precompute(str(root / "shards"), str(DEMO_TEACHERS), str(root / "store"), PrecomputeConfig(**DEMO_BLOCKS),
-                   progress=False)
+    def build():
+        shutil.copytree(demo_dir / "shards", root / "shards")
+        write_more_shard(root / "shards" / MORE_SHARD, demo_dir / "shards")
+        shutil.copytree(demo_store, root / "store")
+        _precompute(root / "shards", root / "store", DEMO_BLOCKS)
+
+    build_once(tmp_path_factory, "grown", build)
     return root
 
 
@@ -142,9 +165,10 @@ def train_from_config(path: str, overrides: list[str] | None = None, *, progress
 @pytest.fixture(scope="session")
 def demo_checkpoint(demo_store, demo_dir, tmp_path_factory) -> Path:
     """A student trained 2 steps on the demo store (for probe and preview); tests must not write into it."""
-    out = tmp_path_factory.mktemp("checkpoint") / "demo"
-    train_from_config(str(DEMO_EXPERIMENT), [f"output_dir={out}", "train.max_steps=2", "data.num_workers=0",
-                                             "data.batch_size=2", "train.trackers=[]"], progress=False)
+    out = run_folder(tmp_path_factory) / "checkpoint" / "demo"
+    build_once(tmp_path_factory, "checkpoint", lambda: train_from_config(
+        str(DEMO_EXPERIMENT), [f"output_dir={out}", "train.max_steps=2", "data.num_workers=0", "data.batch_size=2",
+                               "train.trackers=[]"], progress=False))
     return out
 
 
