@@ -71,7 +71,8 @@ def wait_for_work_under(raylet_pid: int, timeout: float = 120) -> None:
 
 def precompute(demo_dir: Path, store: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_dir / "shards"),
-            "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet", *small_block_flags(one_worker=False), *extra]
+            "--teachers", str(DEMO_TEACHERS), "--store", str(store), "--quiet", *small_block_flags(one_worker=False),
+            *extra]
 
 
 def last_run(store: Path) -> dict:

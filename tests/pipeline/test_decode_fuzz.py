@@ -359,8 +359,8 @@ def fuzz_store(fuzz_shards, ray_local):
 
     shards, samples, decodable = fuzz_shards
     store = shards.parent / "store"
-    run_precompute(str(shards), str(DEMO_TEACHERS), str(store), PrecomputeConfig(rows_per_block=8, rows_per_chunk=4, workers=1),
-                   progress=False)
+    run_precompute(str(shards), str(DEMO_TEACHERS), str(store),
+                   PrecomputeConfig(rows_per_block=8, rows_per_chunk=4, workers=1), progress=False)
     return shards, store, samples, decodable
 
 
