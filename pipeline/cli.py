@@ -427,21 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, as Kubernetes, Slurm and `ray job stop` send it: unwound like Ctrl-C, so that a job stops its
-    workers and releases its store's lock on the way out."""
-
-
-def _terminate(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while unwinding ends the process at once
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM, as Kubernetes, Slurm and `ray job stop` send it, is unwound like Ctrl-C, so that a job stops its
+    # workers and releases its store's lock on the way out. It is told from Ctrl-C by its handler having run, not by
+    # the exception's type: inside ray.get and ray.wait, Ray turns a handler's exception into a plain
+    # KeyboardInterrupt.
+    terminated = threading.Event()
+
+    def on_sigterm(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while unwinding ends the process at once
+        terminated.set()
+        raise KeyboardInterrupt
+
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         return args.func(args)
     except PipelineError as exc:
@@ -449,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt as exc:
-        name, signum = ("SIGTERM", signal.SIGTERM) if isinstance(exc, Terminated) else ("Ctrl-C", signal.SIGINT)
+    except KeyboardInterrupt:
+        name, signum = ("SIGTERM", signal.SIGTERM) if terminated.is_set() else ("Ctrl-C", signal.SIGINT)
         print(f"interrupted by {name}: stopped; rerun the same command to resume", file=sys.stderr)
         return 128 + signum
     except Exception as exc:  # noqa: BLE001 - one readable line unless --debug

@@ -362,3 +362,30 @@ def _process_group(process: psutil.Process) -> int | None:
         return os.getpgid(process.pid)
     except OSError:
         return None
+
+
+# A command whose driver waits inside Ray when the SIGTERM comes, as precompute's waits on its workers: Ray turns an
+# exception raised by a signal handler inside ray.get into a plain KeyboardInterrupt.
+SIGTERM_INSIDE_RAY = """
+import os, signal, sys, threading, time
+from pipeline import cli
+from pipeline.local_ray import ray_session
+
+def forever():
+    time.sleep(120)
+
+def wait_inside_ray(args):
+    with ray_session(None, num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False) as ray:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        ray.get(ray.remote(forever).remote())
+
+cli._cmd_status = wait_inside_ray
+sys.exit(cli.main(["status", "unused"]))
+"""
+
+
+def test_a_sigterm_while_the_driver_waits_inside_ray_is_reported_as_sigterm():
+    done = subprocess.run([sys.executable, "-c", SIGTERM_INSIDE_RAY], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "interrupted by SIGTERM: stopped; rerun the same command to resume"
