@@ -81,17 +81,19 @@ def ray_local():
     ray.shutdown()
 
 
-def _precompute(shards: Path, store: Path, settings: dict) -> None:
+def precompute(shards, store, manifest=DEMO_TEACHERS, **settings):
+    """`run_precompute` as the tests call it: DEMO_BLOCKS where `settings` say nothing else, no progress bar."""
     from pipeline.precompute import PrecomputeConfig, run_precompute
 
-    run_precompute(str(shards), str(DEMO_TEACHERS), str(store), PrecomputeConfig(**settings), progress=False)
+    config = PrecomputeConfig(**{**DEMO_BLOCKS, **settings})
+    return run_precompute(str(shards), str(manifest), str(store), config, progress=False)
 
 
 @pytest.fixture(scope="session")
 def demo_store(demo_dir, ray_local, tmp_path_factory) -> Path:
     """The demo store, precomputed once for the run; tests that change a store copy it first."""
     store = demo_dir / "store"
-    build_once(tmp_path_factory, "demo-store", lambda: _precompute(demo_dir / "shards", store, DEMO_BLOCKS))
+    build_once(tmp_path_factory, "demo-store", lambda: precompute(demo_dir / "shards", store))
     return store
 
 
@@ -99,7 +101,7 @@ def demo_store(demo_dir, ray_local, tmp_path_factory) -> Path:
 def small_block_store(demo_dir, ray_local, tmp_path_factory) -> Path:
     """An uninterrupted run with SMALL_BLOCKS: the yardstick of the crash, signal and cluster tests."""
     store = run_folder(tmp_path_factory) / "small-blocks" / "store"
-    build_once(tmp_path_factory, "small-blocks", lambda: _precompute(demo_dir / "shards", store, SMALL_BLOCKS))
+    build_once(tmp_path_factory, "small-blocks", lambda: precompute(demo_dir / "shards", store, **SMALL_BLOCKS))
     return store
 
 
@@ -152,7 +154,7 @@ def grown_dir(demo_dir, demo_store, ray_local, tmp_path_factory) -> Path:
         shutil.copytree(demo_dir / "shards", root / "shards")
         write_more_shard(root / "shards" / MORE_SHARD, demo_dir / "shards")
         shutil.copytree(demo_store, root / "store")
-        _precompute(root / "shards", root / "store", DEMO_BLOCKS)
+        precompute(root / "shards", root / "store")
 
     build_once(tmp_path_factory, "grown", build)
     return root

@@ -21,10 +21,10 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from pipeline.data.errors import UsageError
 from pipeline.data.index import PreviousIndex, build_index
-from pipeline.precompute import PrecomputeConfig, open_or_create_store, run_precompute
+from pipeline.precompute import open_or_create_store
 from pipeline.data.store import TargetStore
 from pipeline.verify import verify_store
-from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, ROWS_PER_BLOCK
+from tests.conftest import ROWS_PER_BLOCK, precompute
 from tests.pipeline.test_store_promises import store_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -68,11 +68,6 @@ def counted():
 
 def counting(path: Path) -> str:
     return f"countfile://{path}"
-
-
-def precompute(shards, store, **kw):
-    config = PrecomputeConfig(**{**DEMO_BLOCKS, **kw})
-    return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), config, progress=False)
 
 
 def copy_shards(demo_dir: Path, tmp_path: Path) -> Path:

@@ -19,8 +19,9 @@ import zarr
 
 from pipeline.cli import main
 from pipeline.data.errors import UsageError
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from pipeline.precompute import PrecomputeConfig
+from tests.conftest import (DEMO_BLOCKS, DEMO_TEACHERS, REPO, ROWS_PER_BLOCK, ROWS_PER_CHUNK,
+                            precompute)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -31,11 +32,6 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
         str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
         for p in sorted(root.rglob("*")) if p.is_file()
     }
-
-
-def precompute(shards, store, **kw):
-    config = PrecomputeConfig(**{**DEMO_BLOCKS, **kw})
-    return run_precompute(str(shards), str(DEMO_TEACHERS), str(store), config, progress=False)
 
 
 def test_rerun_on_a_finished_store_does_nothing_and_changes_nothing(demo_dir, store_copy):

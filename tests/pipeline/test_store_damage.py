@@ -24,17 +24,12 @@ from pipeline.data.errors import UsageError
 from pipeline.data.index import build_index
 from pipeline.data.store import BlockRecord, DamagedRecord, TargetStore
 from pipeline.data.store_lock import StoreLock
-from pipeline.precompute import PrecomputeConfig, open_or_create_store, run_precompute
+from pipeline.precompute import open_or_create_store
 from pipeline.verify import verify_store
-from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK
+from tests.conftest import DEMO_TEACHERS, ROWS_PER_BLOCK, ROWS_PER_CHUNK, precompute
 from tests.pipeline.test_store_promises import store_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def precompute(shards, store, manifest=DEMO_TEACHERS):
-    config = PrecomputeConfig(**DEMO_BLOCKS)
-    return run_precompute(str(shards), str(manifest), str(store), config, progress=False)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

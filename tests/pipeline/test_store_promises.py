@@ -28,20 +28,15 @@ from pipeline.cli import main as cli
 from pipeline.data.errors import UsageError
 from pipeline.block_stages import block_rows, first_samples
 from pipeline.data.loader import TrainingSamples
-from pipeline.precompute import BlockWorker, PrecomputeConfig, run_precompute
+from pipeline.precompute import BlockWorker
 from pipeline.data.store import TargetStore
 from pipeline.data.store_lock import FencedOut
 from pipeline.verify import verify_store
-from tests.conftest import DEMO_BLOCKS, DEMO_TEACHERS, REPO
+from tests.conftest import DEMO_TEACHERS, REPO, precompute
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TEACHERS = ("depth", "seg", "gen")
-
-
-def precompute(shards, store, manifest=DEMO_TEACHERS, **kw):
-    config = PrecomputeConfig(**{**DEMO_BLOCKS, **kw})
-    return run_precompute(str(shards), str(manifest), str(store), config, progress=False)
 
 
 def store_files(store: Path) -> dict[str, bytes]:
